@@ -1,0 +1,292 @@
+"""Loading and validating ml_collections configs (`configs/*.py`).
+
+Every config field is checked here, once; code elsewhere may trust the values it reads.
+Entry points use `define_config_flag()` so that `--config configs/x.py[:arg]` and
+`--config.train.batch_size=8` work as in any ml_collections program.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from typing import Any, Iterable, Sequence
+
+import ml_collections
+
+BACKBONES = ('swin_base_patch4_window7_224', 'resnet50', 'hgnetv2')
+BEVS = ('LinearAttention', 'Transformer')
+FPN_TYPES = ('FPN', 'L-FPN')
+DIFF_ATTENTIONS = ('SE', 'CBAM')
+DTYPES = ('float32', 'bfloat16')
+SCHEDULERS = ('step', 'plateau', 'cosine')
+LAYOUTS = ('segchange-default', 'segchange-custom', 'opencd', 'sysu', 'changefine-json')
+HGNET_VARIANTS = ('B5',)
+
+
+class ConfigError(ValueError):
+  """A config field has a value we cannot use; the message names the field and the fix."""
+
+
+def _config_root(path: str) -> str:
+  """The directory that holds the `configs` package of a config file path."""
+  return os.path.dirname(os.path.dirname(os.path.abspath(path)))
+
+
+def add_config_root_to_path(argv: Sequence[str]) -> None:
+  """Makes `from configs import base` work in config files wherever they are run from.
+
+  Config files are plain modules that import `configs.base`; absl's config_flags loads them
+  by path, so the folder above `configs/` must be importable. Called before flag parsing.
+  """
+  for i, arg in enumerate(argv):
+    value = None
+    if arg.startswith('--config='):
+      value = arg.split('=', 1)[1]
+    elif arg == '--config' and i + 1 < len(argv):
+      value = argv[i + 1]
+    if value:
+      root = _config_root(value.split(':', 1)[0])
+      if root not in sys.path:
+        sys.path.insert(0, root)
+
+
+def define_config_flag(name: str = 'config', help_string: str = 'Path to a configs/*.py file.'):
+  """Defines the `--config` flag (with `--config.x.y=v` overrides) for an entry module."""
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  add_config_root_to_path(sys.argv)
+  return config_flags.DEFINE_config_file(name, None, help_string, lock_config=True)
+
+
+def load_config(spec: str, overrides: Iterable[str] = ()) -> ml_collections.ConfigDict:
+  """Loads `path[:arg]`, applies `a.b=value` overrides and validates the result.
+
+  Args:
+    spec: a config file path, optionally followed by `:arg` passed to `get_config(arg)`.
+    overrides: strings `field.path=value` parsed like command-line overrides.
+  """
+  path, _, arg = spec.partition(':')
+  if not os.path.isfile(path):
+    raise ConfigError(f'config file {path!r} does not exist; pass e.g. configs/demo.py')
+  root = _config_root(path)
+  if root not in sys.path:
+    sys.path.insert(0, root)
+  module_name = f'_segchange_config_{abs(hash(os.path.abspath(path)))}'
+  spec_ = importlib.util.spec_from_file_location(module_name, path)
+  module = importlib.util.module_from_spec(spec_)
+  spec_.loader.exec_module(module)
+  if not hasattr(module, 'get_config'):
+    raise ConfigError(f'{path} has no get_config() function')
+  config = module.get_config(arg) if arg else module.get_config()
+  for item in overrides:
+    key, sep, value = item.partition('=')
+    if not sep:
+      raise ConfigError(f'override {item!r} must look like field.path=value')
+    set_field(config, key.removeprefix('--config.').removeprefix('config.'), value)
+  validate_config(config)
+  return config
+
+
+def set_field(config: ml_collections.ConfigDict, dotted: str, value: Any) -> None:
+  """Sets `a.b.c` to `value` (a string is parsed to the field's current type)."""
+  parts = dotted.split('.')
+  node = config
+  for i, part in enumerate(parts[:-1]):
+    if part not in node:
+      raise ConfigError(_unknown_field('.'.join(parts[:i + 1]), node))
+    node = node[part]
+  leaf = parts[-1]
+  if leaf not in node:
+    raise ConfigError(_unknown_field(dotted, node))
+  current = node[leaf]
+  if isinstance(value, str) and not isinstance(current, str):
+    value = _parse_like(value, current, dotted)
+  with node.unlocked():
+    node[leaf] = value
+
+
+def _unknown_field(dotted: str, node: ml_collections.ConfigDict) -> str:
+  import difflib  # pylint: disable=g-import-not-at-top
+  name = dotted.rsplit('.', 1)[-1]
+  close = difflib.get_close_matches(name, list(node.keys()), n=3)
+  hint = f' Did you mean {", ".join(close)}?' if close else ''
+  return f'config has no field {dotted!r}.{hint} Fields here: {sorted(node.keys())}'
+
+
+def _parse_like(text: str, current: Any, dotted: str) -> Any:
+  import ast  # pylint: disable=g-import-not-at-top
+  if isinstance(current, bool):
+    if text.lower() in ('true', '1', 'yes'):
+      return True
+    if text.lower() in ('false', '0', 'no'):
+      return False
+    raise ConfigError(f'config.{dotted} must be true or false, got {text!r}')
+  try:
+    value = ast.literal_eval(text)
+  except (ValueError, SyntaxError) as e:
+    raise ConfigError(f'config.{dotted}: cannot parse {text!r} as {type(current).__name__}') from e
+  if isinstance(current, float) and isinstance(value, int):
+    value = float(value)
+  if isinstance(current, tuple) and isinstance(value, list):
+    value = tuple(value)
+  return value
+
+
+# ---------------------------------------------------------------------------- validation
+
+
+def _choice(config, dotted: str, choices: Sequence[Any]) -> None:
+  value = _get(config, dotted)
+  if value not in choices:
+    raise ConfigError(f'config.{dotted}={value!r} is not one of {list(choices)}')
+
+
+def _range(config, dotted: str, lo=None, hi=None, *, integer=False, lo_open=False) -> None:
+  value = _get(config, dotted)
+  ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
+  if isinstance(value, bool) or not ok_type:
+    kind = 'an integer' if integer else 'a number'
+    raise ConfigError(f'config.{dotted}={value!r} must be {kind}')
+  if lo is not None and (value <= lo if lo_open else value < lo):
+    raise ConfigError(f'config.{dotted}={value!r} must be {">" if lo_open else ">="} {lo}')
+  if hi is not None and value > hi:
+    raise ConfigError(f'config.{dotted}={value!r} must be <= {hi}')
+
+
+def _get(config, dotted: str) -> Any:
+  node = config
+  for part in dotted.split('.'):
+    node = node[part]
+  return node
+
+
+def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Checks every field's type and range; raises ConfigError naming the field and the fix."""
+  m = config.model
+  _choice(config, 'model.backbone', BACKBONES)
+  _choice(config, 'model.bev', BEVS)
+  _choice(config, 'model.fpn_type', FPN_TYPES)
+  _choice(config, 'model.diff_attention', DIFF_ATTENTIONS)
+  _choice(config, 'model.dtype', DTYPES)
+  _choice(config, 'text.dtype', DTYPES)
+  _choice(config, 'model.hgnetv2.variant', HGNET_VARIANTS)
+  _choice(config, 'data.layout', LAYOUTS)
+  _choice(config, 'train.scheduler', SCHEDULERS)
+  _range(config, 'model.num_classes', 1, integer=True)
+  if m.num_classes == 2:
+    raise ConfigError('config.model.num_classes=2: use 1 for binary change (sigmoid, as '
+                      'upstream) or >= 3 for semantic change classes')
+  if len(m.out_dims) != 4 or any(not isinstance(d, int) or d < 1 for d in m.out_dims):
+    raise ConfigError(f'config.model.out_dims={m.out_dims!r} must be 4 positive integers')
+  for dotted in ('model.fpn_dim', 'model.token_dim', 'model.num_queries', 'model.head_heads',
+                 'model.decoder_layers', 'model.decoder_ffn', 'model.bev_heads',
+                 'model.bev_dim_head', 'model.bev_transformer_layers',
+                 'model.bev_transformer_ffn', 'model.gn_groups', 'text.dim', 'text.max_tokens'):
+    _range(config, dotted, 1, integer=True)
+  vis_dim = m.token_dim if m.use_token_connector else m.fpn_dim
+  if vis_dim % m.head_heads:
+    raise ConfigError(f'config.model.head_heads={m.head_heads} must divide the mask-head width '
+                      f'{vis_dim} (model.{"token_dim" if m.use_token_connector else "fpn_dim"})')
+  for width, name in ((m.fpn_dim, 'fpn_dim'), (vis_dim // 2, 'mask-head width / 2'),
+                      (vis_dim // 4, 'mask-head width / 4')):
+    if width % m.gn_groups:
+      raise ConfigError(f'config.model.gn_groups={m.gn_groups} must divide {name}={width}')
+  if m.diff_attention == 'CBAM' or m.diff_attention == 'SE':
+    for d in m.out_dims:
+      if d < 16:
+        raise ConfigError(f'config.model.out_dims={m.out_dims}: {m.diff_attention} reduces '
+                          'channels by 16, so every entry must be >= 16')
+  if m.bev == 'Transformer':
+    for d in m.out_dims:
+      if d % m.bev_heads:
+        raise ConfigError(f'config.model.bev_heads={m.bev_heads} must divide out_dims {m.out_dims}')
+  _range(config, 'model.dropout', 0.0, 1.0)
+  for dotted in ('model.img_size', 'data.image_size'):
+    _range(config, dotted, 32, integer=True)
+    if _get(config, dotted) % 32:
+      raise ConfigError(f'config.{dotted}={_get(config, dotted)} must be a multiple of 32 '
+                        '(the backbone downsamples by 32)')
+  s = m.swin
+  if len(s.depths) != 4 or len(s.num_heads) != 4:
+    raise ConfigError('config.model.swin.depths and num_heads must have 4 entries each')
+  for i, h in enumerate(s.num_heads):
+    if (s.embed_dim * 2**i) % h:
+      raise ConfigError(f'config.model.swin.num_heads[{i}]={h} must divide stage width '
+                        f'{s.embed_dim * 2**i}')
+  _range(config, 'model.swin.window_size', 1, integer=True)
+  if len(m.resnet.depths) != 4:
+    raise ConfigError('config.model.resnet.depths must have 4 entries')
+  _range(config, 'model.resnet.width', 1, integer=True)
+
+  a = config.data.augment
+  for dotted in ('data.augment.apply_prob', 'data.augment.erase_prob', 'data.augment.clahe'):
+    _range(config, dotted, 0.0, 1.0)
+  for dotted in ('data.augment.color_jitter', 'data.augment.rotation_degree',
+                 'data.augment.affine_degree', 'data.augment.blur_sigma'):
+    _range(config, dotted, 0.0)
+  if len(a.gamma_range) != 2 or not 0 < a.gamma_range[0] <= a.gamma_range[1]:
+    raise ConfigError(f'config.data.augment.gamma_range={a.gamma_range!r} must be (lo, hi) '
+                      'with 0 < lo <= hi')
+  if len(a.erase_ratio) != 2 or not 0 <= a.erase_ratio[0] <= a.erase_ratio[1] <= 1:
+    raise ConfigError(f'config.data.augment.erase_ratio={a.erase_ratio!r} must be (lo, hi) in [0, 1]')
+  _range(config, 'data.num_workers', 0, integer=True)
+  _range(config, 'data.prefetch_buffer', 1, integer=True)
+  _range(config, 'data.synthetic.n', 0, integer=True)
+  _range(config, 'data.synthetic.size', 32, integer=True)
+
+  for dotted in ('loss.weight_ce', 'loss.weight_dice', 'loss.weight_focal', 'loss.weight_bcl',
+                 'loss.gamma', 'loss.bcl_margin'):
+    _range(config, dotted, 0.0)
+  _range(config, 'loss.alpha', 0.0, 1.0)
+
+  t = config.train
+  _range(config, 'train.epochs', 1, integer=True)
+  _range(config, 'train.max_steps', 0, integer=True)
+  _range(config, 'train.batch_size', 1, integer=True)
+  for dotted in ('train.lr', 'train.lr_backbone', 'train.eps'):
+    _range(config, dotted, 0.0, lo_open=True)
+  _range(config, 'train.weight_decay', 0.0)
+  _range(config, 'train.b1', 0.0, 1.0)
+  _range(config, 'train.b2', 0.0, 1.0)
+  _range(config, 'train.lr_drop', 1, integer=True)
+  _range(config, 'train.lr_gamma', 0.0, 1.0, lo_open=True)
+  _range(config, 'train.warmup_steps', 0, integer=True)
+  _range(config, 'train.plateau_patience', 0, integer=True)
+  _range(config, 'train.plateau_factor', 0.0, 1.0, lo_open=True)
+  _range(config, 'train.grad_clip_norm', 0.0)
+  _range(config, 'train.grad_accum_steps', 1, integer=True)
+  if t.batch_size % t.grad_accum_steps:
+    raise ConfigError(f'config.train.grad_accum_steps={t.grad_accum_steps} must divide '
+                      f'train.batch_size={t.batch_size}')
+  _range(config, 'train.eval_every_epochs', 1, integer=True)
+  _range(config, 'train.start_eval', 0, integer=True)
+  _range(config, 'train.log_every_steps', 1, integer=True)
+  for dotted in ('train.threshold', 'eval.threshold', 'infer.threshold'):
+    _range(config, dotted, 0.0, 1.0)
+  _range(config, 'eval.batch_size', 1, integer=True)
+  _range(config, 'eval.num_images', 0, integer=True)
+
+  i = config.infer
+  _range(config, 'infer.window', 32, integer=True)
+  if i.window % 32:
+    raise ConfigError(f'config.infer.window={i.window} must be a multiple of 32')
+  _range(config, 'infer.overlap', 0, integer=True)
+  if i.overlap >= i.window:
+    raise ConfigError(f'config.infer.overlap={i.overlap} must be smaller than infer.window={i.window}')
+  _range(config, 'infer.batch_size', 1, integer=True)
+  _range(config, 'infer.min_area', 0, integer=True)
+  _range(config, 'infer.max_perimeter_ratio', 0.0)
+  _range(config, 'infer.min_convexity', 0.0, 1.0)
+
+  for dotted in ('mesh.data', 'mesh.fsdp'):
+    value = _get(config, dotted)
+    if not isinstance(value, int) or isinstance(value, bool) or (value < 1 and value != -1):
+      raise ConfigError(f'config.{dotted}={value!r} must be a positive integer or -1 (the rest)')
+  if config.mesh.data == -1 and config.mesh.fsdp == -1:
+    raise ConfigError('config.mesh.data and config.mesh.fsdp cannot both be -1')
+  _range(config, 'mesh.fsdp_min_size', 0, integer=True)
+  _range(config, 'checkpoint.keep', 1, integer=True)
+  _range(config, 'checkpoint.every_steps', 0, integer=True)
+  _range(config, 'distributed.num_processes', 0, integer=True)
+  _range(config, 'distributed.process_id', -1, integer=True)
+  return config
