@@ -1,0 +1,211 @@
+"""Text-guided mask head (upstream models/masks/{mask,d_projector}.py).
+
+DProjector (1 text query) and a 2-layer post-norm decoder (5 learned queries) attend over every
+pixel of the full-resolution map. Exact rewrites used here:
+- few-query cross-attention: scores = x . (q W_k^T) (the key bias only shifts every score of a
+  query by a constant, which softmax removes), output = (softmax-weighted sum of x) W_v
+  + (sum of weights) b_v. K and V are never formed for the N pixels;
+- the DProjector query and the first decoder layer's queries do not depend on each other, so
+  both attend in ONE pass over the pixels; the first layer's self-attention acts on the learned
+  queries alone and is computed once for the whole batch;
+- the gate and the decoder vector enter the first output conv as a per-image kernel scaling and
+  a per-image bias instead of full-resolution products and a 2C-channel concat.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from segchange_jax.models import layers
+from segchange_jax.models import torch_convert as tc
+
+
+class Linear(nn.Module):
+  """nn.Dense whose kernel and bias can also be read by the parent (for folding)."""
+  features: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x=None, in_features: int | None = None):
+    d = x.shape[-1] if x is not None else in_features
+    kernel = self.param('kernel', nn.initializers.lecun_normal(), (d, self.features))
+    bias = self.param('bias', nn.initializers.zeros, (self.features,))
+    kernel, bias = kernel.astype(self.dtype), bias.astype(self.dtype)
+    if x is None:
+      return kernel, bias
+    return x.astype(self.dtype) @ kernel + bias
+
+
+def _split(t, heads):
+  return t.reshape(*t.shape[:-1], heads, t.shape[-1] // heads)
+
+
+class _MHA(nn.Module):
+  """Holds the four projections of one upstream MultiheadAttention."""
+  dim: int
+  dtype: Any = jnp.float32
+
+  def setup(self):
+    self.in_proj_q = Linear(self.dim, self.dtype)
+    self.in_proj_k = Linear(self.dim, self.dtype)
+    self.in_proj_v = Linear(self.dim, self.dtype)
+    self.out_proj = Linear(self.dim, self.dtype)
+
+  def __call__(self):  # creates every parameter (used by init)
+    return [m(in_features=self.dim) for m in (self.in_proj_q, self.in_proj_k, self.in_proj_v,
+                                              self.out_proj)]
+
+  def weights(self):
+    return self()
+
+
+def self_attention(x, w, heads: int, dropout: float, deterministic: bool):
+  """Standard attention among a few queries [B, Q, C] (tiny; done explicitly)."""
+  (wq, bq), (wk, bk), (wv, bv), (wo, bo) = w
+  q, k, v = (_split(x @ a + b, heads) for a, b in ((wq, bq), (wk, bk), (wv, bv)))
+  s = jnp.einsum('bqhd,bkhd->bhqk', q, k).astype(jnp.float32) * q.shape[-1] ** -0.5
+  p = nn.Dropout(dropout)(jax.nn.softmax(s, -1), deterministic)
+  o = jnp.einsum('bhqk,bkhd->bqhd', p.astype(v.dtype), v)
+  return o.reshape(*x.shape[:-1], -1) @ wo + bo
+
+
+def fold_queries(q_in, w, heads: int):
+  """Projects queries [B, Q, C] and folds W_k into them: -> [B, Q, H, C] (scaled)."""
+  (wq, bq), (wk, _), _, _ = w
+  q = _split(q_in @ wq + bq, heads)
+  wk = _split(wk, heads)  # [C, H, D]
+  return jnp.einsum('bqhd,chd->bqhc', q, wk) * q.shape[-1] ** -0.5
+
+
+def attend_pixels(x, qk):
+  """Softmax over the N pixels of x [B, N, C] for folded queries qk [B, Q, H, C].
+
+  Returns the attention weights [B, Q, H, N] (float32) for callers that apply dropout.
+  """
+  s = jnp.einsum('bnc,bqhc->bqhn', x, qk.astype(x.dtype)).astype(jnp.float32)
+  return jax.nn.softmax(s, axis=-1)
+
+
+def finish_cross(x, p, w, heads: int):
+  """Weighted sum of pixels, then W_v per head, merge heads, out_proj -> [B, Q, C]."""
+  _, _, (wv, bv), (wo, bo) = w
+  pooled = jnp.einsum('bqhn,bnc->bqhc', p.astype(x.dtype), x)
+  v = jnp.einsum('bqhc,chd->bqhd', pooled, _split(wv, heads))
+  v = v + jnp.sum(p, -1)[..., None].astype(v.dtype) * _split(bv, heads)
+  return v.reshape(*v.shape[:2], -1) @ wo + bo
+
+
+class MaskHead(nn.Module):
+  """Full-resolution map x [B, H, W, C] and text embeddings [B, T, L] -> logits [B, H, W, K]."""
+  num_classes: int = 1
+  heads: int = 8
+  num_queries: int = 5
+  decoder_layers: int = 2
+  decoder_ffn: int = 2048
+  dropout: float = 0.1
+  gn_groups: int = 32
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, text: jax.Array, train: bool = False) -> jax.Array:
+    b, h, w, c = x.shape
+    det = not train
+    dt = self.dtype
+    x = x.astype(dt)
+    pix = x.reshape(b, h * w, c)
+    drop = lambda t: nn.Dropout(self.dropout)(t, det)
+
+    # DProjector text query.
+    t = jnp.mean(text.astype(jnp.float32), axis=1).astype(dt)
+    if text.shape[-1] != c:
+      t = layers.dense(c, dt, 'lang2vis')(t)
+    t = t[:, None]  # [B, 1, C]
+    dp_w = _MHA(c, dt, name='dproj_attn').weights()
+    qk_dp = fold_queries(t, dp_w, self.heads)
+
+    # Decoder layer 0's self-attention on the learned queries: batch-independent.
+    queries = self.param('query_embed', nn.initializers.normal(1.0), (self.num_queries, c))
+    tgt = jnp.broadcast_to(queries.astype(dt)[None], (1 if det else b, self.num_queries, c))
+    dec_w = [(_MHA(c, dt, name=f'dec{i}_self_attn').weights(),
+              _MHA(c, dt, name=f'dec{i}_cross_attn').weights()) for i in range(self.decoder_layers)]
+
+    pooled_dp = None
+    for i, (sw, cw) in enumerate(dec_w):
+      a = self_attention(tgt, sw, self.heads, self.dropout, det)
+      tgt = layers.layer_norm(dt, f'dec{i}_norm1')(tgt + drop(a))
+      tgt = jnp.broadcast_to(tgt, (b, *tgt.shape[1:]))
+      qk = fold_queries(tgt, cw, self.heads)
+      if i == 0:  # one pass over the pixels for the text query and the first layer's queries
+        p = attend_pixels(pix, jnp.concatenate([qk_dp, qk], axis=1))
+        p_dp, p = p[:, :1], p[:, 1:]
+        pooled_dp = finish_cross(pix, p_dp, dp_w, self.heads)
+      else:
+        p = attend_pixels(pix, qk)
+      p = nn.Dropout(self.dropout)(p, det)
+      a = finish_cross(pix, p, cw, self.heads)
+      tgt = layers.layer_norm(dt, f'dec{i}_norm2')(tgt + drop(a))
+      f = layers.dense(self.decoder_ffn, dt, f'dec{i}_linear1')(tgt)
+      f = layers.dense(c, dt, f'dec{i}_linear2')(drop(nn.relu(f)))
+      tgt = layers.layer_norm(dt, f'dec{i}_norm3')(tgt + drop(f))
+    d = jnp.mean(tgt, axis=1)  # [B, C]
+    query_vec = layers.dense(c, dt, 'dproj_lin')(pooled_dp + t)[:, 0]  # [B, C]
+
+    g = jnp.mean(x.astype(jnp.float32), axis=(1, 2)).astype(dt)
+    g = nn.relu(layers.dense(c // 8, dt, 'gate_fc1')(g))
+    g = nn.sigmoid(layers.dense(c, dt, 'gate_fc2')(g))
+    scale = g + query_vec  # [B, C]: feat = x * scale
+
+    # conv1x1(concat[x * scale, d]) = x @ (scale[:, None] * W_top) + (d @ W_bottom + bias).
+    w0, b0 = Linear(c // 2, dt, name='out_conv0')(in_features=2 * c)
+    k_img = scale[:, :, None] * w0[None, :c]  # [B, C, C/2]
+    bias_img = d @ w0[c:] + b0  # [B, C/2]
+    y = jnp.einsum('bhwc,bco->bhwo', x, k_img) + bias_img[:, None, None]
+    y = nn.relu(layers.group_norm(self.gn_groups, dt, 'out_gn0')(y))
+    y = layers.conv(c // 4, 3, dt, 'out_conv1')(y)
+    y = nn.relu(layers.group_norm(self.gn_groups, dt, 'out_gn1')(y))
+    return layers.dense(self.num_classes, dt, 'out_conv2')(y).astype(jnp.float32)
+
+
+def build_head(model_cfg, dtype: Any, name: str = 'mask_head') -> MaskHead:
+  return MaskHead(model_cfg.num_classes, model_cfg.head_heads, model_cfg.num_queries,
+                  model_cfg.decoder_layers, model_cfg.decoder_ffn, model_cfg.dropout,
+                  model_cfg.gn_groups, dtype, name=name)
+
+
+def _mha_rules(t: str, path) -> list[tc.Rule]:
+  rules = []
+  for n in ('in_proj_q', 'in_proj_k', 'in_proj_v', 'out_proj'):
+    rules += tc.linear(f'{t}.{n}', (*path, n))
+  return rules
+
+
+def torch_rules(prefix: str, path: tuple[str, ...], model_cfg, text_dim: int) -> list[tc.Rule]:
+  """Rules for upstream `mask_head` (MaskHead)."""
+  p = tuple(path)
+  vis = model_cfg.token_dim if model_cfg.use_token_connector else model_cfg.fpn_dim
+  rules = []
+  if text_dim != vis:
+    rules += tc.linear(f'{prefix}.d_projector.lang2vis', (*p, 'lang2vis'))
+  rules += _mha_rules(f'{prefix}.d_projector.cross_attn', (*p, 'dproj_attn'))
+  rules += tc.linear(f'{prefix}.d_projector.lin', (*p, 'dproj_lin'))
+  rules.append(tc.Rule(f'{prefix}.query_embed.weight', ('params', *p, 'query_embed')))
+  for i in range(model_cfg.decoder_layers):
+    t = f'{prefix}.transformer_decoder.layers.{i}'
+    rules += _mha_rules(f'{t}.self_attn', (*p, f'dec{i}_self_attn'))
+    rules += _mha_rules(f'{t}.cross_attn', (*p, f'dec{i}_cross_attn'))
+    rules += tc.linear(f'{t}.linear1', (*p, f'dec{i}_linear1'))
+    rules += tc.linear(f'{t}.linear2', (*p, f'dec{i}_linear2'))
+    for j in (1, 2, 3):
+      rules += tc.norm(f'{t}.norm{j}', (*p, f'dec{i}_norm{j}'))
+  rules += layers.conv1x1_rules(f'{prefix}.channel_attn.1', (*p, 'gate_fc1'))
+  rules += layers.conv1x1_rules(f'{prefix}.channel_attn.3', (*p, 'gate_fc2'))
+  rules += layers.conv1x1_rules(f'{prefix}.mask_head.0', (*p, 'out_conv0'))
+  rules += tc.norm(f'{prefix}.mask_head.1', (*p, 'out_gn0'))
+  rules += tc.conv(f'{prefix}.mask_head.3', (*p, 'out_conv1'))
+  rules += tc.norm(f'{prefix}.mask_head.4', (*p, 'out_gn1'))
+  rules += layers.conv1x1_rules(f'{prefix}.mask_head.6', (*p, 'out_conv2'))
+  return rules

@@ -1,0 +1,117 @@
+"""The whole SegChange-R1 model: siamese backbone -> unify -> BEV -> difference -> neck -> head.
+
+Inputs are NHWC ImageNet-normalised images; text embeddings [B, T, L]; output logits
+[B, H, W, num_classes] (float32).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from segchange_jax.models import bev as bev_lib
+from segchange_jax.models import diff as diff_lib
+from segchange_jax.models import head as head_lib
+from segchange_jax.models import layers
+from segchange_jax.models import neck as neck_lib
+from segchange_jax.models import torch_convert as tc
+from segchange_jax.models import backbones
+
+_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+
+class SegChangeModel(nn.Module):
+  """`model_cfg` is the config's `model` section (frozen, so the module stays hashable)."""
+  model_cfg: ml_collections.FrozenConfigDict
+  text_dim: int = 768
+
+  @nn.compact
+  def __call__(self, image_a: jax.Array, image_b: jax.Array, text_emb: jax.Array,
+               train: bool = False) -> jax.Array:
+    m = self.model_cfg
+    dtype = _DTYPES[m.dtype]
+    if image_a.shape != image_b.shape:
+      raise ValueError(f'image_a {image_a.shape} and image_b {image_b.shape} must have one shape')
+    if text_emb.shape[-1] != self.text_dim:
+      raise ValueError(f'text embeddings have width {text_emb.shape[-1]}, the model expects '
+                       f'text.dim={self.text_dim}')
+    b = image_a.shape[0]
+    backbone = backbones.build_backbone(m, dtype=dtype, name='backbone')
+    if train:
+      # Two calls, as upstream: BatchNorm sees each time's batch separately (stats updated twice).
+      fa, fb = backbone(image_a, train=True), backbone(image_b, train=True)
+      feats = [jnp.concatenate([x, y], 0) for x, y in zip(fa, fb)]
+    else:  # same weights, identical maths in eval: one call on the stacked pair
+      feats = backbone(jnp.concatenate([image_a, image_b], 0), train=False)
+    out = []
+    for i, (f, dim) in enumerate(zip(feats, m.out_dims)):
+      f = layers.dense(dim, dtype, f'conv_list_{i}')(f)
+      # BEV has no batch statistics: both times in one call.
+      out.append(bev_lib.build_bev(m, dim, dtype, f'bev_{i}')(f, train=train))
+    diffs = diff_lib.FeatureDiff(m.diff_attention, dtype, name='feature_diff')(
+        [f[:b] for f in out], [f[b:] for f in out], train)
+    x = neck_lib.build_neck(m, dtype, 'fpn')(diffs, train)
+    return head_lib.build_head(m, dtype, 'mask_head')(x, text_emb, train)
+
+
+def build_model(config: ml_collections.ConfigDict) -> SegChangeModel:
+  """The model for a full config (uses `config.model` and `config.text.dim`)."""
+  return SegChangeModel(ml_collections.FrozenConfigDict(config.model), int(config.text.dim))
+
+
+def init_variables(model: SegChangeModel, rng: jax.Array, image_size: int = 64,
+                   batch: int = 1, text_tokens: int = 8) -> dict:
+  """Initialises all collections with a small dummy input (shapes do not depend on it)."""
+  x = jnp.zeros((batch, image_size, image_size, 3), jnp.float32)
+  t = jnp.zeros((batch, text_tokens, model.text_dim), jnp.float32)
+  return model.init(rng, x, x, t, train=False)
+
+
+def variable_shapes(model: SegChangeModel, image_size: int = 64) -> dict:
+  """`jax.eval_shape` of every variable (no compute, no memory)."""
+  return jax.eval_shape(lambda r: init_variables(model, r, image_size), jax.random.PRNGKey(0))
+
+
+def torch_mapping(config: ml_collections.ConfigDict):
+  """(rules, aliases, ignore) mapping upstream `ChangeModel.state_dict()` onto our variables."""
+  m = config.model
+  rules, aliases, ignore = backbones.backbone_torch_mapping(m, ('backbone',))
+  rules = list(rules)
+  for i in range(len(m.out_dims)):
+    rules += layers.conv1x1_rules(f'dual_encoder.conv_list.{i}', (f'conv_list_{i}',))
+    rules += bev_lib.torch_rules(f'dual_encoder.bev.{i}', (f'bev_{i}',), m)
+  rules += diff_lib.torch_rules('feature_diff', ('feature_diff',), m)
+  rules += neck_lib.torch_rules('fpn', ('fpn',), m)
+  rules += head_lib.torch_rules('mask_head', ('mask_head',), m, int(config.text.dim))
+  return rules, dict(aliases), list(ignore) + [r'.*num_batches_tracked$']
+
+
+def load_torch_state_dict(config: ml_collections.ConfigDict, state_dict, source: str = 'checkpoint',
+                          image_size: int = 64) -> dict:
+  """Upstream state_dict (numpy values) -> our variables, every problem listed in one error."""
+  rules, aliases, ignore = torch_mapping(config)
+  expected = variable_shapes(build_model(config), image_size)
+  return tc.convert(tc.strip_prefixes(state_dict), rules, expected=expected, ignore=ignore,
+                    aliases=aliases, source=source)
+
+
+def export_torch_state_dict(config: ml_collections.ConfigDict, variables) -> dict:
+  """Our variables -> upstream state_dict (numpy), aliases duplicated, num_batches_tracked = 0."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  rules, aliases, _ = torch_mapping(config)
+  variables = jax.tree.map(np.asarray, dict(variables))
+  sd = tc.export(variables, rules)
+  bn = [r.torch_key for r in rules if r.path[0] == 'batch_stats' and
+        r.torch_key.endswith('.running_mean')]
+  for alias, canonical in aliases.items():
+    if canonical in sd:
+      sd[alias] = sd[canonical].copy()
+      if canonical in bn:
+        bn.append(alias)
+  for key in bn:
+    sd[key[:-len('running_mean')] + 'num_batches_tracked'] = np.zeros((), np.int64)
+  return sd
