@@ -25,6 +25,7 @@ import time
 from absl import app
 from absl import flags
 import numpy as np
+from scipy import ndimage
 
 from segchange_jax import infer as infer_lib
 
@@ -39,7 +40,6 @@ _CHILD = flags.DEFINE_string('child', None, 'Internal: method,size,a,b,out to ru
 
 
 def toy_predict(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-  from scipy import ndimage  # pylint: disable=g-import-not-at-top
   d = np.abs(a.astype(np.float32) - b.astype(np.float32)).mean(-1)
   d = ndimage.uniform_filter(d, size=(1, 3, 3), mode='nearest')
   return 1.0 / (1.0 + np.exp(-(d - 30.0) / 8.0))

@@ -11,9 +11,16 @@ Outputs (written to `<out>.partial`, renamed when complete):
   ungeoreferenced `.tif`.
 - `--polygons X.geojson`: change regions (after `--postprocess` when given) in the raster's CRS,
   with properties area (map units^2), area_px.
+With --probabilities, --postprocess only shapes the polygons (the raster keeps raw probabilities).
 Inputs: a raster file or three single-band files 'R.TIF,G.TIF,B.TIF' per date; band and 16-bit
 rules in segchange_jax/imagery.py, nodata and grid rules in segchange_jax/scene_io.py; A and B
 must share a pixel grid unless --align. Windowing and blending: segchange_jax/scene.py.
+Example, Landsat-8 scenes of adjacent WRS rows (B stored as single-band files, 0 = fill):
+
+  python -m segchange_jax.infer --checkpoint CKPT --a LC08_..._224078_..._RT.TIF --bands 3,2,1 \
+      --b LC08_..._224077_..._B4.TIF,LC08_..._224077_..._B3.TIF,LC08_..._224077_..._B2.TIF \
+      --nodata 0 --align --out change.tif
+(--bands applies to every single-file date; a stack is already R,G,B.)
 """
 
 from __future__ import annotations
@@ -52,6 +59,8 @@ _NODATA = flags.DEFINE_float('nodata', None, 'Input nodata value for files that 
 _TEXT_MODEL = flags.DEFINE_string('text_model', None, 'Text encoder (local HF dir or GGUF) for --prompt.')
 _EMBEDDINGS = flags.DEFINE_string('embeddings', None, 'Precomputed prompt embeddings .npz.')
 _PROGRESS = flags.DEFINE_boolean('progress', True, 'Show a progress bar.')
+_GDAL_CACHE = flags.DEFINE_integer('gdal_cache_mb', 256, 'GDAL block cache (MB); GDAL defaults to '
+                                   '5% of RAM, which would dominate the memory of a big scene.')
 
 PredictFn = scene.PredictFn
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32) * 255.0
@@ -89,9 +98,25 @@ def run_inference(a: str, b: str, out: str, predict_probs: PredictFn, *, channel
                   probabilities: bool = False, do_postprocess: bool = False, min_area: int = 2500,
                   max_perimeter_ratio: float = 10.0, min_convexity: float = 0.8,
                   polygons_path: str | None = None, align: bool = False, bands=None,
-                  nodata: float | None = None, progress: bool = True,
+                  nodata: float | None = None, progress: bool = True, gdal_cache_mb: int = 256,
                   predictor_factory: Callable[[], PredictFn] | None = None) -> scene.SceneStats:
   """Runs the whole pipeline; `predictor_factory` (if given) builds predict_probs after inputs check."""
+  import rasterio  # pylint: disable=g-import-not-at-top
+  # Bounded GDAL block cache: windows overlap, so a few tile rows of cache avoid re-decoding,
+  # but GDAL's default (5 % of RAM) would grow with the scene.
+  with rasterio.Env(GDAL_CACHEMAX=int(gdal_cache_mb)):
+    return _run_inference(a, b, out, predict_probs, channels=channels, window=window,
+                          overlap=overlap, batch=batch, threshold=threshold,
+                          probabilities=probabilities, do_postprocess=do_postprocess,
+                          min_area=min_area, max_perimeter_ratio=max_perimeter_ratio,
+                          min_convexity=min_convexity, polygons_path=polygons_path, align=align,
+                          bands=bands, nodata=nodata, progress=progress,
+                          predictor_factory=predictor_factory)
+
+
+def _run_inference(a, b, out, predict_probs, *, channels, window, overlap, batch, threshold,
+                   probabilities, do_postprocess, min_area, max_perimeter_ratio, min_convexity,
+                   polygons_path, align, bands, nodata, progress, predictor_factory):
   plain_in = scene_io.is_plain(a) or scene_io.is_plain(b)
   plain_out = scene_io.is_plain(out)
   if scene_io.is_plain(a) != scene_io.is_plain(b):
@@ -214,7 +239,7 @@ def main(argv: list[str]) -> None:
         do_postprocess=_POST.value, min_area=_MIN_AREA.value, max_perimeter_ratio=_MAX_RATIO.value,
         min_convexity=_MIN_CONVEX.value, polygons_path=_POLYGONS.value, align=_ALIGN.value,
         bands=[int(x) for x in _BANDS.value] if _BANDS.value else None, nodata=_NODATA.value,
-        progress=_PROGRESS.value, predictor_factory=_model_factory)
+        progress=_PROGRESS.value, gdal_cache_mb=_GDAL_CACHE.value, predictor_factory=_model_factory)
   except (scene_io.GridMismatchError, ValueError, FileNotFoundError) as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)

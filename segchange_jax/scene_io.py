@@ -1,7 +1,7 @@
 """Scene inputs and outputs for `segchange_jax.scene`: GeoTIFF (windowed) and plain images.
 
 Inputs. One date is a raster path, or three single-band rasters 'R.TIF,G.TIF,B.TIF' stacked in
-that order (e.g. Landsat B4,B3,B2 files); bands and bit depth follow `segchange_jax.imagery`
+that order (e.g. Landsat B4,B3,B2 files; `bands=` then applies only to a single-file date); bands and bit depth follow `segchange_jax.imagery`
 (16-bit: per-band 2-98 % stretch with statistics from a decimated read of the whole raster,
 so every window uses the same mapping). Validity follows GDAL's dataset mask (nodata value,
 alpha band or internal mask; for a stack, valid where any file is valid); `nodata=` overrides
@@ -72,9 +72,10 @@ class RasterDate:
       src = self._raw[0]
       self.indexes = [imagery.select_bands(src.count, bands, self.paths[0])]
     else:
-      if len(self.paths) != 3 or bands:
+      # A stack is already R, G, B: `bands` is meant for the other (single-file) date.
+      if len(self.paths) != 3:
         raise imagery.ImageryError(f'{spec}: a stack is exactly three single-band files R,G,B '
-                                   '(in that order) and takes no --bands')
+                                   '(in that order)')
       for p, ds in zip(self.paths, self._raw):
         if ds.count != 1:
           raise imagery.ImageryError(f'{p} has {ds.count} bands; stacks take single-band files')

@@ -83,18 +83,10 @@ def test_landsat_single_band_stack_needs_align(shared_data, tmp_path):
   b_stack = ','.join(str(shared_data / L8_77.format(k)) for k in (4, 3, 2))
   out = str(tmp_path / 'change.tif')
   with pytest.raises(scene_io.GridMismatchError, match='--align'):
-    infer.run_inference(a_path, b_stack, out, h.box_change, bands=None, nodata=0, **KW)
-  with pytest.raises(Exception, match='takes no --bands'):
-    infer.run_inference(a_path, b_stack, out, h.box_change, bands=[3, 2, 1], nodata=0, align=True, **KW)
-
-  # --bands applies to both dates; use an RGB-ordered copy of A so the stack needs none.
-  with rasterio.open(a_path) as src:
-    rgb = src.read([3, 2, 1])
-    prof = src.profile
-  with rasterio.open(tmp_path / 'a_rgb.tif', 'w', **prof) as ds:
-    ds.write(rgb)
-  infer.run_inference(str(tmp_path / 'a_rgb.tif'), b_stack, out, h.box_change, nodata=0,
-                      align=True, probabilities=True, **KW)
+    infer.run_inference(a_path, b_stack, out, h.box_change, bands=[3, 2, 1], nodata=0, **KW)
+  # --bands picks A's R,G,B (224078 holds B2,B3,B4); the stack is already R,G,B.
+  infer.run_inference(a_path, b_stack, out, h.box_change, bands=[3, 2, 1], nodata=0, align=True,
+                      probabilities=True, **KW)
   probs, prof = _read(out)
   assert prof['transform'] == rasterio.open(a_path).transform
   # The crop lies inside both footprints: everything valid, and the same ground on the same
