@@ -328,3 +328,58 @@ def randomize_(model: nn.Module, seed: int = 0, scale: float = 1.0) -> nn.Module
       elif name.endswith('running_var'):
         buf.copy_(torch.rand(buf.shape, generator=g) * 0.5 + 0.75)
   return model
+
+
+# ------------------------------------------------------------------------ backbone wrappers
+
+
+class SwinEncoder(nn.Module):
+  """timm features_only Swin under `backbone` (NHWC outputs permuted to NCHW, as upstream)."""
+
+  def __init__(self, img_size=512, strict_img_size=False, **dims):
+    super().__init__()
+    import timm  # pylint: disable=g-import-not-at-top
+    self.backbone = timm.create_model('swin_base_patch4_window7_224', pretrained=False,
+                                      features_only=True, out_indices=(0, 1, 2, 3),
+                                      img_size=img_size, strict_img_size=strict_img_size, **dims)
+
+  def forward(self, x):
+    return [f.permute(0, 3, 1, 2) for f in self.backbone(x)]
+
+
+class ResNetEncoder(nn.Module):
+  """torchvision resnet50 under `backbone`, its stages also registered as layer0..layer4."""
+
+  def __init__(self):
+    super().__init__()
+    import torchvision  # pylint: disable=g-import-not-at-top
+    self.backbone = torchvision.models.resnet50(weights=None)
+    b = self.backbone
+    self.layer0 = nn.Sequential(b.conv1, b.bn1, b.relu, b.maxpool)
+    self.layer1, self.layer2, self.layer3, self.layer4 = b.layer1, b.layer2, b.layer3, b.layer4
+
+  def forward(self, x):
+    x = self.layer0(x)
+    out = []
+    for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
+      x = layer(x)
+      out.append(x)
+    return out
+
+
+def build_encoder(model_cfg):
+  """(torch encoder, its 4 channel counts) for `model_cfg.backbone`."""
+  if model_cfg.backbone == 'resnet50':
+    return ResNetEncoder(), (256, 512, 1024, 2048)
+  if model_cfg.backbone == 'hgnetv2':
+    from tests.torch_ref import hgnetv2  # pylint: disable=g-import-not-at-top
+    return hgnetv2.HGNetv2Ref(), (128, 512, 1024, 2048)
+  s = model_cfg.swin
+  enc = SwinEncoder(embed_dim=s.embed_dim, depths=tuple(s.depths), num_heads=tuple(s.num_heads),
+                    window_size=s.window_size, mlp_ratio=s.mlp_ratio)
+  return enc, tuple(s.embed_dim * 2**i for i in range(4))
+
+
+def build_change_model(config) -> ChangeModel:
+  enc, channels = build_encoder(config.model)
+  return ChangeModel(enc, channels, config.model, config.text.dim)
