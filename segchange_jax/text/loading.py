@@ -154,7 +154,8 @@ def load(path: str | os.PathLike, dtype: Any = 'float32', mesh: Mesh | None = No
   Args:
     path: model directory or GGUF file.
     dtype: compute dtype; matrices are stored in it too.
-    mesh: optional mesh; parameters are then placed with `param_shardings(..., axis)`.
+    mesh: optional mesh (axis types Auto); parameters are then placed with
+      `param_shardings(..., axis)`.
     axis, min_size: see `param_shardings`.
   """
   path = pathlib.Path(path)
@@ -168,6 +169,7 @@ def load(path: str | os.PathLike, dtype: Any = 'float32', mesh: Mesh | None = No
     if not cfg_file.is_file():
       raise FileNotFoundError(f'{path}: no config.json (expected a Hugging Face model directory)')
     hf_config = json.loads(cfg_file.read_text())
+    architecture(hf_config.get('model_type', ''), str(cfg_file))
     tensors, files = _safetensors_tensors(path)
   else:
     raise FileNotFoundError(f'text model {str(path)!r} is neither a directory nor a .gguf file')

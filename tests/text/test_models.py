@@ -58,3 +58,31 @@ def test_parity_fp32(kind, tmp_path):
   err = np.abs(ours - ref).max()
   print(f'{kind} fp32 max abs err {err:.2e} (max |ref| {np.abs(ref).max():.2f})')
   assert err <= 1e-5, err
+
+
+def test_unknown_model_type_and_missing_weights(tmp_path):
+  (tmp_path / 'config.json').write_text('{"model_type": "gpt_neox"}')
+  with pytest.raises(ValueError, match=r"gpt_neox.*supported: \['bert', 'llama', 'phi'\]"):
+    loading.load(tmp_path)
+  (tmp_path / 'config.json').write_text('{"model_type": "bert"}')
+  with pytest.raises(FileNotFoundError, match='no model.safetensors'):
+    loading.load(tmp_path)
+  (tmp_path / 'pytorch_model.bin').write_bytes(b'')
+  with pytest.raises(ValueError, match='safetensors only'):
+    loading.load(tmp_path)
+
+
+def test_sharded_load_places_big_params_over_fsdp(tmp_path):
+  import jax  # pylint: disable=g-import-not-at-top
+  model, _ = _small('llama')
+  model.save_pretrained(tmp_path)
+  mesh = jax.make_mesh((2, 4), ('data', 'fsdp'), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  lm = loading.load(tmp_path, mesh=mesh, axis='fsdp', min_size=1024)
+  emb = lm.params['params']['embed_tokens']['embedding']  # [64, 48] = 3072 elements
+  norm = lm.params['params']['norm']['weight']
+  assert emb.sharding.spec == jax.sharding.PartitionSpec('fsdp', None)
+  assert norm.sharding.spec == jax.sharding.PartitionSpec(None)
+  ids = np.array([[3, 4, 5, 6]], np.int32)
+  ref = loading.load(tmp_path)
+  np.testing.assert_allclose(np.asarray(lm.module.apply(lm.params, ids, ids > 0)),
+                             np.asarray(ref.module.apply(ref.params, ids, ids > 0)), atol=1e-5)
