@@ -36,8 +36,12 @@ def _field(reader, key: str, default: Any = None) -> Any:
   return default if f is None else f.contents()
 
 
-def read(path: pathlib.Path) -> tuple[dict, Iterator[tuple[str, np.ndarray]]]:
-  """Returns (HF-style config dict with model_type, generator of (HF name, float32 array))."""
+def read(path: pathlib.Path, num_layers: int | None = None
+         ) -> tuple[dict, Iterator[tuple[str, np.ndarray]]]:
+  """Returns (HF-style config dict with model_type, generator of (HF name, float32 array)).
+
+  `num_layers` keeps only the first blocks (tests and quick checks; the rest is never dequantised).
+  """
   try:
     import gguf  # pylint: disable=g-import-not-at-top
     from gguf import quants  # pylint: disable=g-import-not-at-top
@@ -67,6 +71,8 @@ def read(path: pathlib.Path) -> tuple[dict, Iterator[tuple[str, np.ndarray]]]:
       'pad_token_id': _field(reader, 'tokenizer.ggml.padding_token_id'),
       'tie_word_embeddings': not any(t.name == 'output.weight' for t in reader.tensors),
   }
+  if num_layers is not None:
+    config['num_hidden_layers'] = min(int(num_layers), config['num_hidden_layers'])
   if _field(reader, p + 'rope.scaling.type', 'none') not in ('none', None):
     raise ValueError(f'{path}: rope scaling is not supported')
 
@@ -74,6 +80,8 @@ def read(path: pathlib.Path) -> tuple[dict, Iterator[tuple[str, np.ndarray]]]:
     for t in reader.tensors:
       parts = t.name.split('.')
       if parts[0] == 'blk':
+        if int(parts[1]) >= config['num_hidden_layers']:
+          continue
         base = _LLAMA_BLOCK.get(parts[2])
         name = None if base is None else f'model.layers.{parts[1]}.{base}.{parts[-1]}'
       else:
