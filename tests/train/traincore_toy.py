@@ -29,7 +29,10 @@ class ToyModel(nn.Module):
   def __call__(self, image_a, image_b, text_emb, train: bool = False):
     backbone = ToyBackbone(self.width, name='backbone')
     fa, fb = backbone(image_a), backbone(image_b)
-    x = nn.Conv(self.width, (3, 3), name='fuse')(jnp.concatenate([fa, fb, jnp.abs(fa - fb)], -1))
+    # No bias before BatchNorm: its gradient is exactly 0, and Adam turns the float noise of a zero
+    # gradient into +-lr steps that differ between meshes.
+    x = jnp.concatenate([fa, fb, jnp.abs(fa - fb)], -1)
+    x = nn.Conv(self.width, (3, 3), use_bias=not self.use_bn, name='fuse')(x)
     if self.use_bn:
       x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name='bn')(x)
     x = nn.relu(x)
