@@ -82,12 +82,12 @@ def test_grad_accumulation_matches_full_batch_for_pixel_mean_losses():
   # 4 give the gradient of the batch of 8. Dice and BCL normalise over the microbatch instead.
   model = ToyModel(use_bn=False)
   batches = make_batches(2)
-  cfgs = [_mesh_cfg(2, 4, grad_accum_steps=a) for a in (1, 2)]
+  cfgs = [_mesh_cfg(-1, 1, grad_accum_steps=1), _mesh_cfg(2, 4, grad_accum_steps=2)]
   for c in cfgs:
     with c.unlocked():
       c.loss.weight_dice = c.loss.weight_bcl = 0.0
-  s_full, l_full = run(cfgs[0], model, batches)
-  s_acc, l_acc = run(cfgs[1], model, batches)
+  s_full, l_full = run(cfgs[0], model, batches, devices=jax.devices()[:1])
+  s_acc, l_acc = run(cfgs[1], model, batches)  # microbatches of a batch split over 8 devices
   np.testing.assert_allclose(l_acc, l_full, rtol=1e-5)
   for a, b in zip(jax.tree.leaves(s_full.params), jax.tree.leaves(s_acc.params)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
