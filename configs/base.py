@@ -89,6 +89,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.swin.num_heads = (4, 8, 16, 32)
   c.model.swin.window_size = 7
   c.model.swin.mlp_ratio = 4.0
+  c.model.swin.drop_path_rate = 0.1  # stochastic depth (timm default, upstream trains with it)
   c.model.resnet = ml_collections.ConfigDict()
   c.model.resnet.depths = (3, 4, 6, 3)
   c.model.resnet.width = 64

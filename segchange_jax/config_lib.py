@@ -214,6 +214,7 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
       raise ConfigError(f'config.model.swin.num_heads[{i}]={h} must divide stage width '
                         f'{s.embed_dim * 2**i}')
   _range(config, 'model.swin.window_size', 1, integer=True)
+  _range(config, 'model.swin.drop_path_rate', 0.0, 1.0)
   if len(m.resnet.depths) != 4:
     raise ConfigError('config.model.resnet.depths must have 4 entries')
   _range(config, 'model.resnet.width', 1, integer=True)

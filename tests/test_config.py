@@ -1,5 +1,6 @@
 """Config loading, command-line overrides and validation errors."""
 
+import os
 import subprocess
 import sys
 
@@ -92,12 +93,13 @@ def test_absl_config_flag_overrides(repo_root, tmp_path):
       '  config_lib.validate_config(CONFIG.value)\n'
       '  print(CONFIG.value.train.batch_size, CONFIG.value.model.backbone)\n'
       'app.run(main)\n')
+  env = {**os.environ, 'PYTHONPATH': str(repo_root)}
   out = subprocess.run(
       [sys.executable, str(script), '--config', str(repo_root / 'configs/dvcd.py'),
        '--config.train.batch_size=8', '--config.model.backbone=resnet50'],
-      capture_output=True, text=True, check=True, cwd=tmp_path)
+      capture_output=True, text=True, check=True, cwd=tmp_path, env=env)
   assert out.stdout.split() == ['8', 'resnet50']
   bad = subprocess.run(
       [sys.executable, str(script), '--config', str(repo_root / 'configs/dvcd.py'),
-       '--config.train.bach_size=8'], capture_output=True, text=True, cwd=tmp_path)
+       '--config.train.bach_size=8'], capture_output=True, text=True, cwd=tmp_path, env=env)
   assert bad.returncode != 0 and 'bach_size' in bad.stderr

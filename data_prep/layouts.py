@@ -1,0 +1,215 @@
+"""Readers of the raw change-detection layouts: each lists the pairs of one split.
+
+Layouts (`--layout` of data_prep.convert):
+  segchange-default  ROOT/{split}/{A,B,label}/<name> + ROOT/{split}/prompts.txt
+  segchange-custom   ROOT/{A,B,label}/<name> + ROOT/list/{split}.txt + ROOT/prompts.txt
+  opencd             ROOT/{split}/{A,B,label}/<name> (LEVIR-CD, WHU-CD in open-cd style).
+                     Flat root (ROOT/{A,B,label}, no split folders): ROOT/list/{split}.txt
+                     selects the split's names when it exists, otherwise the whole root is the
+                     one split named by --splits (more than one split is then an error).
+  sysu               ROOT/{split}/{time1,time2,label}/<name>
+  changefine-json    ROOT/*_{split}.json (COCO style, see `_changefine`); image paths absolute
+                     or relative to the JSON's folder; RLE masks stand in for a missing label.
+A reader never checks files: it returns the paths a pair should have and the converter reports
+each missing or bad one by name. A name present in B or label but not in A is listed too (its
+A path does not exist), so that it is reported rather than dropped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import os
+import re
+
+import numpy as np
+
+LAYOUTS = ('segchange-default', 'segchange-custom', 'opencd', 'sysu', 'changefine-json')
+IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.tif', '.tiff', '.bmp')
+
+
+class LayoutError(ValueError):
+  """The root does not look like the layout; the message names the path and the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Pair:
+  """One bi-temporal pair as found on disk (paths may not exist: the converter checks)."""
+  name: str
+  a: str
+  b: str
+  label: str
+  prompt: str = ''
+  # changefine-json: (height, width, [(value, rle), ...]) used when `label` is missing.
+  rle: tuple | None = None
+
+
+def read_prompts(path: str) -> dict[str, str]:
+  """prompts.txt lines `<file name><two spaces><prompt>` -> {name: prompt} ({} if absent)."""
+  if not os.path.isfile(path):
+    return {}
+  prompts = {}
+  with open(path, encoding='utf-8') as f:
+    for lineno, line in enumerate(f, 1):
+      line = line.rstrip('\r\n')
+      if not line.strip():
+        continue
+      parts = re.split(r'\s{2,}|\t', line.strip(), maxsplit=1)
+      if len(parts) != 2:
+        raise LayoutError(f'{path}:{lineno}: expected "<file name><two spaces><prompt>", '
+                          f'got {line!r}')
+      prompts[parts[0]] = parts[1].strip()
+  return prompts
+
+
+def read_name_list(path: str) -> list[str]:
+  """A list file (one file name or path a line) -> base names, in order, without duplicates."""
+  if not os.path.isfile(path):
+    raise LayoutError(f'list file {path} does not exist')
+  names = []
+  with open(path, encoding='utf-8') as f:
+    for line in f:
+      line = line.strip()
+      if line and not line.startswith('#'):
+        # Some lists hold 'A/x.png B/x.png label/x.png' or paths: keep the first base name.
+        names.append(os.path.basename(line.split()[0]))
+  return list(dict.fromkeys(names))
+
+
+def _images_in(folder: str) -> list[str]:
+  if not os.path.isdir(folder):
+    return []
+  return sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS))
+
+
+def _match(folder: str, name: str) -> str:
+  """Path of `name` in folder, or of a file with the same stem and another image extension."""
+  path = os.path.join(folder, name)
+  if os.path.exists(path):
+    return path
+  stem = os.path.splitext(name)[0]
+  for ext in IMAGE_EXTENSIONS:
+    for cand in (stem + ext, stem + ext.upper()):
+      if os.path.exists(os.path.join(folder, cand)):
+        return os.path.join(folder, cand)
+  return path
+
+
+def _folder_pairs(base: str, subdirs: tuple[str, str, str], names: list[str] | None,
+                  prompts: dict[str, str]) -> list[Pair]:
+  da, db, dl = (os.path.join(base, s) for s in subdirs)
+  if names is None:
+    stems_a = {os.path.splitext(n)[0] for n in _images_in(da)}
+    names = _images_in(da) + sorted(n for n in set(_images_in(db)) | set(_images_in(dl))
+                                    if os.path.splitext(n)[0] not in stems_a)
+    names = list(dict.fromkeys(names))
+  return [Pair(n, _match(da, n), _match(db, n), _match(dl, n), prompts.get(n, ''))
+          for n in names]
+
+
+def _require_dir(path: str, layout: str, hint: str) -> None:
+  if not os.path.isdir(path):
+    raise LayoutError(f'{path} does not exist: not a {layout} layout ({hint})')
+
+
+def list_pairs(layout: str, root: str, split: str, num_splits: int = 1) -> list[Pair]:
+  """Pairs of `split` under `root` in `layout` (sorted by name unless a list file orders them)."""
+  if layout == 'segchange-default':
+    base = os.path.join(root, split)
+    _require_dir(base, layout, 'expected ROOT/{split}/{A,B,label} and ROOT/{split}/prompts.txt')
+    return _folder_pairs(base, ('A', 'B', 'label'), None,
+                         read_prompts(os.path.join(base, 'prompts.txt')))
+  if layout == 'segchange-custom':
+    _require_dir(os.path.join(root, 'A'), layout, 'expected ROOT/{A,B,label} and ROOT/list/')
+    names = read_name_list(os.path.join(root, 'list', f'{split}.txt'))
+    return _folder_pairs(root, ('A', 'B', 'label'), names,
+                         read_prompts(os.path.join(root, 'prompts.txt')))
+  if layout in ('opencd', 'sysu'):
+    subdirs = ('A', 'B', 'label') if layout == 'opencd' else ('time1', 'time2', 'label')
+    base = os.path.join(root, split)
+    if os.path.isdir(base):
+      return _folder_pairs(base, subdirs, None, {})
+    if layout == 'opencd' and os.path.isdir(os.path.join(root, 'A')):
+      list_file = os.path.join(root, 'list', f'{split}.txt')
+      if os.path.isfile(list_file):
+        return _folder_pairs(root, subdirs, read_name_list(list_file), {})
+      if num_splits != 1:
+        raise LayoutError(f'{root} has no split folders and no list/{split}.txt: a flat opencd '
+                          'root is one split; pass a single --splits NAME')
+      return _folder_pairs(root, subdirs, None, {})
+    raise LayoutError(f'{base} does not exist: expected ROOT/{split}/{{{",".join(subdirs)}}}')
+  if layout == 'changefine-json':
+    return _changefine(root, split)
+  raise LayoutError(f'unknown layout {layout!r}; one of {LAYOUTS}')
+
+
+def _changefine(root: str, split: str) -> list[Pair]:
+  """ChangeFine COCO-style JSON (whudk/ChangeFine scripts/cd2json.py).
+
+  images[]: {id, width, height, oldpath, newpath, labelpath}; annotations[]: {image_id,
+  category_id, segmentation: RLE of one label value}; categories: 'unknown' or a list of
+  {id: pixel value, name}: category_id holds the name, so the value is looked up by name
+  (255 when unknown).
+  """
+  found = sorted(glob.glob(os.path.join(root, f'*_{split}.json')))
+  if len(found) != 1:
+    raise LayoutError(f'expected exactly one {root}/*_{split}.json for changefine-json, '
+                      f'found {found or "none"}')
+  path = found[0]
+  with open(path, encoding='utf-8') as f:
+    data = json.load(f)
+  if not isinstance(data, dict) or 'images' not in data:
+    raise LayoutError(f'{path} has no "images" list: not a ChangeFine COCO-style JSON')
+  value_of = {}
+  if isinstance(data.get('categories'), list):
+    value_of = {str(c['name']): int(c['id']) for c in data['categories']}
+  anns = {}
+  for ann in data.get('annotations', []):
+    value = value_of.get(str(ann.get('category_id')), 255)
+    anns.setdefault(ann['image_id'], []).append((value, ann['segmentation']))
+  folder = os.path.dirname(os.path.abspath(path))
+  resolve = lambda p: p if os.path.isabs(p) else os.path.join(folder, p)
+  pairs = []
+  for img in data['images']:
+    for key in ('oldpath', 'newpath', 'labelpath'):
+      if key not in img:
+        raise LayoutError(f'{path}: image id {img.get("id")} lacks "{key}"')
+    rle = (int(img['height']), int(img['width']), anns.get(img['id'], []))
+    pairs.append(Pair(os.path.basename(img['oldpath']), resolve(img['oldpath']),
+                      resolve(img['newpath']), resolve(img['labelpath']), '', rle))
+  return pairs
+
+
+def _rle_counts(counts) -> np.ndarray:
+  """COCO RLE counts (list or compressed string) -> run lengths."""
+  if isinstance(counts, list):
+    return np.asarray(counts, np.int64)
+  data = counts.encode('ascii') if isinstance(counts, str) else counts
+  out, p = [], 0
+  while p < len(data):
+    x, k, more = 0, 0, True
+    while more:
+      c = data[p] - 48
+      x |= (c & 0x1f) << (5 * k)
+      more = bool(c & 0x20)
+      p += 1
+      k += 1
+      if not more and (c & 0x10):
+        x |= -1 << (5 * k)
+    if len(out) > 2:
+      x += out[-2]
+    out.append(x)
+  return np.asarray(out, np.int64)
+
+
+def rle_to_label(height: int, width: int, masks: list[tuple[int, dict]]) -> np.ndarray:
+  """[(value, COCO RLE)] -> uint8 [height, width] label (column-major runs, 0-runs first)."""
+  label = np.zeros(height * width, np.uint8)
+  for value, rle in masks:
+    runs = _rle_counts(rle['counts'])
+    if runs.sum() != height * width:
+      raise LayoutError(f'RLE covers {runs.sum()} pixels, image is {height}x{width}')
+    bits = np.repeat(np.arange(len(runs)) % 2, runs).astype(bool)
+    label[bits] = value
+  return label.reshape(width, height).T.copy()

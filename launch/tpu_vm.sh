@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# Train segchange_jax on a Cloud TPU VM slice: create (or reuse) the slice, install the package
+# on every worker, run the same train command on all of them, stream logs, delete on request.
+#
+#   launch/tpu_vm.sh --name cd-v4-32 --zone us-central2-b --type v4-32 \
+#       --config configs/levir.py --workdir gs://my-bucket/runs/levir [--version tpu-ubuntu2204-base] \
+#       [--spot] [--delete] [--dry_run] [-- --config.train.batch_size=64 ...]
+#
+# Every worker runs `python -m segchange_jax.train`; jax.distributed.initialize() discovers the
+# slice by itself on TPU VMs, so nothing else changes. Shards and the workdir should live on GCS
+# (gs://...) or a filesystem every worker mounts.
+set -euo pipefail
+
+usage() { sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+die() { echo "tpu_vm.sh: $*" >&2; exit 2; }
+
+name= zone= type= config= workdir= version=tpu-ubuntu2204-base spot=0 delete=0 dry=0 extra=()
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --name) name=${2:?}; shift 2 ;;
+    --zone) zone=${2:?}; shift 2 ;;
+    --type) type=${2:?}; shift 2 ;;
+    --config) config=${2:?}; shift 2 ;;
+    --workdir) workdir=${2:?}; shift 2 ;;
+    --version) version=${2:?}; shift 2 ;;
+    --spot) spot=1; shift ;;
+    --delete) delete=1; shift ;;
+    --dry_run) dry=1; shift ;;
+    -h|--help) usage 0 ;;
+    --) shift; extra=("$@"); break ;;
+    *) echo "tpu_vm.sh: unknown argument $1" >&2; usage 2 ;;
+  esac
+done
+[[ -n "$name" ]] || die "--name is required (the TPU VM name)"
+[[ -n "$zone" ]] || die "--zone is required (e.g. us-central2-b)"
+if [[ $delete -eq 0 ]]; then
+  [[ -n "$type" ]] || die "--type is required (accelerator type, e.g. v4-32 or v5litepod-16)"
+  [[ -n "$config" ]] || die "--config is required (e.g. configs/levir.py)"
+  [[ -f "${config%%:*}" ]] || die "config file ${config%%:*} not found (run from the repository root)"
+  [[ -n "$workdir" ]] || die "--workdir is required (gs://bucket/path or a shared mount)"
+  [[ "$type" =~ ^v[0-9]+[a-z]*(pod)?-[0-9]+$ ]] || die "--type $type does not look like a TPU type (v4-32, v5litepod-16, ...)"
+fi
+
+show() {  # print a command readably: arguments with spaces in single quotes
+  local out='+' a
+  for a in "$@"; do
+    if [[ "$a" =~ [[:space:]] ]]; then out+=" '$a'"; else out+=" $a"; fi
+  done
+  echo "$out"
+}
+run() {
+  show "$@"
+  if [[ $dry -eq 0 ]]; then "$@"; fi
+}
+if [[ $dry -eq 0 ]]; then command -v gcloud >/dev/null || die "gcloud not found; install the Google Cloud SDK"; fi
+
+if [[ $delete -eq 1 ]]; then
+  run gcloud compute tpus tpu-vm delete "$name" --zone "$zone" --quiet
+  exit 0
+fi
+
+if [[ $dry -eq 1 ]] || ! gcloud compute tpus tpu-vm describe "$name" --zone "$zone" >/dev/null 2>&1; then
+  create=(gcloud compute tpus tpu-vm create "$name" --zone "$zone" --accelerator-type "$type"
+          --version "$version")
+  [[ $spot -eq 1 ]] && create+=(--spot)
+  run "${create[@]}"
+fi
+
+ssh=(gcloud compute tpus tpu-vm ssh "$name" --zone "$zone" --worker=all)
+archive=$(mktemp -d)/segchange_jax.tar.gz
+run git archive --format=tar.gz -o "$archive" HEAD
+run gcloud compute tpus tpu-vm scp "$archive" "$name:~/segchange_jax.tar.gz" --zone "$zone" --worker=all
+run "${ssh[@]}" --command "mkdir -p ~/segchange_jax && tar -xzf ~/segchange_jax.tar.gz -C ~/segchange_jax && cd ~/segchange_jax && python3 -m pip install -q -e . \"jax[tpu]\""
+
+train="cd ~/segchange_jax && python3 -m segchange_jax.train --config $(printf '%q' "$config") --workdir $(printf '%q' "$workdir")"
+for arg in "${extra[@]}"; do train+=" $(printf '%q' "$arg")"; done
+# Output of every worker is streamed; worker 0 alone writes summaries and logs to the workdir.
+run "${ssh[@]}" --command "$train 2>&1 | sed \"s/^/[\$(hostname)] /\""

@@ -1,0 +1,262 @@
+"""Scene inputs and outputs for `segchange_jax.scene`: GeoTIFF (windowed) and plain images.
+
+Inputs. One date is a raster path, or three single-band rasters 'R.TIF,G.TIF,B.TIF' stacked in
+that order (e.g. Landsat B4,B3,B2 files; `bands=` then applies only to a single-file date); bands and bit depth follow `segchange_jax.imagery`
+(16-bit: per-band 2-98 % stretch with statistics from a decimated read of the whole raster,
+so every window uses the same mapping). Validity follows GDAL's dataset mask (nodata value,
+alpha band or internal mask; for a stack, valid where any file is valid); `nodata=` overrides
+files that carry no nodata tag (Landsat L1 fills with 0 but does not say so).
+B must be on A's grid (CRS, transform, shape); `align=True` reprojects B onto A's grid
+(bilinear, rasterio WarpedVRT), and pixels outside B's footprint become nodata.
+PNG/JPEG pairs (no georeferencing) are read whole: they are small by nature.
+
+Outputs are written to `<path>.partial` and renamed by `commit()`; `discard()` removes the
+partial file, so an interrupted or failed run never leaves a complete-looking output.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import numpy as np
+import rasterio
+from rasterio.enums import Resampling
+from rasterio.vrt import WarpedVRT
+from rasterio.windows import Window
+
+from segchange_jax import imagery
+
+PLAIN_SUFFIXES = ('.png', '.jpg', '.jpeg', '.bmp')
+STATS_MAX_SIDE = 1024  # decimated read for the 16-bit stretch statistics
+MASK_NODATA = 255      # uint8 mask output: 0 no change, 1 change (or class id), 255 nodata
+
+
+class GridMismatchError(ValueError):
+  """A and B are not on one pixel grid."""
+
+
+def is_plain(path: str) -> bool:
+  return os.path.splitext(path)[1].lower() in PLAIN_SUFFIXES
+
+
+def _grid_of(ds) -> tuple:
+  return ds.crs, ds.transform, ds.height, ds.width
+
+
+def _same_grid(g1: tuple, g2: tuple) -> bool:
+  crs1, t1, h1, w1 = g1
+  crs2, t2, h2, w2 = g2
+  tol = 1e-6 * max(abs(t1.a), abs(t1.e), 1e-12)
+  return crs1 == crs2 and (h1, w1) == (h2, w2) and t1.almost_equals(t2, precision=tol)
+
+
+def _describe(name: str, g: tuple) -> str:
+  crs, t, h, w = g
+  return f'{name}: {w}x{h} px, CRS {crs}, origin ({t.c:.3f}, {t.f:.3f}), pixel {t.a:g}x{t.e:g}'
+
+
+class RasterDate:
+  """One date on a pixel grid, read window by window as uint8 RGB plus validity."""
+
+  def __init__(self, spec: str, bands: Sequence[int] | None = None, nodata: float | None = None,
+               reference=None):
+    self.spec = spec
+    self.paths = [p.strip() for p in spec.split(',') if p.strip()]
+    for p in self.paths:
+      if not os.path.exists(p):
+        raise FileNotFoundError(f'{p}: input raster not found')
+    self.nodata = nodata
+    self._raw = [rasterio.open(p) for p in self.paths]
+    if len(self.paths) == 1:
+      src = self._raw[0]
+      self.indexes = [imagery.select_bands(src.count, bands, self.paths[0])]
+    else:
+      # A stack is already R, G, B: `bands` is meant for the other (single-file) date.
+      if len(self.paths) != 3:
+        raise imagery.ImageryError(f'{spec}: a stack is exactly three single-band files R,G,B '
+                                   '(in that order)')
+      for p, ds in zip(self.paths, self._raw):
+        if ds.count != 1:
+          raise imagery.ImageryError(f'{p} has {ds.count} bands; stacks take single-band files')
+        if not _same_grid(_grid_of(ds), _grid_of(self._raw[0])):
+          raise GridMismatchError(f'stack {spec}: {p} is not on the grid of {self.paths[0]}')
+      self.indexes = [[1]] * 3
+    self.grid = _grid_of(self._raw[0])
+    self.datasets = self._raw
+    if reference is not None:
+      self.datasets = [self._warp(ds, reference) for ds in self._raw]
+      self.grid = reference
+    self.dtype = self._raw[0].dtypes[0]
+    self.stats = None if self.dtype == 'uint8' else self._stretch_stats()
+
+  def _warp(self, ds, reference: tuple) -> WarpedVRT:
+    crs, transform, height, width = reference
+    kw = dict(crs=crs, transform=transform, height=height, width=width, resampling=Resampling.bilinear)
+    if self.nodata is not None:
+      kw.update(src_nodata=self.nodata, nodata=self.nodata)
+    elif ds.nodata is None:
+      kw.update(add_alpha=True)  # marks pixels outside the source footprint
+    return WarpedVRT(ds, **kw)
+
+  def _read(self, window: Window | None, out_shape=None) -> tuple[np.ndarray, np.ndarray]:
+    arrays, masks = [], []
+    for ds, idx in zip(self.datasets, self.indexes):
+      shape = None if out_shape is None else (len(idx),) + out_shape
+      arrays.append(ds.read(idx, window=window, out_shape=shape, resampling=Resampling.nearest))
+      if self.nodata is None:
+        masks.append(ds.dataset_mask(window=window, out_shape=out_shape, resampling=Resampling.nearest) > 0)
+    arr = np.concatenate(arrays).transpose(1, 2, 0)
+    if self.nodata is not None:
+      valid = ~np.all(arr == self.nodata, axis=-1)
+    else:
+      valid = np.logical_or.reduce(masks)
+    return arr, valid
+
+  def _stretch_stats(self) -> np.ndarray:
+    _, _, h, w = self.grid
+    scale = max(1.0, max(h, w) / STATS_MAX_SIDE)
+    arr, valid = self._read(None, (max(1, round(h / scale)), max(1, round(w / scale))))
+    return imagery.stretch_stats(arr, valid)
+
+  def read(self, y: int, x: int, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+    arr, valid = self._read(Window(x, y, w, h))
+    return imagery.to_uint8(arr, self.stats), valid
+
+  def close(self) -> None:
+    for ds in self.datasets + self._raw:
+      ds.close()
+
+
+class RasterPair:
+  """A and B GeoTIFF dates on A's grid (the engine's PairSource)."""
+
+  def __init__(self, a: str, b: str, bands: Sequence[int] | None = None, nodata: float | None = None,
+               align: bool = False):
+    self.a = RasterDate(a, bands, nodata)
+    b_raw = RasterDate(b, bands, nodata)
+    if _same_grid(self.a.grid, b_raw.grid):
+      self.b = b_raw
+    elif not align:
+      msg = ('A and B are on different pixel grids:\n  ' + _describe(a, self.a.grid) + '\n  '
+             + _describe(b, b_raw.grid) + '\nPass --align to reproject B onto A\'s grid '
+             '(bilinear; pixels outside B become nodata).')
+      b_raw.close()
+      self.a.close()
+      raise GridMismatchError(msg)
+    else:
+      b_raw.close()
+      self.b = RasterDate(b, bands, nodata, reference=self.a.grid)
+    self.crs, self.transform, self.height, self.width = self.a.grid
+
+  def read(self, y: int, x: int, h: int, w: int):
+    a, va = self.a.read(y, x, h, w)
+    b, vb = self.b.read(y, x, h, w)
+    return a, b, va & vb
+
+  def close(self) -> None:
+    self.a.close()
+    self.b.close()
+
+
+def read_plain(path: str) -> tuple[np.ndarray, np.ndarray]:
+  """PNG/JPEG -> (RGB uint8 [H, W, 3], valid [H, W]); alpha 0 marks nodata."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'{path}: input image not found')
+  with Image.open(path) as im:
+    rgba = np.asarray(im.convert('RGBA'))
+    if im.mode in ('L', 'I', 'I;16', 'F'):
+      raise imagery.ImageryError(f'{path} is single-band ({im.mode}); the model needs RGB')
+  return rgba[..., :3].copy(), rgba[..., 3] > 0
+
+
+class ArrayPair:
+  """A and B held in memory (plain images); the engine's PairSource."""
+  crs = None
+  transform = None
+
+  def __init__(self, a: str, b: str):
+    self.a, va = read_plain(a)
+    self.b, vb = read_plain(b)
+    if self.a.shape != self.b.shape:
+      raise GridMismatchError(f'{a} is {self.a.shape[1]}x{self.a.shape[0]} px but {b} is '
+                              f'{self.b.shape[1]}x{self.b.shape[0]} px; plain images must have one size')
+    self.valid = va & vb
+    self.height, self.width = self.a.shape[:2]
+
+  def read(self, y: int, x: int, h: int, w: int):
+    s = np.s_[y:y + h, x:x + w]
+    return self.a[s].copy(), self.b[s].copy(), self.valid[s].copy()
+
+  def close(self) -> None:
+    pass
+
+
+def encode(probs: np.ndarray, valid: np.ndarray, probabilities: bool, threshold: float) -> np.ndarray:
+  """Finished rows -> output values [C or 1, rows, W] (mask uint8 or float32 probabilities)."""
+  if probabilities:
+    out = np.where(valid[..., None], probs, np.nan).astype(np.float32)
+    return out.transpose(2, 0, 1)
+  if probs.shape[-1] == 1:
+    mask = (probs[..., 0] > threshold).astype(np.uint8)
+  else:
+    mask = probs.argmax(-1).astype(np.uint8)
+  return np.where(valid, mask, MASK_NODATA)[None]
+
+
+class GeoTiffSink:
+  """Streams rows into a tiled, deflate-compressed GeoTIFF `<path>.partial`."""
+  block_rows = 256
+
+  def __init__(self, path: str, height: int, width: int, crs, transform, channels: int,
+               probabilities: bool, threshold: float):
+    self.path, self.partial = path, path + '.partial'
+    self.probabilities, self.threshold = probabilities, threshold
+    profile = dict(driver='GTiff', height=height, width=width, tiled=True, blockxsize=256,
+                   blockysize=256, compress='deflate', crs=crs, transform=transform)
+    if probabilities:
+      profile.update(count=channels, dtype='float32', nodata=float('nan'), predictor=3)
+    else:
+      profile.update(count=1, dtype='uint8', nodata=MASK_NODATA)
+    if transform is None:
+      profile.pop('transform')
+    self.ds = rasterio.open(self.partial, 'w', **profile)
+
+  def write(self, row0: int, probs: np.ndarray, valid: np.ndarray) -> None:
+    out = encode(probs, valid, self.probabilities, self.threshold)
+    self.ds.write(out, window=Window(0, row0, out.shape[2], out.shape[1]))
+
+  def close(self) -> None:
+    if not self.ds.closed:
+      self.ds.close()
+
+
+class PlainSink:
+  """Collects a mask in memory and saves it as PNG (0 no change, 255 change and nodata 0)."""
+  block_rows = 1
+
+  def __init__(self, path: str, height: int, width: int, threshold: float):
+    self.path, self.partial, self.threshold = path, path + '.partial', threshold
+    self.mask = np.zeros((height, width), np.uint8)
+    self.saved = False
+
+  def write(self, row0: int, probs: np.ndarray, valid: np.ndarray) -> None:
+    m = encode(probs, valid, False, self.threshold)[0]
+    self.mask[row0:row0 + m.shape[0]] = np.where(m == MASK_NODATA, 0, m)
+
+  def close(self) -> None:
+    from PIL import Image  # pylint: disable=g-import-not-at-top
+    if not self.saved:  # binary masks as 0/255 so they are visible; class ids as they are
+      scale = 255 if self.mask.max() <= 1 else 1
+      Image.fromarray(self.mask * scale).save(self.partial, format='PNG')
+      self.saved = True
+
+
+def commit(partial: str, path: str) -> None:
+  os.replace(partial, path)
+
+
+def discard(partial: str) -> None:
+  if os.path.exists(partial):
+    os.remove(partial)

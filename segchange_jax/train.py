@@ -1,0 +1,65 @@
+r"""Training driver: `python -m segchange_jax.train --config configs/dvcd.py --workdir DIR`.
+
+Reads shards written by `data_prep.convert` (or generates and converts the demo's synthetic
+scenes), computes the prompt-embedding table once, trains with one jitted step over a device
+mesh, evaluates on the val split every `train.eval_every_epochs`, keeps Orbax checkpoints
+(latest N + best F1 + best IoU, resumed automatically from --workdir), and writes metrics.csv,
+TensorBoard events and the resolved config into the workdir. After training it evaluates the
+best-IoU checkpoint on `eval.split` and writes `<workdir>/eval_<split>.json`.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+from typing import Sequence
+
+from absl import app
+from absl import flags
+from absl import logging
+
+from segchange_jax import config_lib
+
+_CONFIG = config_lib.define_config_flag()
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and metrics.')
+_COORDINATOR = flags.DEFINE_string(
+    'coordinator_address', None, 'host:port of process 0 for multi-process runs '
+    '(overrides config.distributed.coordinator_address).')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Number of processes.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'Index of this process.')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+class _Preemption:
+  """Remembers a SIGTERM so the loop can save a checkpoint and exit cleanly."""
+
+  def __init__(self):
+    self.requested = False
+    signal.signal(signal.SIGTERM, self._handler)
+
+  def _handler(self, signum, frame):  # pylint: disable=unused-argument
+    logging.warning('SIGTERM received: saving a checkpoint at the next step, then exiting')
+    self.requested = True
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  config = config_lib.validate_config(_CONFIG.value)
+  d = config.distributed
+  from segchange_jax import distributed  # pylint: disable=g-import-not-at-top
+  distributed.maybe_initialize(
+      _COORDINATOR.value if _COORDINATOR.value is not None else d.coordinator_address,
+      _NUM_PROCESSES.value if _NUM_PROCESSES.value is not None else d.num_processes,
+      _PROCESS_ID.value if _PROCESS_ID.value is not None else d.process_id)
+  from segchange_jax import trainer  # pylint: disable=g-import-not-at-top
+  preemption = _Preemption()
+  result = trainer.train_and_evaluate(config, _WORKDIR.value,
+                                      should_stop=lambda: preemption.requested)
+  if preemption.requested:
+    sys.exit(0)
+  logging.info('done: %s', result)
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,208 @@
+"""The training loop: data, prompt table, sharded state, steps, evaluation, checkpoints, logs.
+
+Pure pieces live in train_lib / losses / metrics / optim / sharding; this module only drives
+them and does the I/O. Every process runs the same code; only process 0 writes logs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from jax.experimental import multihost_utils
+
+from segchange_jax import checkpointing
+from segchange_jax import data_setup
+from segchange_jax import input_pipeline
+from segchange_jax import metrics as metrics_lib
+from segchange_jax import optim
+from segchange_jax import sharding
+from segchange_jax import summary
+from segchange_jax import train_lib
+from segchange_jax.models import segchange
+
+
+class TrainingError(RuntimeError):
+  """The data or the config cannot be trained on; the message says what to change."""
+
+
+def _host_batch_to_global(batch: dict, mesh) -> dict:
+  """Per-process numpy batch -> global jax.Arrays sharded over ('data', 'fsdp')."""
+  spec = sharding.batch_sharding(mesh)
+  return {k: jax.make_array_from_process_local_data(spec, np.asarray(batch[k]))
+          for k in train_lib.BATCH_KEYS}
+
+
+def prompt_table(config, info: dict) -> tuple[np.ndarray, dict[str, int]]:
+  """Embeddings [P, T, L] for every prompt of the dataset (computed once, cached on disk)."""
+  from segchange_jax.text import cache  # pylint: disable=g-import-not-at-top
+  prompts = list(info.get('prompts') or [])
+  if config.data.prompt not in prompts:
+    prompts.append(config.data.prompt)
+  table = np.asarray(cache.embed_prompts(config.text, prompts), np.float32)
+  if table.shape[1:] != (config.text.max_tokens, config.text.dim):
+    raise TrainingError(
+        f'text model {config.text.model!r} gives embeddings of shape {table.shape[1:]}, but '
+        f'config.text.max_tokens/dim say ({config.text.max_tokens}, {config.text.dim}); set '
+        f'--config.text.dim={table.shape[2]}')
+  return table, {p: i for i, p in enumerate(prompts)}
+
+
+def evaluate_split(eval_step, state, config, split: str, prompt_to_index, text_table, mesh,
+                   batch_size: int) -> dict[str, Any]:
+  """Metrics over every example of `split` (each exactly once across hosts)."""
+  it = input_pipeline.create_eval_iterator(config, split, prompt_to_index, batch_size)
+  cm, sums = None, {}
+  for batch in it:
+    out = eval_step(state, _host_batch_to_global(batch, mesh), text_table)
+    out = jax.device_get(out)
+    cm = metrics_lib.accumulate(cm, out.pop('cm'))
+    for k, v in out.items():
+      sums[k] = sums.get(k, 0.0) + float(v)
+  if cm is None:
+    raise TrainingError(f'split {split!r} has no examples')
+  result = dict(metrics_lib.compute_metrics(cm))
+  n = max(sums.get('n', 0.0), 1.0)
+  result['loss'] = sums.get('loss_sum', 0.0) / n
+  for part in ('ce', 'dice', 'focal', 'bcl'):
+    if f'{part}_sum' in sums:
+      result[part] = sums[f'{part}_sum'] / n
+  result['num_examples'] = int(sums.get('n', 0))
+  return result
+
+
+def _scalars(result: dict) -> dict[str, float]:
+  return {k: float(v) for k, v in result.items() if np.ndim(v) == 0}
+
+
+def train_and_evaluate(config, workdir: str,
+                       should_stop: Callable[[], bool] = lambda: False) -> dict[str, Any]:
+  """Trains per `config`, writing everything into `workdir`; returns the final test metrics."""
+  is_main = jax.process_index() == 0
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  if is_main:
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(config.to_json_best_effort(indent=2))
+
+  shards_dir = data_setup.ensure_dataset(config)
+  info = input_pipeline.load_dataset_info(shards_dir)
+  data_setup.check_dataset_matches_config(info, config, shards_dir)
+  table_np, prompt_to_index = prompt_table(config, info)
+
+  mesh = sharding.create_mesh(config)
+  model = segchange.build_model(config)
+  train_iter, steps_per_epoch = input_pipeline.create_train_iterator(config, prompt_to_index)
+  if steps_per_epoch < 1:
+    raise TrainingError(
+        f'{shards_dir}: {info["splits"][config.data.train_split]["count"]} training examples '
+        f'are fewer than one batch of {config.train.batch_size}; lower --config.train.batch_size')
+  total_steps = config.train.max_steps or config.train.epochs * steps_per_epoch
+  size = config.data.image_size
+  sample = {k: jax.ShapeDtypeStruct((config.train.batch_size, size, size, 3), jnp.float32)
+            for k in ('image_a', 'image_b')}
+  state, state_shardings = train_lib.create_train_state(
+      model, config, jax.random.PRNGKey(config.seed), sample, mesh,
+      steps_per_epoch=steps_per_epoch, label_fn=segchange.lr_label_fn(config),
+      frozen_mask_fn=segchange.frozen_mask_fn(config))
+  text_table = jax.device_put(jnp.asarray(table_np), sharding.replicated(mesh))
+  train_step = train_lib.make_train_step(model, config, mesh, state_shardings)
+  eval_step = train_lib.make_eval_step(model, config, mesh, state_shardings)
+
+  ckpt = checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints'), config)
+  restored = ckpt.restore(state, state_shardings)
+  if restored is not None:
+    state, iter_state, step = restored
+    if iter_state is not None:
+      train_iter.set_state(iter_state)
+    logging.info('resumed from step %d', step)
+  elif config.init_from:
+    state = state.replace(params=segchange.load_init_params(config, state.params, workdir))
+
+  writer = summary.MetricWriter(workdir)
+  step = int(jax.device_get(state.step))
+  progress = None
+  if is_main and config.train.progress_bar:
+    from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+    progress = tqdm(total=total_steps, initial=step, desc='train', unit='step', dynamic_ncols=True)
+  window_loss, window_n, window_t = 0.0, 0, time.perf_counter()
+  train_cm = None
+  val_result: dict[str, Any] = {}
+  while step < total_steps:
+    batch = _host_batch_to_global(next(train_iter), mesh)
+    state, out = train_step(state, batch, text_table)
+    step += 1
+    window_loss += float(out['loss'])
+    window_n += 1
+    train_cm = metrics_lib.accumulate(train_cm, jax.device_get(out['cm']))
+    if step % config.train.log_every_steps == 0 or step == total_steps:
+      elapsed = time.perf_counter() - window_t
+      lrs = optim.learning_rates(config, steps_per_epoch, step,
+                                 float(jax.device_get(state.plateau['scale'])))
+      scalars = {'loss': window_loss / window_n,
+                 'examples_per_s': window_n * config.train.batch_size / max(elapsed, 1e-9),
+                 'grad_norm': float(out['grad_norm']), **{f'lr_{k}': v for k, v in lrs.items()}}
+      scalars.update({k: float(out[k]) for k in ('ce', 'dice', 'focal', 'bcl')})
+      writer.write(step, 'train', scalars)
+      if progress is not None:
+        progress.set_postfix(loss=f'{scalars["loss"]:.4f}', lr=f'{lrs.get("head", 0):.2e}',
+                             ex_s=f'{scalars["examples_per_s"]:.1f}')
+      window_loss, window_n, window_t = 0.0, 0, time.perf_counter()
+    if progress is not None:
+      progress.update(1)
+
+    epoch_end = step % steps_per_epoch == 0
+    epoch = step // steps_per_epoch
+    do_eval = (epoch_end and epoch >= config.train.start_eval
+               and epoch % config.train.eval_every_epochs == 0) or step == total_steps
+    save_now = (config.checkpoint.every_steps and step % config.checkpoint.every_steps == 0)
+    if do_eval:
+      val_result = evaluate_split(eval_step, state, config, config.data.val_split,
+                                  prompt_to_index, text_table, mesh, config.eval.batch_size)
+      val_result['epoch'] = epoch
+      writer.write(step, 'val', _scalars(val_result))
+      if train_cm is not None:
+        writer.write(step, 'train_epoch', _scalars(metrics_lib.compute_metrics(train_cm)))
+      train_cm = None
+      if config.train.scheduler == 'plateau':
+        state = state.replace(plateau=optim.plateau_update(
+            state.plateau, val_result['loss'], patience=config.train.plateau_patience,
+            factor=config.train.plateau_factor))
+      logging.info('step %d epoch %d val: loss %.4f F1 %.4f IoU %.4f', step, epoch,
+                   val_result['loss'], val_result['f1'], val_result['iou'])
+    if do_eval or epoch_end or save_now or should_stop() or step == total_steps:
+      ckpt.save(step, state, train_iter.get_state(), _scalars(val_result) if do_eval else None)
+    if should_stop():
+      # Every process must agree before leaving, or the others hang in a collective.
+      multihost_utils.sync_global_devices('preempted')
+      logging.warning('stopping after step %d on request (checkpoint saved)', step)
+      ckpt.close()
+      writer.close()
+      return {'stopped_at_step': step}
+  if progress is not None:
+    progress.close()
+  ckpt.wait()
+
+  # Final evaluation of the best-IoU checkpoint on the evaluation split.
+  result = {}
+  best = ckpt.restore(state, state_shardings, kind='best_iou') if config.checkpoint.keep_best \
+      else None
+  final_state = best[0] if best is not None else state
+  if config.eval.split in info['splits']:
+    result = evaluate_split(eval_step, final_state, config, config.eval.split, prompt_to_index,
+                            text_table, mesh, config.eval.batch_size)
+    result['checkpoint_step'] = best[2] if best is not None else step
+    writer.write(step, config.eval.split, _scalars(result))
+    if is_main:
+      with open(os.path.join(workdir, f'eval_{config.eval.split}.json'), 'w') as f:
+        json.dump(result, f, indent=2, default=float)
+      logging.info('%s: %s', config.eval.split, json.dumps(_scalars(result)))
+  ckpt.close()
+  writer.close()
+  return result
