@@ -11,7 +11,8 @@ import torch
 
 from configs import base
 from segchange_jax.models import torch_convert
-from segchange_jax.models.backbones import backbone_channels, backbone_torch_mapping, build_backbone
+from segchange_jax.models.backbones import backbone_channels, backbone_frozen_param_paths
+from segchange_jax.models.backbones import backbone_torch_mapping, build_backbone
 from segchange_jax.models.backbones import hgnetv2
 from tests.torch_ref.hgnetv2 import FrozenBN, HGNetv2Ref
 
@@ -78,6 +79,8 @@ def test_mapping_matches_upstream_keys_and_shapes():
   assert {p[0] for p in flat} == {'params', 'frozen'}
   assert all(p[-1] == 'kernel' for p in flat if p[0] == 'params')
   assert backbone_channels(cfg) == (128, 512, 1024, 2048)
+  frozen = backbone_frozen_param_paths(cfg, flax_prefix=())
+  assert sorted(frozen) == sorted(p for p in flat if p[0] == 'params' and p[1] == 'stem')
 
 
 def test_parity_with_torch_reference(torch_ref):
