@@ -101,7 +101,7 @@ def train_and_evaluate(config, workdir: str,
   train_iter, steps_per_epoch = input_pipeline.create_train_iterator(config, prompt_to_index)
   if steps_per_epoch < 1:
     raise TrainingError(
-        f'{shards_dir}: {info["splits"][config.data.train_split]["count"]} training examples '
+        f'{shards_dir}: {info["splits"][config.data.train_split]["num_examples"]} training examples '
         f'are fewer than one batch of {config.train.batch_size}; lower --config.train.batch_size')
   total_steps = config.train.max_steps or config.train.epochs * steps_per_epoch
   size = config.data.image_size

@@ -46,3 +46,11 @@ def backbone_torch_mapping(model_cfg: ml_collections.ConfigDict, flax_prefix=('b
   """(rules, aliases, ignore) for the backbone's weights under upstream key names."""
   torch_prefix = _REGISTRY[model_cfg.backbone][2]
   return _module(model_cfg.backbone).torch_mapping(torch_prefix, tuple(flax_prefix), model_cfg)
+
+
+def backbone_frozen_param_paths(model_cfg: ml_collections.ConfigDict,
+                                flax_prefix=('backbone',)) -> list[tuple[str, ...]]:
+  """'params' paths that upstream never trains (HGNetv2's stem); the optimizer must skip them."""
+  module = _module(model_cfg.backbone)
+  fn = getattr(module, 'frozen_param_paths', None)
+  return list(fn(tuple(flax_prefix))) if fn is not None else []

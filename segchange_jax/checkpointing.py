@@ -1,0 +1,197 @@
+"""Orbax checkpoints: latest N, best-F1 and best-IoU; exact resume onto any mesh.
+
+Layout under `directory` (usually <workdir>/checkpoints):
+  latest/<step>/{state,data_iter,config}   the last config.checkpoint.keep saves
+  best_f1/<step>/{state,data_iter,config,metrics}, best_iou/<step>/...   one each
+Three managers rather than one with best_fn: a single orbax manager ranks by one metric, and we
+keep the best of two metrics plus the most recent ones. A best checkpoint is only written when
+its metric improves, so each eval costs at most the latest save plus the improved bests.
+
+Saves are asynchronous when config.checkpoint.async_save: orbax copies the arrays to host memory
+before `save` returns, so the caller may donate/overwrite the state right after; files are written
+in the background. `wait()` (also called by `restore` and `close`) blocks until they are on disk.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+KINDS = ('latest', 'best_f1', 'best_iou')
+_BEST_METRIC = {'best_f1': 'f1', 'best_iou': 'iou'}
+
+
+def _encode_iter_state(data_iter_state: Any) -> dict:
+  """Grain iterator state (bytes, str or JSON-able dict) -> a JSON object."""
+  if data_iter_state is None:
+    return {'kind': 'none'}
+  if isinstance(data_iter_state, (bytes, bytearray)):
+    return {'kind': 'bytes', 'value': base64.b64encode(bytes(data_iter_state)).decode('ascii')}
+  if isinstance(data_iter_state, str):
+    return {'kind': 'str', 'value': data_iter_state}
+  return {'kind': 'json', 'value': data_iter_state}
+
+
+def _decode_iter_state(obj: dict) -> Any:
+  kind = obj.get('kind')
+  if kind == 'none':
+    return None
+  if kind == 'bytes':
+    return base64.b64decode(obj['value'])
+  return obj['value']
+
+
+def _abstract(target: Any, shardings: Any = None) -> Any:
+  """ShapeDtypeStructs (with shardings) describing where each restored array must go."""
+  if shardings is None:
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, 'sharding', None)),
+        target)
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      target, shardings)
+
+
+class Checkpointer:
+  """Saves and restores TrainState + data-iterator state + config JSON."""
+
+  def __init__(self, directory: str, config):
+    self.directory = os.path.abspath(directory)
+    c = config.checkpoint
+    self._config_json = json.loads(config.to_json_best_effort())
+    self._keep_best = c.keep_best
+    kinds = KINDS if c.keep_best else ('latest',)
+    self._managers = {}
+    for kind in kinds:
+      options = ocp.CheckpointManagerOptions(
+          max_to_keep=c.keep if kind == 'latest' else 1, create=True,
+          enable_async_checkpointing=c.async_save)
+      self._managers[kind] = ocp.CheckpointManager(os.path.join(self.directory, kind),
+                                                   options=options)
+    self._best = {kind: self._stored_best(kind) for kind in kinds if kind != 'latest'}
+
+  def _stored_best(self, kind: str) -> float:
+    """The metric of the stored best checkpoint (-inf if none), so a resumed run compares fairly."""
+    mgr = self._managers[kind]
+    step = mgr.latest_step()
+    if step is None:
+      return -np.inf
+    restored = mgr.restore(step, args=ocp.args.Composite(metrics=ocp.args.JsonRestore()))
+    return float(restored['metrics'][_BEST_METRIC[kind]])
+
+  def _args(self, state, data_iter_state, metrics=None):
+    items = {'state': ocp.args.StandardSave(state),
+             'data_iter': ocp.args.JsonSave(_encode_iter_state(data_iter_state)),
+             'config': ocp.args.JsonSave(self._config_json)}
+    if metrics is not None:
+      items['metrics'] = ocp.args.JsonSave({k: float(v) for k, v in metrics.items()
+                                            if np.ndim(v) == 0})
+    return ocp.args.Composite(**items)
+
+  def save(self, step: int, state, data_iter_state: Any = None,
+           metrics: dict | None = None) -> list[str]:
+    """Saves the latest checkpoint, and best_f1 / best_iou where `metrics` improves them.
+
+    Returns the kinds written (e.g. ['latest', 'best_iou']).
+    """
+    step = int(step)
+    written = []
+    if self._managers['latest'].save(step, args=self._args(state, data_iter_state), force=True):
+      written.append('latest')
+    if metrics is not None and self._keep_best:
+      for kind, best in self._best.items():
+        value = float(metrics[_BEST_METRIC[kind]])
+        if value > best:
+          self._managers[kind].save(step, args=self._args(state, data_iter_state, metrics),
+                                    force=True)
+          self._best[kind] = value
+          written.append(kind)
+    return written
+
+  def steps(self, kind: str = 'latest') -> list[int]:
+    return list(self._managers[kind].all_steps())
+
+  def latest_step(self, kind: str = 'latest') -> int | None:
+    return self._managers[kind].latest_step()
+
+  def restore(self, target, shardings: Any = None, *, step: int | None = None,
+              kind: str = 'latest') -> tuple[Any, Any, int] | None:
+    """Restores (state, data_iter_state, step) onto `target`'s structure and shardings.
+
+    Args:
+      target: a TrainState (concrete or from jax.eval_shape) built for the current mesh; the
+        restored arrays take its shapes and, unless `shardings` is given, its shardings. The
+        saved run may have used a different number of devices.
+      shardings: optional NamedSharding pytree for the state (from create_train_state).
+      step: which step (default the latest of `kind`).
+      kind: 'latest', 'best_f1' or 'best_iou'.
+
+    Returns None when nothing has been saved yet.
+    """
+    self.wait()
+    mgr = self._managers[kind]
+    step = mgr.latest_step() if step is None else step
+    if step is None:
+      return None
+    restored = mgr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(_abstract(target, shardings)),
+        data_iter=ocp.args.JsonRestore()))
+    return restored['state'], _decode_iter_state(restored['data_iter']), int(step)
+
+  def wait(self) -> None:
+    for mgr in self._managers.values():
+      mgr.wait_until_finished()
+
+  def close(self) -> None:
+    self.wait()
+    for mgr in self._managers.values():
+      mgr.close()
+
+
+def _resolve_step_dir(path: str) -> str:
+  """A step directory from a checkpoints root, a manager dir (latest/best_*) or a step dir."""
+  path = os.path.abspath(path)
+  if os.path.isdir(os.path.join(path, 'state')):
+    return path
+  for sub in ('best_iou', 'best_f1', 'latest'):
+    if os.path.isdir(os.path.join(path, sub)):
+      return _resolve_step_dir(os.path.join(path, sub))
+  steps = [int(d) for d in os.listdir(path) if d.isdigit()] if os.path.isdir(path) else []
+  if not steps:
+    raise FileNotFoundError(
+        f'init_from={path!r} is not a segchange_jax checkpoint: expected a checkpoints dir with '
+        'latest/ or best_iou/, a dir of numbered steps, or a step dir holding state/')
+  return os.path.join(path, str(max(steps)))
+
+
+def restore_params(path: str, target_params: Any = None) -> Any:
+  """The 'params' of a saved TrainState (for config.init_from).
+
+  `path`: a checkpoints root (prefers best_iou, then best_f1, then latest), one of its
+  subdirectories, or a step directory. With `target_params` the arrays take its shapes and
+  shardings; without, they come back as host numpy arrays.
+  """
+  step_dir = _resolve_step_dir(path)
+  ckptr = ocp.StandardCheckpointer()
+  state_dir = os.path.join(step_dir, 'state')
+  tree = ckptr.metadata(state_dir)
+  tree = getattr(tree, 'item_metadata', tree)
+  tree = getattr(tree, 'tree', tree)
+  if target_params is not None:
+    abstract = dict(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree,
+                                 is_leaf=lambda x: hasattr(x, 'shape')))
+    abstract['params'] = _abstract(target_params)
+    restored = ckptr.restore(state_dir, abstract)
+  else:
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                       sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0])),
+        tree, is_leaf=lambda x: hasattr(x, 'shape'))
+    restored = ckptr.restore(state_dir, abstract)
+    restored['params'] = jax.tree.map(np.asarray, restored['params'])
+  return restored['params']

@@ -1,0 +1,80 @@
+"""Confusion matrices on device, exact metrics on the host.
+
+Upstream gathers every predicted and true pixel of the split and calls sklearn; the confusion
+matrix holds the same information in K x K integers. A batch increment is int32 (exact for up to
+2^31 pixels per batch); the host accumulates in int64 so a whole split never overflows.
+Metrics follow sklearn's conventions as upstream calls them: binary scores for the change class
+(pos_label=1) with 0 where a denominator is 0; for K>1 macro averages over the classes that occur
+in the labels or the predictions (sklearn's `unique_labels`), OA over all pixels.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+
+
+def predictions(logits: Array, threshold: float) -> Array:
+  """int32 [B,H,W] class map: sigmoid(z) > threshold for K=1, argmax for K>1."""
+  if logits.shape[-1] == 1:
+    return (jax.nn.sigmoid(logits[..., 0].astype(jnp.float32)) > threshold).astype(jnp.int32)
+  return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+
+def confusion_matrix(logits: Array, labels: Array, mask: Array | None = None, *,
+                     threshold: float = 0.5) -> Array:
+  """int32 [C,C] counts of (true, predicted) over the valid examples' pixels.
+
+  C = 2 for binary logits [B,H,W,1] (labels: non-zero = change), else K.
+  """
+  num_classes = max(2, logits.shape[-1])
+  pred = predictions(logits, threshold)
+  true = (labels > 0).astype(jnp.int32) if logits.shape[-1] == 1 else labels.astype(jnp.int32)
+  if mask is None:
+    weight = jnp.ones(true.shape, jnp.int32)
+  else:
+    weight = jnp.broadcast_to((mask > 0).astype(jnp.int32)[:, None, None], true.shape)
+  index = (true * num_classes + pred).reshape(-1)
+  counts = jax.ops.segment_sum(weight.reshape(-1), index, num_segments=num_classes ** 2)
+  return counts.reshape(num_classes, num_classes)
+
+
+def accumulate(total: np.ndarray | None, increment) -> np.ndarray:
+  """Host-side int64 running sum of confusion-matrix increments."""
+  inc = np.asarray(jax.device_get(increment), dtype=np.int64)
+  return inc.copy() if total is None else total + inc
+
+
+def _div(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+  num = np.asarray(num, np.float64)
+  den = np.asarray(den, np.float64)
+  return np.where(den > 0, num / np.where(den > 0, den, 1.0), 0.0)
+
+
+def compute_metrics(cm: np.ndarray) -> dict[str, float | list[float]]:
+  """precision, recall, f1, iou, oa from an int [C,C] (true, predicted) confusion matrix.
+
+  C == 2: scores of class 1 (change). C > 2: macro averages plus per-class lists
+  (`precision_per_class`, ...), averaged over classes present in labels or predictions.
+  """
+  cm = np.asarray(cm, np.int64)
+  tp = np.diag(cm)
+  fp = cm.sum(axis=0) - tp
+  fn = cm.sum(axis=1) - tp
+  precision = _div(tp, tp + fp)
+  recall = _div(tp, tp + fn)
+  f1 = _div(2 * tp, 2 * tp + fp + fn)
+  iou = _div(tp, tp + fp + fn)
+  oa = float(_div(tp.sum(), cm.sum()))
+  if cm.shape[0] == 2:
+    return {'precision': float(precision[1]), 'recall': float(recall[1]), 'f1': float(f1[1]),
+            'iou': float(iou[1]), 'oa': oa}
+  present = (tp + fp + fn) > 0
+  macro = lambda v: float(v[present].mean()) if present.any() else 0.0
+  return {'precision': macro(precision), 'recall': macro(recall), 'f1': macro(f1),
+          'iou': macro(iou), 'oa': oa,
+          'precision_per_class': precision.tolist(), 'recall_per_class': recall.tolist(),
+          'f1_per_class': f1.tolist(), 'iou_per_class': iou.tolist()}
