@@ -10,6 +10,7 @@ best-IoU checkpoint on `eval.split` and writes `<workdir>/eval_<split>.json`.
 
 from __future__ import annotations
 
+import logging as pylogging
 import signal
 import sys
 from typing import Sequence
@@ -42,9 +43,17 @@ class _Preemption:
     self.requested = True
 
 
+class _DropLibraryChatter(pylogging.Filter):
+  """Keeps Orbax's per-save INFO lines out of the training log (warnings still pass)."""
+
+  def filter(self, record: pylogging.LogRecord) -> bool:
+    return record.levelno >= pylogging.WARNING or '/orbax/' not in record.pathname
+
+
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  logging.get_absl_handler().addFilter(_DropLibraryChatter())
   config = config_lib.validate_config(_CONFIG.value)
   d = config.distributed
   from segchange_jax import distributed  # pylint: disable=g-import-not-at-top

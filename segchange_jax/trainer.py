@@ -19,12 +19,14 @@ from jax.experimental import multihost_utils
 
 from segchange_jax import checkpointing
 from segchange_jax import data_setup
+from segchange_jax import init_from
 from segchange_jax import input_pipeline
 from segchange_jax import metrics as metrics_lib
 from segchange_jax import optim
 from segchange_jax import sharding
 from segchange_jax import summary
 from segchange_jax import train_lib
+from segchange_jax.models import param_groups
 from segchange_jax.models import segchange
 
 
@@ -109,8 +111,8 @@ def train_and_evaluate(config, workdir: str,
             for k in ('image_a', 'image_b')}
   state, state_shardings = train_lib.create_train_state(
       model, config, jax.random.PRNGKey(config.seed), sample, mesh,
-      steps_per_epoch=steps_per_epoch, label_fn=segchange.lr_label_fn(config),
-      frozen_mask_fn=segchange.frozen_mask_fn(config))
+      steps_per_epoch=steps_per_epoch, label_fn=param_groups.lr_label_fn(config),
+      frozen_mask_fn=param_groups.frozen_mask_fn(config))
   text_table = jax.device_put(jnp.asarray(table_np), sharding.replicated(mesh))
   train_step = train_lib.make_train_step(model, config, mesh, state_shardings)
   eval_step = train_lib.make_eval_step(model, config, mesh, state_shardings)
@@ -123,7 +125,15 @@ def train_and_evaluate(config, workdir: str,
       train_iter.set_state(iter_state)
     logging.info('resumed from step %d', step)
   elif config.init_from:
-    state = state.replace(params=segchange.load_init_params(config, state.params, workdir))
+    params, model_state, report = init_from.load(config, state.params, state.model_state)
+    state = state.replace(params=params, model_state=model_state)
+    logging.info('init_from %s: loaded %d variables, skipped %d, %d checkpoint tensors unused',
+                 report['path'], report['loaded'], len(report['skipped']), len(report['unused']))
+    for line in report['skipped']:
+      logging.info('  skipped %s', line)
+    if is_main:
+      with open(os.path.join(workdir, 'init_from_report.json'), 'w') as f:
+        json.dump(report, f, indent=1)
 
   writer = summary.MetricWriter(workdir)
   step = int(jax.device_get(state.step))

@@ -43,6 +43,31 @@ def conv(features: int, kernel: int, dtype: Any, name: str, groups: int = 1,
                  use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32, name=name, **kwargs)
 
 
+class DepthwiseConv(nn.Module):
+  """torch Conv2d(C, C, k, padding=k//2, groups=C, bias=False) in NHWC, as k*k shifted products.
+
+  Same parameter ('kernel' [k, k, 1, C]) as `nn.Conv(feature_group_count=C)`, but computed with
+  elementwise multiply-adds: XLA's grouped convolution (and its backward pass) is several times
+  slower on CPU and no faster on GPU for such small per-channel kernels.
+  """
+  kernel_size: int = 3
+  kernel_init: Any = nn.initializers.lecun_normal()
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    k, c = self.kernel_size, x.shape[-1]
+    kernel = self.param('kernel', self.kernel_init, (k, k, 1, c), jnp.float32).astype(self.dtype)
+    x = x.astype(self.dtype)
+    h, w = x.shape[1], x.shape[2]
+    xp = jnp.pad(x, ((0, 0), (k // 2, k // 2), (k // 2, k // 2), (0, 0)))
+    out = jnp.zeros_like(x)
+    for i in range(k):  # k*k static taps, each a vectorised multiply-add over the whole map
+      for j in range(k):
+        out = out + xp[:, i:i + h, j:j + w, :] * kernel[i, j, 0]
+    return out
+
+
 @functools.lru_cache(maxsize=None)
 def _align_corners_taps(size_in: int, size_out: int):
   """Indices and weights of torch bilinear align_corners=True along one axis."""
@@ -58,23 +83,31 @@ def _align_corners_taps(size_in: int, size_out: int):
   return lo, hi, frac
 
 
+@functools.lru_cache(maxsize=None)
+def _align_corners_matrix(size_in: int, size_out: int) -> np.ndarray:
+  """[size_out, size_in] interpolation matrix (two non-zeros a row) of the taps above."""
+  lo, hi, frac = _align_corners_taps(size_in, size_out)
+  m = np.zeros((size_out, size_in), np.float32)
+  rows = np.arange(size_out)
+  np.add.at(m, (rows, lo), 1.0 - frac)
+  np.add.at(m, (rows, hi), frac)
+  return m
+
+
 def upsample_bilinear(x: jax.Array, factor: int) -> jax.Array:
   """torch `nn.Upsample(scale_factor=factor, mode='bilinear', align_corners=True)`, NHWC.
 
-  Separable gather + lerp (memory bound, no dense interpolation matrices).
+  Separable: one small matrix product per axis. Unlike a gather + lerp, its backward pass is
+  a matrix product too (a gather's is a scatter-add, several times slower on CPU and GPU), and
+  the matrices are tiny ([H*factor, H]).
   """
   if factor == 1:
     return x
   _, h, w, _ = x.shape
-  for axis, size in ((1, h), (2, w)):
-    lo, hi, frac = _align_corners_taps(size, size * factor)
-    shape = [1, 1, 1, 1]
-    shape[axis] = -1
-    t = jnp.asarray(frac, x.dtype).reshape(shape)
-    a = jnp.take(x, jnp.asarray(lo), axis=axis)
-    b = jnp.take(x, jnp.asarray(hi), axis=axis)
-    x = a + (b - a) * t
-  return x
+  mh = jnp.asarray(_align_corners_matrix(h, h * factor), x.dtype)
+  mw = jnp.asarray(_align_corners_matrix(w, w * factor), x.dtype)
+  x = jnp.einsum('oh,bhwc->bowc', mh, x, precision=jax.lax.Precision.HIGHEST)
+  return jnp.einsum('pw,bowc->bopc', mw, x, precision=jax.lax.Precision.HIGHEST)
 
 
 def conv1x1_rules(torch_prefix: str, path, bias: bool = True) -> list:

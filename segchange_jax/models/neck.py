@@ -45,16 +45,14 @@ class EGA(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    c = x.shape[-1]
-    dw = lambda k, name: layers.conv(c, 3, self.dtype, name, groups=c, use_bias=False,
-                                     kernel_init=_depthwise_init(k))
+    dw = lambda k, name: layers.DepthwiseConv(3, _depthwise_init(k), self.dtype, name=name)
     ex = dw(SCHARR_X, 'scharr_x')(x)
     ey = dw(SCHARR_X.T, 'scharr_y')(x)
     e = jnp.sqrt(ex * ex + ey * ey + 1e-6)
     e = nn.relu(layers.batch_norm(train, self.dtype, 'scharr_bn')(e))
     g = dw(gaussian_kernel(3, 1.0), 'gaussian')(e)
     g = nn.relu(layers.batch_norm(train, self.dtype, 'gaussian_bn')(g))
-    return layers.dense(c, self.dtype, 'conv_extra')(x + g)
+    return layers.dense(x.shape[-1], self.dtype, 'conv_extra')(x + g)
 
 
 class TokenConnector(nn.Module):

@@ -1,0 +1,94 @@
+"""`config.init_from`: start training from an upstream .pth or one of our checkpoints.
+
+Every variable whose path and shape match is loaded; the rest keep their fresh initialisation
+(e.g. a new mask-head output layer when fine-tuning to another number of classes or a new text
+dimension). The report says which were loaded, which were skipped and why, and which
+checkpoint tensors went unused; the trainer logs it and writes it to the workdir.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import numpy as np
+
+from segchange_jax import api
+from segchange_jax import torch_pickle
+from segchange_jax.models import segchange
+from segchange_jax.models import torch_convert
+
+
+def _source_variables(path: str, config) -> dict:
+  if os.path.isfile(path):
+    # An upstream checkpoint: map every tensor by name, leave shape checks to the merge.
+    state_dict = torch_convert.strip_prefixes(torch_pickle.load(path))
+    rules, aliases, ignore = segchange.torch_mapping(config)
+    have = [r for r in rules if r.torch_key in state_dict]
+    if not have:
+      raise ValueError(f'init_from={path}: none of its tensors has an upstream SegChange name; '
+                       'is it a SegChange-R1 checkpoint?')
+    sd = {k: v for k, v in state_dict.items()
+          if k in {r.torch_key for r in have} or k in aliases}
+    return torch_convert.convert(sd, have, aliases=aliases, ignore=ignore, source=path)
+  return api.load_variables(path)[1]
+
+
+def merge(target: dict, source: dict) -> tuple[dict, dict[str, Any]]:
+  """Takes each target leaf from `source` where path and shape agree.
+
+  Args:
+    target: {collection: tree} of jax arrays (possibly sharded).
+    source: {collection: tree} of numpy arrays.
+
+  Returns:
+    (merged variables placed like `target`, report with 'loaded', 'skipped', 'unused').
+  """
+  src = {tuple(optim_path): v for optim_path, v in _flatten(source).items()}
+  loaded, skipped = [], []
+
+  def take(path, leaf):
+    key = tuple(_names(path))
+    name = '/'.join(key)
+    if key not in src:
+      skipped.append(f'{name}: not in the checkpoint')
+      return leaf
+    value = np.asarray(src[key])
+    if value.shape != leaf.shape:
+      skipped.append(f'{name}: checkpoint {value.shape} vs model {tuple(leaf.shape)}')
+      return leaf
+    loaded.append(name)
+    return jax.device_put(value.astype(leaf.dtype), leaf.sharding)
+
+  merged = jax.tree_util.tree_map_with_path(take, target)
+  used = {tuple(n.split('/')) for n in loaded}
+  unused = ['/'.join(k) for k in src if k not in used and k[0] in target]
+  return merged, {'loaded': len(loaded), 'skipped': skipped, 'unused': unused}
+
+
+def _names(path) -> list[str]:
+  return [str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k)))) for k in path]
+
+
+def _flatten(tree: dict, prefix=()) -> dict:
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      out.update(_flatten(v, prefix + (k,)))
+    else:
+      out[prefix + (k,)] = v
+  return out
+
+
+def load(config, params: Any, model_state: dict) -> tuple[Any, dict, dict[str, Any]]:
+  """(params, model_state, report) with `config.init_from` loaded where it fits."""
+  path = config.init_from
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'config.init_from={path!r} does not exist')
+  source = {k: dict(v) for k, v in _source_variables(path, config).items()}
+  target = {'params': params, **model_state}
+  merged, report = merge(target, source)
+  params = merged.pop('params')
+  report['path'] = os.path.abspath(path)
+  return params, merged, report
