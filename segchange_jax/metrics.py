@@ -57,7 +57,8 @@ def _div(num: np.ndarray, den: np.ndarray) -> np.ndarray:
 def compute_metrics(cm: np.ndarray) -> dict[str, float | list[float]]:
   """precision, recall, f1, iou, oa from an int [C,C] (true, predicted) confusion matrix.
 
-  C == 2: scores of class 1 (change). C > 2: macro averages plus per-class lists
+  C == 2: scores of class 1 (change), plus `f1_all_change`, the F1 of predicting change
+  everywhere (2p / (1 + p) for a changed-pixel fraction p). C > 2: macro averages plus per-class lists
   (`precision_per_class`, ...), averaged over classes present in labels or predictions.
   """
   cm = np.asarray(cm, np.int64)
@@ -70,8 +71,11 @@ def compute_metrics(cm: np.ndarray) -> dict[str, float | list[float]]:
   iou = _div(tp, tp + fp + fn)
   oa = float(_div(tp.sum(), cm.sum()))
   if cm.shape[0] == 2:
+    # F1 of the trivial predictor that marks every pixel as changed: the bar a model must clear.
+    positives = cm[1].sum()
+    baseline = float(_div(2 * positives, positives + cm.sum()))
     return {'precision': float(precision[1]), 'recall': float(recall[1]), 'f1': float(f1[1]),
-            'iou': float(iou[1]), 'oa': oa}
+            'iou': float(iou[1]), 'oa': oa, 'f1_all_change': baseline}
   present = (tp + fp + fn) > 0
   macro = lambda v: float(v[present].mean()) if present.any() else 0.0
   return {'precision': macro(precision), 'recall': macro(recall), 'f1': macro(f1),

@@ -68,4 +68,16 @@ def test_multiclass_macro_over_present_classes():
 def test_empty_change_class_gives_zero_not_nan():
   cm = np.array([[100, 0], [0, 0]])
   got = metrics.compute_metrics(cm)
-  assert got == {'precision': 0.0, 'recall': 0.0, 'f1': 0.0, 'iou': 0.0, 'oa': 1.0}
+  assert got == {'precision': 0.0, 'recall': 0.0, 'f1': 0.0, 'iou': 0.0, 'oa': 1.0,
+                 'f1_all_change': 0.0}
+
+
+def test_all_change_baseline_is_the_f1_of_predicting_change_everywhere():
+  labels = np.zeros(1000, np.int64)
+  labels[:100] = 1  # 10% changed pixels
+  cm = np.zeros((2, 2), np.int64)
+  np.add.at(cm, (labels, np.ones_like(labels)), 1)  # predict change everywhere
+  got = metrics.compute_metrics(cm)
+  assert got['f1_all_change'] == pytest.approx(got['f1']) == pytest.approx(2 * 0.1 / 1.1)
+  cm_real = np.array([[850, 50], [30, 70]])  # any predictor on the same labels: same baseline
+  assert metrics.compute_metrics(cm_real)['f1_all_change'] == pytest.approx(2 * 0.1 / 1.1)
