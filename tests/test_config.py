@@ -9,7 +9,8 @@ import pytest
 from segchange_jax import config_lib
 
 VARIANTS = ['configs/base.py', 'configs/dvcd.py', 'configs/levir.py', 'configs/whu.py',
-            'configs/sysu_fewshot.py', 'configs/sysu_fewshot.py:10', 'configs/demo.py']
+            'configs/sysu_fewshot.py', 'configs/sysu_fewshot.py:10', 'configs/demo.py',
+            'configs/demo_llm.py']
 
 
 @pytest.mark.parametrize('spec', VARIANTS)
