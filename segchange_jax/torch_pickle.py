@@ -156,15 +156,29 @@ def _load_zip(path: str) -> Any:
     return _Unpickler(io.BytesIO(zf.read(pkl[0])), load_storage).load()
 
 
+class _PlainUnpickler(pickle.Unpickler):
+  """For the legacy header pickles (numbers, dicts, lists): no class may be loaded at all."""
+
+  def find_class(self, module, name):
+    raise pickle.UnpicklingError(f'unexpected {module}.{name} in a torch file header')
+
+
+def _plain_load(buf):
+  return _PlainUnpickler(buf).load()
+
+
 def _load_legacy(path: str) -> Any:
   with open(path, 'rb') as f:
     data = f.read()
   buf = io.BytesIO(data)
-  magic = pickle.load(buf)
+  try:
+    magic = _plain_load(buf)
+  except Exception as e:  # pylint: disable=broad-except
+    raise ValueError(f'{path}: neither a torch zip checkpoint nor a legacy torch file') from e
   if magic != _LEGACY_MAGIC:
     raise ValueError(f'{path}: neither a torch zip checkpoint nor a legacy torch file')
-  pickle.load(buf)  # protocol version
-  sys_info = pickle.load(buf)
+  _plain_load(buf)  # protocol version
+  sys_info = _plain_load(buf)
   little = sys_info.get('little_endian', True) if isinstance(sys_info, dict) else True
   pending: dict[str, tuple[np.dtype, int]] = {}
   storages: dict[str, np.ndarray] = {}
@@ -177,7 +191,7 @@ def _load_legacy(path: str) -> Any:
     return storages[key]
 
   result = _Unpickler(buf, load_storage, copy=False).load()
-  keys = pickle.load(buf)
+  keys = _plain_load(buf)
   order = '<' if little else '>'
   for key in keys:
     (count,) = struct.unpack('<q', buf.read(8))

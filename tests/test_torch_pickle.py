@@ -72,14 +72,16 @@ def test_missing_file_and_garbage(tmp_path):
 
 def test_never_executes_pickled_code(tmp_path):
   import pickle
+  target = str(tmp_path / 'pwned')
   class Evil:
     def __reduce__(self):
-      return (exec, ("open('pwned', 'w').write('x')",))
+      return (exec, (f'open({target!r}, "w").write("x")',))
   path = tmp_path / 'evil.pth'
   with open(path, 'wb') as f:
-    pickle.dump({'a': Evil()}, f)  # not a torch file: rejected before unpickling code
-  with pytest.raises(Exception):
+    pickle.dump({'a': Evil()}, f)  # not a torch file: rejected without running its code
+  with pytest.raises(ValueError, match='neither'):
     torch_pickle.load(path)
+  assert not (tmp_path / 'pwned').exists()
   torch.save({'a': Evil()}, tmp_path / 'evil2.pth')
   out = torch_pickle.load(tmp_path / 'evil2.pth')
   assert isinstance(out['a'], torch_pickle.Opaque)

@@ -43,31 +43,6 @@ def conv(features: int, kernel: int, dtype: Any, name: str, groups: int = 1,
                  use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32, name=name, **kwargs)
 
 
-class DepthwiseConv(nn.Module):
-  """torch Conv2d(C, C, k, padding=k//2, groups=C, bias=False) in NHWC, as k*k shifted products.
-
-  Same parameter ('kernel' [k, k, 1, C]) as `nn.Conv(feature_group_count=C)`, but computed with
-  elementwise multiply-adds: XLA's grouped convolution (and its backward pass) is several times
-  slower on CPU and no faster on GPU for such small per-channel kernels.
-  """
-  kernel_size: int = 3
-  kernel_init: Any = nn.initializers.lecun_normal()
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    k, c = self.kernel_size, x.shape[-1]
-    kernel = self.param('kernel', self.kernel_init, (k, k, 1, c), jnp.float32).astype(self.dtype)
-    x = x.astype(self.dtype)
-    h, w = x.shape[1], x.shape[2]
-    xp = jnp.pad(x, ((0, 0), (k // 2, k // 2), (k // 2, k // 2), (0, 0)))
-    out = jnp.zeros_like(x)
-    for i in range(k):  # k*k static taps, each a vectorised multiply-add over the whole map
-      for j in range(k):
-        out = out + xp[:, i:i + h, j:j + w, :] * kernel[i, j, 0]
-    return out
-
-
 @functools.lru_cache(maxsize=None)
 def _align_corners_taps(size_in: int, size_out: int):
   """Indices and weights of torch bilinear align_corners=True along one axis."""
