@@ -14,9 +14,9 @@ Writes into --out (default `eval_<split>`):
 - `metrics_<split>.json`: precision, recall, f1, iou, oa (change class for binary models, macro
   averages for multi-class), loss and its parts, num_examples, plus checkpoint / split /
   threshold.
-- `per_example_<split>.csv`: index, file name, tp, fp, fn, iou, f1 of every example (change
-  pixels = any non-zero class; a score whose denominator is 0 - nothing changed, nothing
-  predicted - counts as 1, a perfect example).
+- `per_example_<split>.csv` (single-process runs): index, file name, tp, fp, fn, iou, f1 of
+  every example (change pixels = any non-zero class; a score whose denominator is 0 - nothing
+  changed, nothing predicted - counts as 1, a perfect example).
 - `images/{worst,best}_<rank>_<file>.png` for the N lowest / highest examples by --rank_by:
   one row A | B | label | overlay, panels separated by a 4 px grey gap. Label: change white on
   black. Overlay on a darkened B: true positive white, false positive red, false negative blue
@@ -155,7 +155,10 @@ def evaluate(config, variables: dict, split: str, out_dir: str, num_images: int 
   if split not in info['splits']:
     raise EvaluationError(f'--split {split!r} is not in {config.data.shards_dir} (it has '
                           f'{sorted(info["splits"])})')
-  if num_images and jax.process_count() > 1:
+  # Per-example outputs pair the global step outputs with this process's host batch, which
+  # only coincide on one process; multi-process runs write the split metrics only.
+  single = jax.process_count() == 1
+  if num_images and not single:
     raise EvaluationError('comparison images need a single process; pass --num_images=0')
   batch_size = batch_size or config.eval.batch_size
   table_np, prompt_to_index = trainer.prompt_table(config, info)
@@ -169,6 +172,8 @@ def evaluate(config, variables: dict, split: str, out_dir: str, num_images: int 
 
   def step(variables, batch, text_table):
     out, logits = train_lib.eval_outputs(model, config, variables, batch, text_table)
+    if not single:
+      return out
     per_cm = jax.vmap(lambda z, y, m: metrics_lib.confusion_matrix(
         z[None], y[None], m[None], threshold=threshold))(logits, batch['label'], batch['mask'])
     out['per_example'] = {'cm': per_cm}
@@ -191,13 +196,15 @@ def evaluate(config, variables: dict, split: str, out_dir: str, num_images: int 
     cms.extend(cm)
 
   result = trainer.evaluate_split(step, variables, config, split, prompt_to_index, text_table,
-                                  mesh, batch_size, on_batch=on_batch)
+                                  mesh, batch_size, on_batch=on_batch if single else None)
   result.update({'checkpoint': checkpoint, 'split': split, 'threshold': float(threshold)})
   if jax.process_index() != 0:
     return result
   os.makedirs(out_dir, exist_ok=True)
   with open(os.path.join(out_dir, f'metrics_{split}.json'), 'w') as f:
     json.dump(result, f, indent=2, default=float)
+  if not single:
+    return result
   source = _split_records(config, split)
   _write_per_example(os.path.join(out_dir, f'per_example_{split}.csv'), np.stack(cms), source)
   if num_images:

@@ -146,3 +146,21 @@ def test_cli_bad_checkpoint_path(tmp_path):
   assert proc.returncode == 2, proc.stderr[-2000:]
   assert 'missing' in proc.stderr and 'does not exist' in proc.stderr
   assert 'Traceback' not in proc.stderr
+
+
+@pytest.mark.slow
+def test_training_checkpoint_scores_as_the_trainer_reported(setup):
+  """Train 2 steps, then evaluate the checkpoints dir: the same numbers as eval_<split>.json."""
+  from segchange_jax import trainer  # pylint: disable=g-import-not-at-top
+  root, config, _, _, _ = setup
+  with config.unlocked():
+    config.train.max_steps = 2
+    config.train.progress_bar = False
+  workdir = root / 'run'
+  trainer.train_and_evaluate(config, str(workdir))
+  with open(workdir / 'eval_test.json') as f:
+    reported = json.load(f)
+  loaded_config, variables = evaluate.load_checkpoint(str(workdir / 'checkpoints'))
+  got = evaluate.evaluate(loaded_config, variables, 'test', str(root / 'ev_run'))
+  for k in ('precision', 'recall', 'f1', 'iou', 'oa', 'loss', 'num_examples'):
+    assert got[k] == pytest.approx(reported[k], rel=1e-6), k
