@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import os
@@ -153,6 +154,7 @@ def test_training_checkpoint_scores_as_the_trainer_reported(setup):
   """Train 2 steps, then evaluate the checkpoints dir: the same numbers as eval_<split>.json."""
   from segchange_jax import trainer  # pylint: disable=g-import-not-at-top
   root, config, _, _, _ = setup
+  config = copy.deepcopy(config)
   with config.unlocked():
     config.train.max_steps = 2
     config.train.progress_bar = False
