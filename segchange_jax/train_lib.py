@@ -175,6 +175,24 @@ def make_train_step(model, config, mesh: Mesh, state_shardings: Any):
                  out_shardings=(state_shardings, rep), donate_argnums=(0,))
 
 
+def eval_outputs(model, config, variables: Mapping[str, Any], batch: Batch,
+                 text_table: jax.Array) -> tuple[dict[str, jax.Array], jax.Array]:
+  """Sums of one eval batch (as returned by make_eval_step's step) and the logits.
+
+  Pure; shared by the training loop's eval step and `segchange_jax.evaluate`, so both score a
+  split with the same code.
+  """
+  emb = jnp.take(text_table, batch['prompt_index'], axis=0)
+  logits = model.apply(dict(variables), batch['image_a'], batch['image_b'], emb, train=False)
+  total, parts = losses.total_loss(logits, batch['label'], batch['mask'], config.loss)
+  n = jnp.sum(batch['mask'])
+  out = {'cm': metrics.confusion_matrix(logits, batch['label'], batch['mask'],
+                                        threshold=config.eval.threshold),
+         'loss_sum': total * n, 'n': n}
+  out.update({f'{k}_sum': v * n for k, v in parts.items()})
+  return out, logits
+
+
 def make_eval_step(model, config, mesh: Mesh, state_shardings: Any):
   """jit-compiled `eval_step(state, batch, text_table) -> sums` (running BatchNorm stats).
 
@@ -183,16 +201,8 @@ def make_eval_step(model, config, mesh: Mesh, state_shardings: Any):
   (upstream's val loss is the example-weighted mean of batch losses).
   """
   def eval_step(state: TrainState, batch: Batch, text_table: jax.Array):
-    emb = jnp.take(text_table, batch['prompt_index'], axis=0)
-    logits = model.apply({'params': state.params, **state.model_state}, batch['image_a'],
-                         batch['image_b'], emb, train=False)
-    total, parts = losses.total_loss(logits, batch['label'], batch['mask'], config.loss)
-    n = jnp.sum(batch['mask'])
-    out = {'cm': metrics.confusion_matrix(logits, batch['label'], batch['mask'],
-                                          threshold=config.eval.threshold),
-           'loss_sum': total * n, 'n': n}
-    out.update({f'{k}_sum': v * n for k, v in parts.items()})
-    return out
+    variables = {'params': state.params, **state.model_state}
+    return eval_outputs(model, config, variables, batch, text_table)[0]
 
   rep = sharding.replicated(mesh)
   return jax.jit(eval_step, in_shardings=(state_shardings, sharding.batch_sharding(mesh), rep),

@@ -57,13 +57,21 @@ def prompt_table(config, info: dict) -> tuple[np.ndarray, dict[str, int]]:
 
 
 def evaluate_split(eval_step, state, config, split: str, prompt_to_index, text_table, mesh,
-                   batch_size: int) -> dict[str, Any]:
-  """Metrics over every example of `split` (each exactly once across hosts)."""
+                   batch_size: int, on_batch: Callable[[dict, Any], None] | None = None
+                   ) -> dict[str, Any]:
+  """Metrics over every example of `split` (each exactly once across hosts).
+
+  A step may also return 'per_example' outputs (kept out of the sums); `on_batch(host_batch,
+  per_example)` then receives them with this process's batch (segchange_jax.evaluate uses it).
+  """
   it = input_pipeline.create_eval_iterator(config, split, prompt_to_index, batch_size)
   cm, sums = None, {}
   for batch in it:
     out = eval_step(state, _host_batch_to_global(batch, mesh), text_table)
     out = jax.device_get(out)
+    per_example = out.pop('per_example', None)
+    if on_batch is not None:
+      on_batch(batch, per_example)
     cm = metrics_lib.accumulate(cm, out.pop('cm'))
     for k, v in out.items():
       sums[k] = sums.get(k, 0.0) + float(v)

@@ -1,0 +1,73 @@
+"""Tiny demo-family model, random checkpoint and synthetic dataset for eval/export/infer tests.
+
+The variables are random draws on the shapes of `segchange.build_model(config)` (numpy, so no
+jitted init has to compile); BatchNorm variances stay positive so the forward pass is finite.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+
+import jax
+import numpy as np
+
+from segchange_jax import api
+from segchange_jax import config_lib
+from segchange_jax.models import segchange
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+SIZE = 64
+TEXT_DIM = 32
+
+
+def tiny_config(shards_dir: str = '', embeddings: str = ''):
+  """configs/demo.py at 64 px with 32-dim text (prompt embeddings from `embeddings`)."""
+  return config_lib.load_config(str(REPO / 'configs' / 'demo.py'), [
+      f'data.image_size={SIZE}', f'model.img_size={SIZE}', f'text.dim={TEXT_DIM}',
+      f'data.shards_dir={shards_dir}', f'text.embeddings={embeddings}', 'eval.batch_size=8',
+      f'infer.window={SIZE}', 'infer.overlap=16'])
+
+
+def random_variables(config, seed: int = 0) -> dict:
+  """Random variables with the model's tree and shapes (fan-in scaled kernels)."""
+  shapes = segchange.variable_shapes(segchange.build_model(config), SIZE)
+  rng = np.random.default_rng(seed)
+
+  def draw(path, s):
+    name = jax.tree_util.keystr(path)
+    n = rng.standard_normal(s.shape).astype(np.float32)
+    if 'var' in name:
+      return 1.0 + 0.1 * np.abs(n)
+    if 'scale' in name:
+      return 1.0 + 0.1 * n
+    if 'bias' in name or 'mean' in name or len(s.shape) < 2:
+      return 0.1 * n
+    return n / np.sqrt(max(1, int(np.prod(s.shape[:-1]))))
+
+  return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
+def save_checkpoint(directory, config, seed: int = 0) -> dict:
+  variables = random_variables(config, seed)
+  api.save_variables(str(directory), config, variables)
+  return variables
+
+
+def write_embeddings(path, prompts, dim: int = TEXT_DIM, tokens: int = 8, seed: int = 0) -> str:
+  """An .npz in the embed_prompts format (prompts, embeddings) with random embeddings."""
+  rng = np.random.default_rng(seed)
+  emb = rng.standard_normal((len(prompts), tokens, dim)).astype(np.float32)
+  np.savez(path, prompts=np.asarray(list(prompts), dtype=str), embeddings=emb)
+  return str(path)
+
+
+def make_dataset(root, n: int = 30) -> tuple[str, str, dict]:
+  """Synthetic 64 px scenes converted to shards; (shards_dir, embeddings npz, dataset_info)."""
+  from data_prep import convert, synthetic  # pylint: disable=g-import-not-at-top
+  root = pathlib.Path(root)
+  synthetic.generate(str(root / 'raw'), n, SIZE, seed=0)
+  info = convert.convert('segchange-default', str(root / 'raw'), str(root / 'shards'))
+  prompts = sorted(set(info['prompts']) | {tiny_config().data.prompt})
+  npz = write_embeddings(root / 'prompts.npz', prompts)
+  return str(root / 'shards'), npz, info
