@@ -12,6 +12,7 @@ ENTRY_POINTS = [
     ('segchange_jax.convert_torch', '--checkpoint'),
     ('segchange_jax.embed_prompts', '--text_model'),
     ('segchange_jax.infer', '--window'),
+    ('segchange_jax.evaluate', '--checkpoint'),
     ('data_prep.convert', '--layout'),
     ('data_prep.synthetic', '--size'),
 ]
