@@ -40,17 +40,6 @@ import numpy as np
 from segchange_jax import config_lib
 from segchange_jax import input_pipeline
 
-_CONFIG = config_lib.define_config_flag(
-    help_string='configs/*.py file (data, text, model); default: the checkpoint\'s own config.')
-_CKPT = flags.DEFINE_string('checkpoint', None, 'Training checkpoints dir, convert_torch dir or '
-                            'upstream .pth.')
-_SPLIT = flags.DEFINE_string('split', None, 'Split to score (default config.eval.split).')
-_OUT = flags.DEFINE_string('out', None, 'Output directory (default ./eval_<split>).')
-_NUM_IMAGES = flags.DEFINE_integer('num_images', None, 'Worst/best N comparison images '
-                                   '(default config.eval.num_images; 0 = none).')
-_RANK_BY = flags.DEFINE_enum('rank_by', 'iou', ['iou', 'f1'], 'Per-example score that ranks images.')
-_BATCH = flags.DEFINE_integer('batch_size', None, 'Global eval batch (default config.eval.batch_size).')
-
 GAP = 4
 GAP_GREY = 128
 TP_RGB, FP_RGB, FN_RGB = (255, 255, 255), (255, 0, 0), (0, 0, 255)
@@ -244,21 +233,36 @@ def _write_images(folder: str, ranked: dict, source, rank_by: str, scores: np.nd
         raise OSError(f'could not write {os.path.join(folder, name)}')
 
 
+def define_flags() -> None:
+  """Command-line flags (defined only when run as a program, so the module imports cleanly)."""
+  config_lib.define_config_flag(
+      help_string="configs/*.py file (data, text, model); default: the checkpoint's own config.")
+  flags.DEFINE_string('checkpoint', None, 'Training checkpoints dir, convert_torch dir or '
+                      'upstream .pth.')
+  flags.DEFINE_string('split', None, 'Split to score (default config.eval.split).')
+  flags.DEFINE_string('out', None, 'Output directory (default ./eval_<split>).')
+  flags.DEFINE_integer('num_images', None, 'Worst/best N comparison images '
+                       '(default config.eval.num_images; 0 = none).')
+  flags.DEFINE_enum('rank_by', 'iou', ['iou', 'f1'], 'Per-example score that ranks images.')
+  flags.DEFINE_integer('batch_size', None, 'Global eval batch (default config.eval.batch_size).')
+
+
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  if not _CKPT.value:
+  f = flags.FLAGS
+  if not f.checkpoint:
     raise app.UsageError('--checkpoint is required')
   try:
-    config = config_lib.validate_config(_CONFIG.value) if _CONFIG.value is not None else None
-    config, variables = load_checkpoint(_CKPT.value, config)
-    split = _SPLIT.value or config.eval.split
-    num_images = config.eval.num_images if _NUM_IMAGES.value is None else _NUM_IMAGES.value
+    config = config_lib.validate_config(f.config) if f.config is not None else None
+    config, variables = load_checkpoint(f.checkpoint, config)
+    split = f.split or config.eval.split
+    num_images = config.eval.num_images if f.num_images is None else f.num_images
     if num_images < 0:
       raise EvaluationError(f'--num_images={num_images} must be >= 0')
-    out = _OUT.value or f'eval_{split}'
-    result = evaluate(config, variables, split, out, num_images, _RANK_BY.value, _BATCH.value,
-                      checkpoint=os.path.abspath(_CKPT.value))
+    out = f.out or f'eval_{split}'
+    result = evaluate(config, variables, split, out, num_images, f.rank_by, f.batch_size,
+                      checkpoint=os.path.abspath(f.checkpoint))
   except (EvaluationError, config_lib.ConfigError, input_pipeline.InputError) as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
@@ -268,4 +272,5 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)

@@ -3,6 +3,12 @@ r"""Change detection on a pair of large rasters (or plain images) with a trained
   python -m segchange_jax.infer --checkpoint CKPT --a A.tif --b B.tif \
       --prompt "Buildings with changes" --out change.tif [--polygons change.geojson]
 
+--checkpoint: anything segchange_jax.api.load_variables reads (training checkpoints, a
+convert_torch output, an export bundle; an upstream .pth with --config). The prompt embedding
+comes from --embeddings (an .npz from segchange_jax.embed_prompts or an export bundle's
+prompts.npz), else --prompt is encoded with the checkpoint config's text settings (or
+--text_model).
+
 Outputs (written to `<out>.partial`, renamed when complete):
 - `.tif`: tiled (256x256), deflate-compressed GeoTIFF with A's CRS and transform. Default a
   uint8 mask: 0 no change, 1 change (class id for multi-class models), 255 nodata.
@@ -32,13 +38,19 @@ from typing import Callable
 
 from absl import app
 from absl import flags
+import ml_collections
 import numpy as np
 
+from segchange_jax import config_lib
 from segchange_jax import postprocess
 from segchange_jax import scene
 from segchange_jax import scene_io
 
-_CKPT = flags.DEFINE_string('checkpoint', None, 'Checkpoint directory (segchange_jax.api.ChangeDetector).')
+_CONFIG = config_lib.define_config_flag(
+    help_string="configs/*.py describing the model; needed for an upstream .pth, else the "
+    "checkpoint's own config is used.")
+_CKPT = flags.DEFINE_string('checkpoint', None, 'Training checkpoints dir, convert_torch dir, '
+                            'export bundle, or upstream .pth (with --config).')
 _A = flags.DEFINE_string('a', None, 'Date A: raster, "R,G,B" single-band files, or PNG/JPEG.')
 _B = flags.DEFINE_string('b', None, 'Date B, same forms as --a.')
 _OUT = flags.DEFINE_string('out', None, 'Output .tif (GeoTIFF) or .png.')
@@ -56,8 +68,11 @@ _POLYGONS = flags.DEFINE_string('polygons', None, 'Also write change polygons to
 _ALIGN = flags.DEFINE_boolean('align', False, "Reproject B onto A's grid (bilinear WarpedVRT).")
 _BANDS = flags.DEFINE_list('bands', None, '1-based bands to use as R,G,B (e.g. 1,2,3).')
 _NODATA = flags.DEFINE_float('nodata', None, 'Input nodata value for files that carry none (e.g. 0).')
-_TEXT_MODEL = flags.DEFINE_string('text_model', None, 'Text encoder (local HF dir or GGUF) for --prompt.')
-_EMBEDDINGS = flags.DEFINE_string('embeddings', None, 'Precomputed prompt embeddings .npz.')
+_TEXT_MODEL = flags.DEFINE_string('text_model', None, 'Text encoder (HF dir, GGUF or pkg:NAME) '
+                                   "for --prompt; default the checkpoint config's text.model.")
+_EMBEDDINGS = flags.DEFINE_string('embeddings', None, 'Prompt embeddings .npz (prompts, '
+                                  'embeddings; from segchange_jax.embed_prompts or an export '
+                                  'bundle) holding --prompt; skips the text encoder.')
 _PROGRESS = flags.DEFINE_boolean('progress', True, 'Show a progress bar.')
 _GDAL_CACHE = flags.DEFINE_integer('gdal_cache_mb', 256, 'GDAL block cache (MB); GDAL defaults to '
                                    '5% of RAM, which would dominate the memory of a big scene.')
@@ -198,29 +213,39 @@ def _finish_shapes(sink, source, probabilities, threshold, do_postprocess, min_a
 
 
 def _model_factory() -> PredictFn:
-  """Loads the checkpoint and the prompt embedding (needs segchange_jax.api from main)."""
-  try:
-    from segchange_jax import api  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    raise SystemExit('segchange_jax.api is not available in this checkout; the model cannot be '
-                     f'loaded ({e}).') from e
-  detector = api.ChangeDetector.from_checkpoint(_CKPT.value)
-  return detector_predictor(detector, _prompt_embeddings())
+  """Loads the checkpoint (checked against its config) and embeds --prompt."""
+  from segchange_jax import evaluate  # pylint: disable=g-import-not-at-top
+  from segchange_jax import api  # pylint: disable=g-import-not-at-top
+  config = config_lib.validate_config(_CONFIG.value) if _CONFIG.value is not None else None
+  config, variables = evaluate.load_checkpoint(_CKPT.value, config)
+  emb = prompt_embedding(config, _PROMPT.value, _EMBEDDINGS.value, _TEXT_MODEL.value)
+  return detector_predictor(api.ChangeDetector(config, variables), emb)
 
 
-def _prompt_embeddings() -> np.ndarray:
-  """[1, 8, L] embedding of --prompt from --embeddings (.npz with prompts + embeddings)."""
-  if _EMBEDDINGS.value:
-    with np.load(_EMBEDDINGS.value) as z:
-      if 'prompts' not in z or 'embeddings' not in z:
-        raise SystemExit(f'--embeddings {_EMBEDDINGS.value}: expected arrays "prompts" and "embeddings"')
-      prompts = [str(p) for p in z['prompts']]
-      if _PROMPT.value not in prompts:
-        raise SystemExit(f'--embeddings {_EMBEDDINGS.value} has no entry for prompt {_PROMPT.value!r}; '
-                         f'it holds {prompts[:5]}')
-      return z['embeddings'][prompts.index(_PROMPT.value)][None]
-  raise SystemExit('give --embeddings (precomputed prompt embeddings); encoding --prompt with '
-                   '--text_model is not wired in this checkout')
+def prompt_embedding(config, prompt: str, embeddings: str | None = None,
+                     text_model: str | None = None) -> np.ndarray:
+  """[1, text.max_tokens, text.dim] embedding of `prompt`.
+
+  From `embeddings` (.npz with arrays prompts, embeddings), else encoded with the config's text
+  settings (text.embeddings / on-disk cache / encoder) or with `text_model` when given.
+  """
+  from segchange_jax.text import cache  # pylint: disable=g-import-not-at-top
+  want = (int(config.text.max_tokens), int(config.text.dim))
+  if embeddings:
+    table, _ = cache.load_npz(embeddings)
+    if prompt not in table:
+      raise ValueError(f'--embeddings {embeddings} has no entry for --prompt {prompt!r}; it holds '
+                       f'{list(table)[:5]}')
+    emb = np.asarray(table[prompt], np.float32)[None]
+  else:
+    text_cfg = ml_collections.ConfigDict(config.text.to_dict())
+    if text_model:
+      text_cfg.model, text_cfg.embeddings = text_model, ''
+    emb = cache.embed_prompts(text_cfg, [prompt])
+  if emb.shape[1:] != want:
+    raise ValueError(f'prompt embedding {emb.shape[1:]} does not fit the model, which wants '
+                     f'[text.max_tokens, text.dim] = {list(want)}; use embeddings of its text model')
+  return emb
 
 
 def main(argv: list[str]) -> None:
@@ -240,7 +265,8 @@ def main(argv: list[str]) -> None:
         min_convexity=_MIN_CONVEX.value, polygons_path=_POLYGONS.value, align=_ALIGN.value,
         bands=[int(x) for x in _BANDS.value] if _BANDS.value else None, nodata=_NODATA.value,
         progress=_PROGRESS.value, gdal_cache_mb=_GDAL_CACHE.value, predictor_factory=_model_factory)
-  except (scene_io.GridMismatchError, ValueError, FileNotFoundError) as e:
+  except (scene_io.GridMismatchError, ValueError, FileNotFoundError, KeyError,
+          config_lib.ConfigError) as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
   print(f'wrote {_OUT.value}: {stats.windows} windows in {stats.seconds:.1f} s')

@@ -12,7 +12,8 @@ ENTRY_POINTS = [
     ('segchange_jax.convert_torch', '--checkpoint'),
     ('segchange_jax.embed_prompts', '--text_model'),
     ('segchange_jax.infer', '--window'),
-    ('segchange_jax.evaluate', '--checkpoint'),
+    ('segchange_jax.evaluate', '--num_images'),
+    ('segchange_jax.export', '--platforms'),
     ('data_prep.convert', '--layout'),
     ('data_prep.synthetic', '--size'),
 ]
