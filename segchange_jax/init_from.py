@@ -15,6 +15,7 @@ import jax
 import numpy as np
 
 from segchange_jax import api
+from segchange_jax import optim
 from segchange_jax import torch_pickle
 from segchange_jax.models import segchange
 from segchange_jax.models import torch_convert
@@ -45,11 +46,11 @@ def merge(target: dict, source: dict) -> tuple[dict, dict[str, Any]]:
   Returns:
     (merged variables placed like `target`, report with 'loaded', 'skipped', 'unused').
   """
-  src = {tuple(optim_path): v for optim_path, v in _flatten(source).items()}
+  src = torch_convert.flatten(source)
   loaded, skipped = [], []
 
   def take(path, leaf):
-    key = tuple(_names(path))
+    key = optim.path_names(path)
     name = '/'.join(key)
     if key not in src:
       skipped.append(f'{name}: not in the checkpoint')
@@ -65,20 +66,6 @@ def merge(target: dict, source: dict) -> tuple[dict, dict[str, Any]]:
   used = {tuple(n.split('/')) for n in loaded}
   unused = ['/'.join(k) for k in src if k not in used and k[0] in target]
   return merged, {'loaded': len(loaded), 'skipped': skipped, 'unused': unused}
-
-
-def _names(path) -> list[str]:
-  return [str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k)))) for k in path]
-
-
-def _flatten(tree: dict, prefix=()) -> dict:
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, dict):
-      out.update(_flatten(v, prefix + (k,)))
-    else:
-      out[prefix + (k,)] = v
-  return out
 
 
 def load(config, params: Any, model_state: dict) -> tuple[Any, dict, dict[str, Any]]:

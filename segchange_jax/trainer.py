@@ -107,6 +107,12 @@ def train_and_evaluate(config, workdir: str,
   table_np, prompt_to_index = prompt_table(config, info)
 
   mesh = sharding.create_mesh(config)
+  shards = mesh.shape['data'] * mesh.shape['fsdp']
+  for field in ('train.batch_size', 'eval.batch_size'):
+    size = config.train.batch_size if field == 'train.batch_size' else config.eval.batch_size
+    if size % shards:
+      raise TrainingError(f'config.{field}={size} must be a multiple of the {shards} devices '
+                          "the batch is split over (mesh.data x mesh.fsdp); change the batch size")
   model = segchange.build_model(config)
   train_iter, steps_per_epoch = input_pipeline.create_train_iterator(config, prompt_to_index)
   if steps_per_epoch < 1:

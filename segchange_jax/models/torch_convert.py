@@ -119,11 +119,11 @@ class ConversionError(ValueError):
   """A state_dict does not fit the model; the message lists every offending key."""
 
 
-def _flatten(tree: Mapping[str, Any], prefix=()) -> dict[tuple[str, ...], Any]:
+def flatten(tree: Mapping[str, Any], prefix=()) -> dict[tuple[str, ...], Any]:
   out = {}
   for k, v in tree.items():
     if isinstance(v, Mapping):
-      out.update(_flatten(v, prefix + (k,)))
+      out.update(flatten(v, prefix + (k,)))
     else:
       out[prefix + (k,)] = v
   return out
@@ -172,7 +172,7 @@ def convert(state_dict: Mapping[str, Any], rules: Iterable[Rule],
   aliases = dict(aliases or {})
   sd = {k: np.asarray(v) for k, v in state_dict.items()}
   ignore_re = [re.compile(p) for p in ignore]
-  expected_flat = _flatten(expected) if expected is not None else None
+  expected_flat = flatten(expected) if expected is not None else None
 
   unknown, missing, mismatched, disagree = [], [], [], []
   flat = {}
@@ -230,7 +230,7 @@ def convert(state_dict: Mapping[str, Any], rules: Iterable[Rule],
 def export(variables: Mapping[str, Any], rules: Iterable[Rule],
            extra: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
   """Flax variables -> torch-layout state_dict (numpy), the inverse of `convert`."""
-  flat = _flatten(variables)
+  flat = flatten(variables)
   out = {}
   for rule in rules:
     out[rule.torch_key] = np.ascontiguousarray(to_torch(np.asarray(flat[rule.path]), rule.kind))

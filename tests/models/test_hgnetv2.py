@@ -69,7 +69,7 @@ def test_torch_ref_keys_match_upstream(torch_ref):
 def test_mapping_matches_upstream_keys_and_shapes():
   cfg = _cfg()
   rules, aliases, _ = backbone_torch_mapping(cfg, flax_prefix=())
-  flat = torch_convert._flatten(_shapes(build_backbone(cfg)))  # pylint: disable=protected-access
+  flat = torch_convert.flatten(_shapes(build_backbone(cfg)))
   got = {r.torch_key: tuple(torch_convert.to_torch(np.zeros(flat[r.path].shape), r.kind).shape)
          for r in rules}
   assert got == _upstream_keys()
@@ -119,14 +119,14 @@ def test_stem_is_frozen(monkeypatch):
                            jax.eval_shape(model.init, jax.random.key(0), x))
   variables['frozen'] = jax.tree.map(lambda a: np.abs(a) + 0.5, variables['frozen'])
   paths = hgnetv2.frozen_param_paths(())
-  flat = torch_convert._flatten(variables)  # pylint: disable=protected-access
+  flat = torch_convert.flatten(variables)
   assert len(paths) == 5 and all(p in flat for p in paths)
 
   def loss(params):
     outs = model.apply({**variables, 'params': params}, x)
     return sum(jnp.mean(o**2) for o in outs)
 
-  grads = torch_convert._flatten({'params': jax.jit(jax.grad(loss))(variables['params'])})  # pylint: disable=protected-access
+  grads = torch_convert.flatten({'params': jax.jit(jax.grad(loss))(variables['params'])})
   for p in paths:
     assert float(jnp.max(jnp.abs(grads[p]))) == 0.0, p
   # The first trainable conv after the stem does get a gradient.

@@ -78,7 +78,7 @@ def test_mapping_matches_upstream_keys_and_shapes():
   cfg = _cfg()
   want = _tsv(TSV, 'dual_encoder.encoder.')
   rules, aliases, ignore = backbone_torch_mapping(cfg, flax_prefix=())
-  flat = torch_convert._flatten(_flax_shapes(build_backbone(cfg)))  # pylint: disable=protected-access
+  flat = torch_convert.flatten(_flax_shapes(build_backbone(cfg)))
   got = {}
   for r in rules:
     got[r.torch_key] = tuple(torch_convert.to_torch(np.zeros(flat[r.path].shape), r.kind).shape)

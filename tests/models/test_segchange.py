@@ -127,7 +127,7 @@ def test_mapping_covers_upstream_state_dict(variant):
   config = upstream_config(variant)
   want = _tsv(variant)
   rules, aliases, ignore = segchange.torch_mapping(config)
-  flat = tc._flatten(segchange.variable_shapes(segchange.build_model(config), 64))  # pylint: disable=protected-access
+  flat = tc.flatten(segchange.variable_shapes(segchange.build_model(config), 64))
   ours = {r.torch_key: tuple(tc.to_torch(np.zeros(flat[r.path].shape), r.kind).shape)
           for r in rules}
   assert len({r.path for r in rules}) == len(rules) == len(flat)

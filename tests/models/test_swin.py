@@ -86,7 +86,7 @@ def test_torch_mapping_covers_upstream_state_dict():
   rules, aliases, _ = backbone_torch_mapping(cfg, flax_prefix=())
   model = swin.from_config(cfg)
   shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)))
-  flat = tc._flatten(shapes)  # pylint: disable=protected-access
+  flat = tc.flatten(shapes)
   ours = {r.torch_key: tuple(tc.to_torch(np.zeros(flat[r.path].shape), r.kind).shape)
           for r in rules}
   assert not aliases

@@ -1,0 +1,143 @@
+"""The training driver end to end on a tiny model: outputs, exact resume, preemption, init_from."""
+
+import csv
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from data_prep import convert
+from data_prep import synthetic
+from segchange_jax import checkpointing
+from segchange_jax import config_lib
+from segchange_jax import data_setup
+from segchange_jax import trainer
+
+PROMPTS_DIM = 16
+
+
+@pytest.fixture(scope='module')
+def dataset(tmp_path_factory):
+  """16 synthetic 64 px scenes converted to shards, plus a prompt-embedding npz."""
+  root = tmp_path_factory.mktemp('trainer_data')
+  synthetic.generate(str(root / 'raw'), 16, 64, 0)
+  info = convert.convert('segchange-default', str(root / 'raw'), str(root / 'shards'))
+  prompts = sorted(set(info['prompts']) | {'Buildings appearing or vanishing.'})
+  rng = np.random.default_rng(0)
+  np.savez(root / 'emb.npz', prompts=np.asarray(prompts),
+           embeddings=rng.normal(size=(len(prompts), 8, PROMPTS_DIM)).astype(np.float32))
+  return root
+
+
+def _config(repo_root, dataset, **overrides):
+  over = {
+      'data.shards_dir': str(dataset / 'shards'), 'data.source_root': '',
+      'data.synthetic.n': 0, 'data.image_size': 64, 'model.img_size': 64,
+      'text.embeddings': str(dataset / 'emb.npz'), 'text.dim': PROMPTS_DIM,
+      'train.batch_size': 8, 'train.scheduler': 'step', 'train.epochs': 4,
+      'train.progress_bar': False, 'train.log_every_steps': 1, 'eval.batch_size': 8,
+      'data.augment.enabled': False, 'checkpoint.async_save': False,
+  }
+  over.update(overrides)
+  return config_lib.load_config(str(repo_root / 'configs/demo.py'),
+                                [f'{k}={v}' for k, v in over.items()])
+
+
+def _params(workdir, config):
+  ckpt = checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints'), config)
+  step = ckpt.latest_step()
+  ckpt.close()
+  path = os.path.join(workdir, 'checkpoints', 'latest', str(step))
+  return step, jax.tree.map(np.asarray, checkpointing.restore_params(path))
+
+
+def _train_losses(workdir):
+  with open(os.path.join(workdir, 'metrics.csv')) as f:
+    return {int(r['step']): float(r['loss']) for r in csv.DictReader(f) if r['split'] == 'train'}
+
+
+@pytest.fixture(scope='module')
+def full_run(repo_root, dataset, tmp_path_factory):
+  """One uninterrupted 4-step run (4 epochs of 1 step, eval after each)."""
+  config = _config(repo_root, dataset, **{'train.max_steps': 4})
+  workdir = str(tmp_path_factory.mktemp('full'))
+  return config, workdir, trainer.train_and_evaluate(config, workdir)
+
+
+def test_training_writes_logs_checkpoints_and_test_metrics(full_run):
+  _, full, result = full_run
+  for name in ('config.json', 'metrics.csv', 'eval_test.json'):
+    assert os.path.isfile(os.path.join(full, name)), name
+  assert any(n.startswith('events.out.tfevents') for n in os.listdir(os.path.join(full, 'tb')))
+  assert {'latest', 'best_f1', 'best_iou'} <= set(os.listdir(os.path.join(full, 'checkpoints')))
+  with open(os.path.join(full, 'eval_test.json')) as f:
+    saved = json.load(f)
+  assert saved['num_examples'] == result['num_examples'] == 2
+  assert 0.0 <= saved['f1'] <= 1.0 and 'f1_all_change' in saved
+  with open(os.path.join(full, 'metrics.csv')) as f:
+    rows = list(csv.DictReader(f))
+  assert {'train', 'val', 'test'} <= {r['split'] for r in rows}
+  assert sorted(int(r['step']) for r in rows if r['split'] == 'train') == [1, 2, 3, 4]
+
+
+@pytest.mark.slow
+def test_preempted_and_resumed_run_equals_uninterrupted_run(full_run, tmp_path):
+  config, full, _ = full_run
+  resumed = str(tmp_path / 'resumed')
+  calls = {'n': 0}
+
+  def stop_after_two():  # polled once after every step
+    calls['n'] += 1
+    return calls['n'] >= 2
+  out = trainer.train_and_evaluate(config, resumed, should_stop=stop_after_two)
+  assert out == {'stopped_at_step': 2}
+  assert _params(resumed, config)[0] == 2
+  trainer.train_and_evaluate(config, resumed)
+
+  step_full, p_full = _params(full, config)
+  step_res, p_res = _params(resumed, config)
+  assert step_full == step_res == 4
+  diffs = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), p_full, p_res))
+  assert max(diffs) == 0.0, f'resumed params differ by {max(diffs)}'
+  full_losses, res_losses = _train_losses(full), _train_losses(resumed)
+  assert [full_losses[s] for s in (3, 4)] == [res_losses[s] for s in (3, 4)]
+
+
+@pytest.mark.slow
+def test_init_from_our_checkpoint_reports_what_it_loaded(repo_root, dataset, tmp_path):
+  base = _config(repo_root, dataset, **{'train.max_steps': 1})
+  trainer.train_and_evaluate(base, str(tmp_path / 'pre'))
+  # Fine-tune with another text dimension: everything but the text projection loads.
+  rng = np.random.default_rng(1)
+  with np.load(dataset / 'emb.npz') as z:
+    prompts = z['prompts']
+  np.savez(tmp_path / 'emb24.npz', prompts=prompts,
+           embeddings=rng.normal(size=(len(prompts), 8, 24)).astype(np.float32))
+  tuned = _config(repo_root, dataset, **{
+      'train.max_steps': 1, 'init_from': str(tmp_path / 'pre' / 'checkpoints'),
+      'text.dim': 24, 'text.embeddings': str(tmp_path / 'emb24.npz')})
+  trainer.train_and_evaluate(tuned, str(tmp_path / 'tuned'))
+  with open(tmp_path / 'tuned' / 'init_from_report.json') as f:
+    report = json.load(f)
+  assert report['loaded'] > 50
+  assert report['skipped'] and all('lang2vis' in s for s in report['skipped']), report['skipped']
+
+
+def test_batch_not_divisible_by_devices_is_a_clear_error(repo_root, dataset, tmp_path):
+  config = _config(repo_root, dataset, **{'train.batch_size': 4})
+  with pytest.raises(trainer.TrainingError, match='train.batch_size=4 must be a multiple of the 8'):
+    trainer.train_and_evaluate(config, str(tmp_path / 'run'))
+
+
+def test_missing_data_is_a_clear_error(repo_root, dataset, tmp_path):
+  config = _config(repo_root, dataset, **{'data.shards_dir': str(tmp_path / 'nope')})
+  with pytest.raises(data_setup.DataSetupError, match='data_prep.convert'):
+    trainer.train_and_evaluate(config, str(tmp_path / 'run'))
+
+
+def test_text_dim_mismatch_is_a_clear_error(repo_root, dataset, tmp_path):
+  config = _config(repo_root, dataset, **{'text.dim': 32})
+  with pytest.raises(ValueError, match='text.dim'):
+    trainer.train_and_evaluate(config, str(tmp_path / 'run'))
