@@ -8,41 +8,16 @@ import jax
 import numpy as np
 import pytest
 
-from data_prep import convert
-from data_prep import synthetic
 from segchange_jax import checkpointing
 from segchange_jax import config_lib
 from segchange_jax import data_setup
 from segchange_jax import trainer
-
-PROMPTS_DIM = 16
-
-
-@pytest.fixture(scope='module')
-def dataset(tmp_path_factory):
-  """16 synthetic 64 px scenes converted to shards, plus a prompt-embedding npz."""
-  root = tmp_path_factory.mktemp('trainer_data')
-  synthetic.generate(str(root / 'raw'), 16, 64, 0)
-  info = convert.convert('segchange-default', str(root / 'raw'), str(root / 'shards'))
-  prompts = sorted(set(info['prompts']) | {'Buildings appearing or vanishing.'})
-  rng = np.random.default_rng(0)
-  np.savez(root / 'emb.npz', prompts=np.asarray(prompts),
-           embeddings=rng.normal(size=(len(prompts), 8, PROMPTS_DIM)).astype(np.float32))
-  return root
+from tests.train.conftest import tiny_overrides
 
 
 def _config(repo_root, dataset, **overrides):
-  over = {
-      'data.shards_dir': str(dataset / 'shards'), 'data.source_root': '',
-      'data.synthetic.n': 0, 'data.image_size': 64, 'model.img_size': 64,
-      'text.embeddings': str(dataset / 'emb.npz'), 'text.dim': PROMPTS_DIM,
-      'train.batch_size': 8, 'train.scheduler': 'step', 'train.epochs': 4,
-      'train.progress_bar': False, 'train.log_every_steps': 1, 'eval.batch_size': 8,
-      'data.augment.enabled': False, 'checkpoint.async_save': False,
-  }
-  over.update(overrides)
   return config_lib.load_config(str(repo_root / 'configs/demo.py'),
-                                [f'{k}={v}' for k, v in over.items()])
+                                tiny_overrides(dataset, **overrides))
 
 
 def _params(workdir, config):
