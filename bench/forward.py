@@ -13,32 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
-import subprocess
-import sys
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-
-
-def _rss_mb() -> float:
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _config(variant: str):
-  """The upstream variants of shared/upstream/README.md (v1 Swin default, v2 ResNet, v3 HGNet)."""
-  from configs import base  # pylint: disable=g-import-not-at-top
-  c = base.get_config()
-  m = c.model
-  m.backbone = variant
-  if variant == 'resnet50':
-    m.bev, m.fpn_type, m.diff_attention, m.use_ega = 'Transformer', 'FPN', 'SE', False
-    c.text.dim = 2048
-  elif variant == 'hgnetv2':
-    m.fpn_type, m.diff_attention, m.use_ega, m.use_token_connector = 'FPN', 'SE', False, True
-  return c
+from _common import rss_mb as _rss_mb
+from _common import run_child
+from _common import variant_config as _config
 
 
 def run_ours(variant: str, batch: int, size: int, iters: int, dtype: str) -> dict:
@@ -107,7 +86,7 @@ def run_torch(variant: str, batch: int, size: int, iters: int, dtype: str) -> di
 def main():
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   p.add_argument('--variant', default='swin_base_patch4_window7_224',
-                 choices=['swin_base_patch4_window7_224', 'resnet50', 'hgnetv2'])
+                 choices=['swin_base_patch4_window7_224', 'resnet50', 'hgnetv2', 'demo'])
   p.add_argument('--size', type=int, default=512)
   p.add_argument('--batches', type=int, nargs='+', default=[1, 4])
   p.add_argument('--iters', type=int, default=5)
@@ -123,16 +102,12 @@ def main():
   results = {}
   for batch in args.batches:
     for impl in args.impls:
-      cmd = [sys.executable, os.path.abspath(__file__), '--child', impl, '--variant', args.variant,
-             '--size', str(args.size), '--batches', str(batch), '--iters', str(args.iters),
-             '--dtype', args.dtype]
-      proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO,
-                            env=dict(os.environ, PYTHONPATH=REPO))
-      line = [l for l in proc.stdout.splitlines() if l.startswith('RESULT ')]
-      if proc.returncode or not line:
-        print(f'{impl} batch {batch} failed:\n{proc.stderr[-2000:]}')
+      r, err = run_child(__file__, ['--child', impl, '--variant', args.variant, '--size',
+                                    str(args.size), '--batches', str(batch), '--iters',
+                                    str(args.iters), '--dtype', args.dtype])
+      if r is None:
+        print(f'{impl} batch {batch} failed:\n{err}')
         continue
-      r = json.loads(line[0][7:])
       results[(impl, batch)] = r
       print(f"{impl:5s} batch {batch}: {r['ms']:.0f} ms (median {r['ms_median']:.0f}), "
             f"peak {r['peak_mb']:.0f} MB" + (f", compile {r['compile_s']:.1f} s, XLA temp "

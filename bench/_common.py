@@ -1,0 +1,46 @@
+"""Helpers shared by the benchmarks (run as `python bench/<name>.py` from the repository root)."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+  sys.path.insert(0, REPO)
+
+
+def rss_mb() -> float:
+  """Peak resident set size of this process so far, in MB."""
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def variant_config(variant: str):
+  """Upstream variants (shared/upstream/README.md: v1 Swin default, v2 ResNet, v3 HGNet) or demo."""
+  if variant == 'demo':  # the tiny CPU demo model (configs/demo.py), text dim 384
+    from configs import demo  # pylint: disable=g-import-not-at-top
+    return demo.get_config()
+  from configs import base  # pylint: disable=g-import-not-at-top
+  c = base.get_config()
+  m = c.model
+  m.backbone = variant
+  if variant == 'resnet50':
+    m.bev, m.fpn_type, m.diff_attention, m.use_ega = 'Transformer', 'FPN', 'SE', False
+    c.text.dim = 2048
+  elif variant == 'hgnetv2':
+    m.fpn_type, m.diff_attention, m.use_ega, m.use_token_connector = 'FPN', 'SE', False, True
+  return c
+
+
+def run_child(script: str, args: list[str], env: dict | None = None) -> tuple[dict | None, str]:
+  """Runs `python script args` in a fresh process; (its RESULT json or None, stderr tail)."""
+  proc = subprocess.run([sys.executable, os.path.abspath(script), *args], capture_output=True,
+                        text=True, cwd=REPO,
+                        env={**os.environ, 'PYTHONPATH': REPO, **(env or {})})
+  line = [l for l in proc.stdout.splitlines() if l.startswith('RESULT ')]
+  if proc.returncode or not line:
+    return None, proc.stderr[-3000:]
+  return json.loads(line[0][len('RESULT '):]), ''

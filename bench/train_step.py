@@ -1,0 +1,212 @@
+r"""Train-step time: our jitted step vs the PyTorch reference (same model, losses and AdamW).
+
+  python bench/train_step.py                          # Swin-B, batch 2 at 256 and 512 px, CPU
+  python bench/train_step.py --sizes 256 --iters 3 --devices 1 8 --device_batch 8 --device_size 128
+  python bench/train_step.py --dtype bfloat16         # on a GPU: bf16 compute on both sides
+
+One optimizer step = forward of A and B through the siamese model, the four SPEC losses
+(BCE + Dice + focal + BCL, config.loss weights), backward, gradient-norm clipping when
+config.train.grad_clip_norm > 0, and AdamW with the backbone / head learning rates. Ours is
+segchange_jax.train_lib.make_train_step (jit, donated state, mesh shardings); the reference is
+tests/torch_ref (timm / torchvision backbones) with torch.optim.AdamW and
+tests/torch_ref/losses.py. Random weights and inputs: timing does not depend on them.
+
+Every measurement runs in its own process (the simulated CPU device count must be set before
+JAX starts, and peak memory is per process). Ours is timed after a compile + warm-up step;
+torch after one warm-up step. Reported: min and median seconds per step, examples/s, and the
+ratio torch / ours (> 1 means ours is faster). `--devices 1 8` additionally times our step on
+1 and on 8 simulated CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count), data- and
+fsdp-sharded, at --device_batch (a multiple of 8): on a 2-core machine this measures sharding
+overhead, not a speed-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+from _common import rss_mb
+from _common import run_child
+from _common import variant_config
+
+TEXT_TOKENS = 8
+
+
+def _config(variant: str, dtype: str, mesh_data: int = -1, mesh_fsdp: int = 1):
+  c = variant_config(variant)
+  c.model.dtype = dtype
+  c.mesh.data, c.mesh.fsdp = mesh_data, mesh_fsdp
+  return c
+
+
+def _timed(step, iters: int) -> list[float]:
+  times = []
+  for _ in range(iters):
+    start = time.perf_counter()
+    step()
+    times.append(time.perf_counter() - start)
+  return times
+
+
+def _summary(impl: str, device: str, batch: int, size: int, times: list[float], **extra) -> dict:
+  s = sorted(times)
+  return {'impl': impl, 'device': device, 'batch': batch, 'size': size, 's': s[0],
+          's_median': s[len(s) // 2], 'examples_per_s': batch / s[0], **extra}
+
+
+def run_ours(variant: str, batch: int, size: int, iters: int, dtype: str, layout: str) -> dict:
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from segchange_jax import sharding  # pylint: disable=g-import-not-at-top
+  from segchange_jax import train_lib  # pylint: disable=g-import-not-at-top
+  from segchange_jax.models import param_groups  # pylint: disable=g-import-not-at-top
+  from segchange_jax.models import segchange  # pylint: disable=g-import-not-at-top
+  n = jax.device_count()
+  config = _config(variant, dtype, *((1, n) if layout == 'fsdp' else (n, 1)))
+  base_rss = rss_mb()
+  model = segchange.build_model(config)
+  mesh = sharding.create_mesh(config)
+  shapes = {k: jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32)
+            for k in ('image_a', 'image_b')}
+  state, shardings = train_lib.create_train_state(
+      model, config, jax.random.PRNGKey(0), shapes, mesh, steps_per_epoch=100,
+      label_fn=param_groups.lr_label_fn(config), frozen_mask_fn=param_groups.frozen_mask_fn(config))
+  step_fn = train_lib.make_train_step(model, config, mesh, shardings)
+  rng = np.random.default_rng(0)
+  batch_np = {'image_a': rng.normal(size=(batch, size, size, 3)).astype(np.float32),
+              'image_b': rng.normal(size=(batch, size, size, 3)).astype(np.float32),
+              'label': rng.integers(0, 2, (batch, size, size)).astype(np.int32),
+              'prompt_index': np.zeros(batch, np.int32), 'mask': np.ones(batch, np.float32)}
+  arrays = train_lib.shard_batch(batch_np, mesh)
+  table = jax.device_put(jnp.asarray(rng.normal(size=(1, TEXT_TOKENS, config.text.dim)),
+                                     jnp.float32), sharding.replicated(mesh))
+  start = time.perf_counter()
+  compiled = step_fn.lower(state, arrays, table).compile()
+  compile_s = time.perf_counter() - start
+  holder = {'state': state}
+
+  def one():
+    holder['state'], out = compiled(holder['state'], arrays, table)
+    jax.block_until_ready(out['loss'])
+  one()  # warm-up
+  times = _timed(one, iters)
+  dev = jax.devices()[0]
+  stats = dev.memory_stats() or {}
+  peak = stats.get('peak_bytes_in_use')
+  mem = compiled.memory_analysis()
+  # On CPU peak RSS also counts the XLA compiler's own memory; XLA's temp size is the step's
+  # working set besides parameters, optimizer state and inputs.
+  return _summary('ours', f'{dev.device_kind} x{n} ({layout})', batch, size, times,
+                  compile_s=compile_s, peak_mb=peak / 2**20 if peak else rss_mb() - base_rss,
+                  xla_temp_mb=getattr(mem, 'temp_size_in_bytes', 0) / 2**20)
+
+
+def run_torch(variant: str, batch: int, size: int, iters: int, dtype: str) -> dict:
+  import torch  # pylint: disable=g-import-not-at-top
+  from tests.torch_ref import losses as ref_losses  # pylint: disable=g-import-not-at-top
+  from tests.torch_ref import segchange as ref  # pylint: disable=g-import-not-at-top
+  config = _config(variant, dtype)
+  t = config.train
+  cuda = torch.cuda.is_available()
+  device = 'cuda' if cuda else 'cpu'
+  base_rss = rss_mb()
+  model = ref.build_change_model(config).train().to(device)
+  backbone = [p for n, p in model.named_parameters() if 'backbone' in n]
+  head = [p for n, p in model.named_parameters() if 'backbone' not in n]
+  opt = torch.optim.AdamW([{'params': head, 'lr': t.lr},
+                           {'params': backbone, 'lr': t.lr_backbone}],
+                          betas=(t.b1, t.b2), eps=t.eps, weight_decay=t.weight_decay)
+  a = torch.randn(batch, 3, size, size, device=device)
+  b = torch.randn(batch, 3, size, size, device=device)
+  label = torch.randint(0, 2, (batch, size, size), device=device)
+  emb = torch.randn(batch, TEXT_TOKENS, config.text.dim, device=device)
+  cast = torch.bfloat16 if dtype == 'bfloat16' else torch.float32
+  sync = torch.cuda.synchronize if cuda else (lambda: None)
+
+  def one():
+    opt.zero_grad(set_to_none=True)
+    with torch.autocast(device, dtype=cast, enabled=dtype == 'bfloat16'):
+      logits = model(a, b, emb)
+    parts = ref_losses.torch_binary(logits.float()[:, 0], label, config.loss.alpha,
+                                    config.loss.gamma, config.loss.bcl_margin)
+    loss = ref_losses.torch_total(parts, config.loss)
+    loss.backward()
+    if t.grad_clip_norm > 0:
+      torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip_norm)
+    opt.step()
+    sync()
+  one()  # warm-up
+  if cuda:
+    torch.cuda.reset_peak_memory_stats()
+  times = _timed(one, iters)
+  peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else rss_mb() - base_rss
+  return _summary('torch', torch.cuda.get_device_name() if cuda else 'cpu', batch, size, times,
+                  peak_mb=peak)
+
+
+def _print(r: dict) -> None:
+  extra = (f", compile {r['compile_s']:.0f} s, XLA temp {r['xla_temp_mb']:.0f} MB"
+           if 'compile_s' in r else '')
+  print(f"{r['impl']:5s} {r['device']}: batch {r['batch']} at {r['size']} px: {r['s']:.2f} s/step "
+        f"(median {r['s_median']:.2f}), {r['examples_per_s']:.2f} ex/s, peak {r['peak_mb']:.0f} "
+        f"MB{extra}", flush=True)
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  p.add_argument('--variant', default='swin_base_patch4_window7_224',
+                 choices=['swin_base_patch4_window7_224', 'resnet50', 'hgnetv2', 'demo'])
+  p.add_argument('--sizes', type=int, nargs='+', default=[256, 512])
+  p.add_argument('--batch', type=int, default=2)
+  p.add_argument('--iters', type=int, default=3)
+  p.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'])
+  p.add_argument('--impls', nargs='+', default=['ours', 'torch'], choices=['ours', 'torch'])
+  p.add_argument('--devices', type=int, nargs='*', default=[],
+                 help='also time our step on these simulated CPU device counts (e.g. 1 8)')
+  p.add_argument('--device_batch', type=int, default=8)
+  p.add_argument('--device_size', type=int, default=128)
+  p.add_argument('--child', default='', help=argparse.SUPPRESS)
+  p.add_argument('--layout', default='data', choices=['data', 'fsdp'], help=argparse.SUPPRESS)
+  args = p.parse_args()
+  if args.child:
+    if args.child == 'ours':
+      r = run_ours(args.variant, args.batch, args.sizes[0], args.iters, args.dtype, args.layout)
+    else:
+      r = run_torch(args.variant, args.batch, args.sizes[0], args.iters, args.dtype)
+    print('RESULT ' + json.dumps(r))
+    return
+
+  def child(impl, batch, size, layout='data', env=None):
+    r, err = run_child(__file__, ['--child', impl, '--variant', args.variant, '--sizes',
+                                  str(size), '--batch', str(batch), '--iters', str(args.iters),
+                                  '--dtype', args.dtype, '--layout', layout], env)
+    if r is None:
+      print(f'{impl} batch {batch} at {size} px ({layout}) failed:\n{err}', flush=True)
+    else:
+      _print(r)
+    return r
+
+  for size in args.sizes:
+    res = {impl: child(impl, args.batch, size) for impl in args.impls}
+    if res.get('ours') and res.get('torch'):
+      o, t = res['ours'], res['torch']
+      print(f'batch {args.batch} at {size} px: torch/ours step time {t["s"] / o["s"]:.2f}x '
+            f'({o["examples_per_s"]:.2f} vs {t["examples_per_s"]:.2f} ex/s), memory ours/torch '
+            f'{o["peak_mb"] / max(t["peak_mb"], 1e-9):.2f}', flush=True)
+
+  runs = {}
+  for n in args.devices:
+    env = {'XLA_FLAGS': f'--xla_force_host_platform_device_count={n}', 'JAX_PLATFORMS': 'cpu'}
+    for layout in (('data', 'fsdp') if n > 1 else ('data',)):
+      runs[(n, layout)] = child('ours', args.device_batch, args.device_size, layout, env)
+  one = runs.get((1, 'data'))
+  for (n, layout), r in runs.items():
+    if one and r and n > 1:
+      print(f'{n} simulated devices ({layout}) vs 1: step time ratio {r["s"] / one["s"]:.2f}',
+            flush=True)
+
+
+if __name__ == '__main__':
+  main()
