@@ -1,6 +1,6 @@
 r"""Renders a predicted change mask over the date-B raster as a small PNG (for docs/images).
 
-  python docs/render_change_overlay.py B.tif change.tif out.png [--box R0 R1 C0 C1] [--width 480]
+  python docs/render_change_overlay.py B.tif change.tif out.png [--box R0 R1 C0 C1] [--width 360]
 
 Predicted change (mask value 1..254) is tinted red and outlined; mask nodata (255) is left as
 is; `--box` (e.g. the box printed by docs/make_pasted_change.py) is drawn in yellow. The picture
@@ -18,7 +18,7 @@ import rasterio
 NODATA = 255
 
 
-def render(b_path: str, mask_path: str, out_path: str, box=None, width: int = 480) -> dict:
+def render(b_path: str, mask_path: str, out_path: str, box=None, width: int = 360) -> dict:
   with rasterio.open(b_path) as ds:
     rgb = np.transpose(ds.read((1, 2, 3)), (1, 2, 0))
   with rasterio.open(mask_path) as ds:
@@ -58,7 +58,7 @@ def main() -> None:
   p.add_argument('mask', help='mask GeoTIFF written by segchange_jax.infer')
   p.add_argument('out', help='output PNG')
   p.add_argument('--box', type=int, nargs=4, metavar=('R0', 'R1', 'C0', 'C1'))
-  p.add_argument('--width', type=int, default=480)
+  p.add_argument('--width', type=int, default=360)
   args = p.parse_args()
   render(args.b, args.mask, args.out, args.box, args.width)
 
