@@ -71,6 +71,7 @@ def save_variables(directory: str, config: ml_collections.ConfigDict, variables:
 
 def _restore_tree(path: str) -> dict:
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  path = os.path.abspath(path)  # Orbax refuses relative paths (`--checkpoint runs/x/checkpoints`)
   ckptr = ocp.StandardCheckpointer()
   meta = ckptr.metadata(path)
   meta = getattr(meta, 'item_metadata', meta)

@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import cv2
+import jax
 import numpy as np
 import pytest
 
@@ -137,6 +138,14 @@ def test_checkpoint_mismatching_config_is_a_clear_error(setup, tmp_path):
     other.model.fpn_dim = 64
   with pytest.raises(evaluate.EvaluationError, match='does not fit the config'):
     evaluate.load_checkpoint(str(root / 'ckpt'), other)
+
+
+def test_relative_checkpoint_path_loads(setup, monkeypatch):
+  root, config, variables, _, _ = setup
+  monkeypatch.chdir(root)  # Orbax itself refuses relative paths
+  _, loaded = evaluate.load_checkpoint('ckpt', config)
+  np.testing.assert_array_equal(np.asarray(jax.tree.leaves(loaded)[0]),
+                                np.asarray(jax.tree.leaves(variables)[0]))
 
 
 def test_cli_bad_checkpoint_path(tmp_path):
