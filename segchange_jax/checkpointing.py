@@ -190,7 +190,8 @@ def restore_params(path: str, target_params: Any = None) -> Any:
   else:
     abstract = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                       sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0])),
+                                       sharding=jax.sharding.SingleDeviceSharding(
+            jax.local_devices()[0])),
         tree, is_leaf=lambda x: hasattr(x, 'shape'))
     restored = ckptr.restore(state_dir, abstract)
     restored['params'] = jax.tree.map(np.asarray, restored['params'])

@@ -87,6 +87,18 @@ def evaluate_split(eval_step, state, config, split: str, prompt_to_index, text_t
   return result
 
 
+def _all_agree_to_stop(local: bool) -> bool:
+  """True on every process if any process was asked to stop (e.g. SIGTERM on one host).
+
+  All processes must then save the same step and leave together; a process leaving alone
+  would hang the others in their next collective. One tiny all-gather per step.
+  """
+  if jax.process_count() == 1:
+    return bool(local)
+  flags = multihost_utils.process_allgather(np.asarray(bool(local)))
+  return bool(np.any(flags))
+
+
 def _scalars(result: dict) -> dict[str, float]:
   return {k: float(v) for k, v in result.items() if np.ndim(v) == 0}
 
@@ -200,11 +212,10 @@ def train_and_evaluate(config, workdir: str,
             factor=config.train.plateau_factor))
       logging.info('step %d epoch %d val: loss %.4f F1 %.4f IoU %.4f', step, epoch,
                    val_result['loss'], val_result['f1'], val_result['iou'])
-    if do_eval or epoch_end or save_now or should_stop() or step == total_steps:
+    stop = _all_agree_to_stop(should_stop())
+    if do_eval or epoch_end or save_now or stop or step == total_steps:
       ckpt.save(step, state, train_iter.get_state(), _scalars(val_result) if do_eval else None)
-    if should_stop():
-      # Every process must agree before leaving, or the others hang in a collective.
-      multihost_utils.sync_global_devices('preempted')
+    if stop:
       logging.warning('stopping after step %d on request (checkpoint saved)', step)
       ckpt.close()
       writer.close()
