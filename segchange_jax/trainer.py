@@ -7,7 +7,6 @@ them and does the I/O. Every process runs the same code; only process 0 writes l
 from __future__ import annotations
 
 import json
-import os
 import time
 from typing import Any, Callable
 
@@ -23,6 +22,7 @@ from segchange_jax import init_from
 from segchange_jax import input_pipeline
 from segchange_jax import metrics as metrics_lib
 from segchange_jax import optim
+from segchange_jax import paths
 from segchange_jax import sharding
 from segchange_jax import summary
 from segchange_jax import train_lib
@@ -107,11 +107,11 @@ def train_and_evaluate(config, workdir: str,
                        should_stop: Callable[[], bool] = lambda: False) -> dict[str, Any]:
   """Trains per `config`, writing everything into `workdir`; returns the final test metrics."""
   is_main = jax.process_index() == 0
-  workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
+  paths.check_writable(workdir, '--workdir')
+  workdir = paths.resolve(workdir)   # local or gs://
   if is_main:
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config.to_json_best_effort(indent=2))
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2))
 
   shards_dir = data_setup.ensure_dataset(config)
   info = input_pipeline.load_dataset_info(shards_dir)
@@ -143,7 +143,7 @@ def train_and_evaluate(config, workdir: str,
   train_step = train_lib.make_train_step(model, config, mesh, state_shardings)
   eval_step = train_lib.make_eval_step(model, config, mesh, state_shardings)
 
-  ckpt = checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints'), config)
+  ckpt = checkpointing.Checkpointer(workdir / 'checkpoints', config)
   restored = ckpt.restore(state, state_shardings)
   if restored is not None:
     state, iter_state, step = restored
@@ -158,10 +158,11 @@ def train_and_evaluate(config, workdir: str,
     for line in report['skipped']:
       logging.info('  skipped %s', line)
     if is_main:
-      with open(os.path.join(workdir, 'init_from_report.json'), 'w') as f:
-        json.dump(report, f, indent=1)
+      (workdir / 'init_from_report.json').write_text(json.dumps(report, indent=1))
 
   writer = summary.MetricWriter(workdir)
+  if restored is not None and writer.drop_after(restored[2]):
+    logging.info('metrics.csv: dropped rows logged after step %d (they are redone)', restored[2])
   step = int(jax.device_get(state.step))
   progress = None
   if is_main and config.train.progress_bar:
@@ -235,8 +236,8 @@ def train_and_evaluate(config, workdir: str,
     result['checkpoint_step'] = best[2] if best is not None else step
     writer.write(step, config.eval.split, _scalars(result))
     if is_main:
-      with open(os.path.join(workdir, f'eval_{config.eval.split}.json'), 'w') as f:
-        json.dump(result, f, indent=2, default=float)
+      (workdir / f'eval_{config.eval.split}.json').write_text(
+          json.dumps(result, indent=2, default=float))
       logging.info('%s: %s', config.eval.split, json.dumps(_scalars(result)))
   ckpt.close()
   writer.close()
