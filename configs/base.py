@@ -177,8 +177,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.distributed.coordinator_address = ''
   c.distributed.num_processes = 0
   c.distributed.process_id = -1
-  # Seconds to wait for every process to join, and without a heartbeat before a process is
-  # declared dead (the others then fail instead of hanging in a collective).
+  # Seconds to wait for every process to join (and to finish compiling a step), and without a
+  # heartbeat before a process is declared dead (the others then fail instead of hanging).
   c.distributed.initialization_timeout = 300
   c.distributed.heartbeat_timeout = 100
 

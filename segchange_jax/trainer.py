@@ -99,6 +99,33 @@ def _all_agree_to_stop(local: bool) -> bool:
   return bool(np.any(flags))
 
 
+def _barrier(name: str, timeout_s: int) -> None:
+  """Waits for every process at the coordination service (no device collective involved)."""
+  from jax._src import distributed as jax_distributed  # pylint: disable=g-import-not-at-top
+  client = jax_distributed.global_state.client
+  if client is not None:
+    client.wait_at_barrier(name, timeout_in_ms=int(timeout_s) * 1000)
+
+
+def _compile_then_align(step_fn: Callable, name: str, timeout_s: int) -> Callable:
+  """Multi-process: compile `step_fn` at its first call, wait for all processes, then run.
+
+  Compile times differ between hosts (a busy CPU, a compilation-cache miss on one host); CPU
+  clusters (gloo) fail a collective whose participants arrive more than 30 s apart, and other
+  backends would just idle. Aligning after compiling keeps the first collective together.
+  """
+  if jax.process_count() == 1:
+    return step_fn
+  compiled = {}
+
+  def call(*args):
+    if 'fn' not in compiled:
+      compiled['fn'] = step_fn.lower(*args).compile()
+      _barrier(f'segchange_{name}_compiled', timeout_s)
+    return compiled['fn'](*args)
+  return call
+
+
 def _scalars(result: dict) -> dict[str, float]:
   return {k: float(v) for k, v in result.items() if np.ndim(v) == 0}
 
@@ -140,8 +167,11 @@ def train_and_evaluate(config, workdir: str,
       steps_per_epoch=steps_per_epoch, label_fn=param_groups.lr_label_fn(config),
       frozen_mask_fn=param_groups.frozen_mask_fn(config))
   text_table = jax.device_put(jnp.asarray(table_np), sharding.replicated(mesh))
-  train_step = train_lib.make_train_step(model, config, mesh, state_shardings)
-  eval_step = train_lib.make_eval_step(model, config, mesh, state_shardings)
+  timeout = config.distributed.initialization_timeout
+  train_step = _compile_then_align(
+      train_lib.make_train_step(model, config, mesh, state_shardings), 'train_step', timeout)
+  eval_step = _compile_then_align(
+      train_lib.make_eval_step(model, config, mesh, state_shardings), 'eval_step', timeout)
 
   ckpt = checkpointing.Checkpointer(workdir / 'checkpoints', config)
   restored = ckpt.restore(state, state_shardings)
