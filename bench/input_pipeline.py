@@ -3,7 +3,7 @@
     python -m bench.input_pipeline [--workers 0,1,2] [--batches 10]
 
 Builds synthetic 512x512 shards in a temp folder, then times `create_train_iterator` after
-one warm-up batch for each worker count.
+one warm-up batch for each config.data.num_workers.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from data_prep import synthetic
 from segchange_jax import input_pipeline
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list('workers', ['0', '1', '2'], 'Grain worker counts to time.')
+flags.DEFINE_list('workers', ['0', '1', '2'], 'config.data.num_workers values to time '
+                  '(reader threads = 2 * max(1, n)).')
 flags.DEFINE_integer('batches', 10, 'Timed batches per setting.')
 flags.DEFINE_integer('batch_size', 4, 'Batch size.')
 flags.DEFINE_integer('size', 512, 'Image size.')

@@ -35,7 +35,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.train_list = ''          # optional file of names selecting a subset of train (few-shot)
   c.data.image_size = 512         # training crop/tile size (H = W)
   c.data.prompt = 'Buildings with changes, Mound changes.'  # used where no prompt is given
-  c.data.num_workers = 2         # Grain worker processes (0 = in-process)
+  c.data.num_workers = 2         # reading/augmenting runs on 2 * max(1, num_workers) threads
   c.data.prefetch_buffer = 2
   c.data.shuffle = True
   # Synthetic scenes (data_prep.synthetic) generated into source_root when n > 0 and missing.
@@ -177,6 +177,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.distributed.coordinator_address = ''
   c.distributed.num_processes = 0
   c.distributed.process_id = -1
+  # Seconds to wait for every process to join (and to finish compiling a step), and without a
+  # heartbeat before a process is declared dead (the others then fail instead of hanging).
+  c.distributed.initialization_timeout = 300
+  c.distributed.heartbeat_timeout = 100
 
   c.lock()
   return c

@@ -76,7 +76,8 @@ def _restore_tree(path: str) -> dict:
   meta = ckptr.metadata(path)
   meta = getattr(meta, 'item_metadata', meta)
   meta = getattr(meta, 'tree', meta)
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  # jax.devices()[0] belongs to process 0; in a multi-process run use one of ours.
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
                           meta, is_leaf=lambda x: hasattr(x, 'shape'))
   return jax.tree.map(np.asarray, ckptr.restore(path, abstract))

@@ -22,6 +22,9 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
+
+from segchange_jax import paths
 
 KINDS = ('latest', 'best_f1', 'best_iou')
 _BEST_METRIC = {'best_f1': 'f1', 'best_iou': 'iou'}
@@ -61,7 +64,7 @@ class Checkpointer:
   """Saves and restores TrainState + data-iterator state + config JSON."""
 
   def __init__(self, directory: str, config):
-    self.directory = os.path.abspath(directory)
+    self.directory = paths.resolve(directory)   # local or gs://
     c = config.checkpoint
     self._config_json = json.loads(config.to_json_best_effort())
     self._keep_best = c.keep_best
@@ -71,8 +74,7 @@ class Checkpointer:
       options = ocp.CheckpointManagerOptions(
           max_to_keep=c.keep if kind == 'latest' else 1, create=True,
           enable_async_checkpointing=c.async_save)
-      self._managers[kind] = ocp.CheckpointManager(os.path.join(self.directory, kind),
-                                                   options=options)
+      self._managers[kind] = ocp.CheckpointManager(self.directory / kind, options=options)
     self._best = {kind: self._stored_best(kind) for kind in kinds if kind != 'latest'}
 
   def _stored_best(self, kind: str) -> float:
@@ -153,20 +155,21 @@ class Checkpointer:
       mgr.close()
 
 
-def _resolve_step_dir(path: str) -> str:
+def _resolve_step_dir(path: str | os.PathLike) -> epath.Path:
   """A step directory from a checkpoints root, a manager dir (latest/best_*) or a step dir."""
-  path = os.path.abspath(path)
-  if os.path.isdir(os.path.join(path, 'state')):
+  path = paths.resolve(path)
+  if (path / 'state').is_dir():
     return path
   for sub in ('best_iou', 'best_f1', 'latest'):
-    if os.path.isdir(os.path.join(path, sub)):
-      return _resolve_step_dir(os.path.join(path, sub))
-  steps = [int(d) for d in os.listdir(path) if d.isdigit()] if os.path.isdir(path) else []
+    if (path / sub).is_dir():
+      return _resolve_step_dir(path / sub)
+  steps = [int(d.name) for d in path.iterdir() if d.name.isdigit()] if path.is_dir() else []
   if not steps:
     raise FileNotFoundError(
-        f'init_from={path!r} is not a segchange_jax checkpoint: expected a checkpoints dir with '
-        'latest/ or best_iou/, a dir of numbered steps, or a step dir holding state/')
-  return os.path.join(path, str(max(steps)))
+        f'init_from={os.fspath(path)!r} is not a segchange_jax checkpoint: expected a '
+        'checkpoints dir with latest/ or best_iou/, a dir of numbered steps, or a step dir '
+        'holding state/')
+  return path / str(max(steps))
 
 
 def restore_params(path: str, target_params: Any = None) -> Any:
@@ -178,7 +181,7 @@ def restore_params(path: str, target_params: Any = None) -> Any:
   """
   step_dir = _resolve_step_dir(path)
   ckptr = ocp.StandardCheckpointer()
-  state_dir = os.path.join(step_dir, 'state')
+  state_dir = step_dir / 'state'
   tree = ckptr.metadata(state_dir)
   tree = getattr(tree, 'item_metadata', tree)
   tree = getattr(tree, 'tree', tree)
@@ -190,7 +193,8 @@ def restore_params(path: str, target_params: Any = None) -> Any:
   else:
     abstract = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                       sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0])),
+                                       sharding=jax.sharding.SingleDeviceSharding(
+            jax.local_devices()[0])),
         tree, is_leaf=lambda x: hasattr(x, 'shape'))
     restored = ckptr.restore(state_dir, abstract)
     restored['params'] = jax.tree.map(np.asarray, restored['params'])

@@ -290,4 +290,6 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
   _range(config, 'checkpoint.every_steps', 0, integer=True)
   _range(config, 'distributed.num_processes', 0, integer=True)
   _range(config, 'distributed.process_id', -1, integer=True)
+  _range(config, 'distributed.initialization_timeout', 1, integer=True)
+  _range(config, 'distributed.heartbeat_timeout', 1, integer=True)
   return config

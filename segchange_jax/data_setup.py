@@ -13,6 +13,8 @@ import jax
 from absl import logging
 from jax.experimental import multihost_utils
 
+from segchange_jax import paths
+
 
 class DataSetupError(ValueError):
   """The configured data cannot be found or does not fit the model config."""
@@ -48,6 +50,10 @@ def ensure_dataset(config) -> str:
   if not config.data.shards_dir:
     raise DataSetupError('config.data.shards_dir is empty: set it to the output folder of '
                          '`python -m data_prep.convert`')
+  try:
+    paths.check_local_readable(config.data.shards_dir, 'config.data.shards_dir')
+  except ValueError as e:
+    raise DataSetupError(str(e)) from None
   if jax.process_index() == 0:
     _prepare(config)
   if jax.process_count() > 1:

@@ -27,11 +27,16 @@ def _cluster_detected() -> bool:
 
 
 def maybe_initialize(coordinator_address: str = '', num_processes: int = 0,
-                     process_id: int = -1) -> bool:
+                     process_id: int = -1, initialization_timeout: int = 300,
+                     heartbeat_timeout: int = 100) -> bool:
   """Initialises jax.distributed if asked to or if a cluster is detected; True if it did.
 
-  Must run before any other JAX call that touches devices.
+  Must run before any other JAX call that touches devices. `initialization_timeout`: seconds
+  to wait for all processes to join; `heartbeat_timeout`: seconds after which a silent
+  (killed) process makes the others fail rather than hang.
   """
+  timeouts = dict(initialization_timeout=int(initialization_timeout),
+                  heartbeat_timeout_seconds=int(heartbeat_timeout))
   if coordinator_address or num_processes > 0 or process_id >= 0:
     if not (coordinator_address and num_processes > 0 and process_id >= 0):
       raise ValueError('multi-process launch needs all three of coordinator_address, '
@@ -41,9 +46,9 @@ def maybe_initialize(coordinator_address: str = '', num_processes: int = 0,
     if process_id >= num_processes:
       raise ValueError(f'process_id={process_id} must be < num_processes={num_processes}')
     jax.distributed.initialize(coordinator_address=coordinator_address,
-                               num_processes=num_processes, process_id=process_id)
+                               num_processes=num_processes, process_id=process_id, **timeouts)
   elif _cluster_detected():
-    jax.distributed.initialize()
+    jax.distributed.initialize(**timeouts)
   else:
     return False
   logging.info('jax.distributed: process %d of %d, %d local / %d global devices',

@@ -10,16 +10,20 @@ A record with an empty prompt uses config.data.prompt when '' is not in `prompt_
 Sizes: records larger than config.data.image_size are randomly cropped (same window for A, B
 and label) for training; evaluation always uses whole records, which must then all have one
 size, a multiple of 32. Records smaller than image_size are an error (re-convert with --tile).
-Training iterates forever (the sampler reshuffles at each epoch; batches flow across epoch
-boundaries); every example's augmentation draw comes from (seed, global index), so a run is
-reproducible and the iterator state (get_state/set_state) resumes it exactly.
+Training iterates forever over one global stream (epoch e = a permutation seeded by (seed, e),
+remainder dropped) that the processes split batch by batch; every example's crop and
+augmentation draw comes from (seed, global position). A run is therefore reproducible, its
+batches are the same on any number of processes, and the iterator state {'step': t}
+(get_state/set_state) resumes it exactly, also on another process count. Reading and
+augmenting run on 2 * max(1, config.data.num_workers) threads.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from typing import Any, Iterable
+import threading
+from typing import Callable, Iterable
 
 import grain.python as grain
 import numpy as np
@@ -29,6 +33,9 @@ from segchange_jax import records
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+# Separate random streams for the epoch permutations and the per-example augmentations.
+_PERMUTATION_STREAM, _AUGMENT_STREAM = 0, 1
+_ENDLESS = 2**40   # training steps; MapDataset.range needs an end
 _CONVERT_HINT = 'create it with `python -m data_prep.convert --layout ... --root RAW --out DIR`'
 
 
@@ -105,26 +112,93 @@ def _to_example(a, b, label, prompt, binary, prompt_to_index, default, mask=1.0)
           'mask': np.float32(mask)}
 
 
-class _TrainTransform(grain.RandomMapTransform):
-  """Record bytes -> augmented, normalised example (picklable for Grain workers)."""
+def _train_example(record: bytes, rng: np.random.Generator, size: int, augment_cfg: dict,
+                   binary: bool, prompt_to_index: dict[str, int], default_prompt: str) -> dict:
+  """Record bytes -> randomly cropped, augmented, normalised example."""
+  ex = records.decode(record)
+  a, b, label = ex['image_a'], ex['image_b'], ex['label']
+  h, w = label.shape
+  if (h, w) != (size, size):
+    y = int(rng.integers(0, h - size + 1))
+    x = int(rng.integers(0, w - size + 1))
+    win = np.s_[y:y + size, x:x + size]
+    a, b, label = (np.ascontiguousarray(v[win]) for v in (a, b, label))
+  a, b, label = augment.augment_pair(a, b, label, rng, augment_cfg)
+  return _to_example(a, b, label, ex['prompt'], binary, prompt_to_index, default_prompt)
 
-  def __init__(self, size: int, augment_cfg: dict, binary: bool,
-               prompt_to_index: dict[str, int], default_prompt: str):
-    self.size, self.augment_cfg, self.binary = size, augment_cfg, binary
-    self.prompt_to_index, self.default_prompt = prompt_to_index, default_prompt
 
-  def random_map(self, element: bytes, rng: np.random.Generator) -> dict:
-    ex = records.decode(element)
-    a, b, label = ex['image_a'], ex['image_b'], ex['label']
-    h, w = label.shape
-    if (h, w) != (self.size, self.size):
-      y = int(rng.integers(0, h - self.size + 1))
-      x = int(rng.integers(0, w - self.size + 1))
-      win = np.s_[y:y + self.size, x:x + self.size]
-      a, b, label = (np.ascontiguousarray(v[win]) for v in (a, b, label))
-    a, b, label = augment.augment_pair(a, b, label, rng, self.augment_cfg)
-    return _to_example(a, b, label, ex['prompt'], self.binary, self.prompt_to_index,
-                       self.default_prompt)
+class _GlobalOrder:
+  """Global stream position -> record index: epoch e is a permutation seeded by (seed, e).
+
+  Each epoch holds steps_per_epoch * B positions (the remainder of the permutation is dropped),
+  so epoch boundaries fall on step boundaries whatever the number of processes.
+  """
+
+  def __init__(self, num_examples: int, epoch_len: int, seed: int, shuffle: bool):
+    self.num_examples, self.epoch_len, self.seed, self.shuffle = (
+        num_examples, epoch_len, seed, shuffle)
+    self._cache: dict[int, np.ndarray] = {}
+    self._lock = threading.Lock()
+
+  def _permutation(self, epoch: int) -> np.ndarray:
+    with self._lock:   # Grain reads with several threads
+      perm = self._cache.get(epoch)
+      if perm is None:
+        perm = np.random.default_rng([self.seed, _PERMUTATION_STREAM, epoch]).permutation(
+            self.num_examples)
+        self._cache = {e: v for e, v in self._cache.items() if e >= epoch - 1}
+        self._cache[epoch] = perm
+      return perm
+
+  def __call__(self, position: int) -> int:
+    epoch, offset = divmod(position, self.epoch_len)
+    return int(self._permutation(epoch)[offset]) if self.shuffle else offset
+
+
+class TrainIterator:
+  """This process's training batches; checkpointable with a process-count independent state.
+
+  Global step t covers global stream positions [t B, (t + 1) B); process p of P yields the
+  positions [t B + p b, t B + (p + 1) b) with b = B / P. Every example's crop and augmentation
+  draw from (seed, global position). The state is {'step': t} (JSON), so a checkpoint written
+  by any number of processes resumes exactly on any other number.
+  """
+
+  def __init__(self, load: Callable[[int], dict], global_batch: int, process_index: int,
+               process_count: int, num_threads: int, prefetch: int):
+    self._load, self._global_batch = load, global_batch
+    self._local_batch = global_batch // process_count
+    self._offset = process_index * self._local_batch
+    self._read = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
+    self.set_state({'step': 0})
+
+  def _position(self, i: int) -> int:
+    step, j = divmod(int(i), self._local_batch)
+    return step * self._global_batch + self._offset + j
+
+  def set_state(self, state: dict) -> None:
+    """Continues at global step state['step'] (what get_state returned, on any process count)."""
+    if not isinstance(state, dict) or not isinstance(state.get('step'), int) or state['step'] < 0:
+      raise InputError(f'training iterator state {state!r} is not {{"step": t}}; the checkpoint '
+                       'was written by an older segchange_jax: restart training or set '
+                       'config.init_from to it')
+    self._step = state['step']
+    b = self._local_batch
+    # Local element i <-> local batch i // b == global step; the range is endless in practice.
+    ds = grain.MapDataset.range(self._step * b, _ENDLESS * b)
+    ds = ds.map(lambda i: self._load(self._position(i))).batch(b)
+    self._it = iter(ds.to_iter_dataset(self._read))
+
+  def get_state(self) -> dict:
+    return {'step': self._step}
+
+  def __iter__(self) -> 'TrainIterator':
+    return self
+
+  def __next__(self) -> dict:
+    batch = next(self._it)
+    self._step += 1
+    return batch
 
 
 def _process(process_index, process_count) -> tuple[int, int]:
@@ -142,32 +216,40 @@ def _per_process(batch_size: int, process_count: int, field: str) -> int:
   return batch_size // process_count
 
 
+def _read_threads(config) -> int:
+  """Reader threads: decoding (PNG, OpenCV) releases the GIL, so threads scale on one host."""
+  return max(1, int(config.data.num_workers)) * 2
+
+
 def create_train_iterator(config, prompt_to_index: dict[str, int], process_index=None,
-                          process_count=None) -> tuple[Any, int]:
-  """Infinite, checkpointable iterator of this process's training batches; steps per epoch."""
+                          process_count=None) -> tuple[TrainIterator, int]:
+  """Endless, checkpointable iterator of this process's training batches; steps per epoch."""
   process_index, process_count = _process(process_index, process_count)
   split = config.data.train_split
   s, paths = _split_info(config, split)
   size = config.data.image_size
   _check_sizes(s, size, split, train=True)
-  b = _per_process(config.train.batch_size, process_count, 'config.train.batch_size')
+  batch = config.train.batch_size
+  _per_process(batch, process_count, 'config.train.batch_size')
   n = s['num_examples']
-  steps = n // config.train.batch_size
+  steps = n // batch
   if steps == 0:
     raise InputError(f'split {split!r} has {n} examples, fewer than one global batch '
-                     f'(config.train.batch_size={config.train.batch_size})')
-  shard = grain.ShardOptions(process_index, process_count, drop_remainder=True)
-  sampler = grain.IndexSampler(n, shard_options=shard, shuffle=bool(config.data.shuffle),
-                               num_epochs=None, seed=int(config.seed))
-  transform = _TrainTransform(size, config.data.augment.to_dict(),
-                              config.model.num_classes == 1, dict(prompt_to_index),
-                              config.data.prompt)
-  loader = grain.DataLoader(
-      data_source=grain.ArrayRecordDataSource(paths), sampler=sampler,
-      operations=[transform, grain.Batch(b, drop_remainder=True)],
-      worker_count=int(config.data.num_workers),
-      worker_buffer_size=int(config.data.prefetch_buffer))
-  return iter(loader), steps
+                     f'(config.train.batch_size={batch})')
+  seed = int(config.seed)
+  order = _GlobalOrder(n, steps * batch, seed, bool(config.data.shuffle))
+  source = grain.ArrayRecordDataSource(paths)
+  kwargs = dict(size=size, augment_cfg=config.data.augment.to_dict(),
+                binary=config.model.num_classes == 1, prompt_to_index=dict(prompt_to_index),
+                default_prompt=config.data.prompt)
+
+  def load(position: int) -> dict:
+    rng = np.random.default_rng([seed, _AUGMENT_STREAM, position])
+    return _train_example(source[order(position)], rng, **kwargs)
+
+  it = TrainIterator(load, batch, process_index, process_count, _read_threads(config),
+                     max(1, int(config.data.prefetch_buffer)))
+  return it, steps
 
 
 def create_eval_iterator(config, split: str, prompt_to_index: dict[str, int], batch_size: int,
@@ -202,5 +284,5 @@ def create_eval_iterator(config, split: str, prompt_to_index: dict[str, int], ba
                        default)
 
   ds = grain.MapDataset.range(steps * b).map(load).batch(b)
-  threads = max(1, int(config.data.num_workers)) * 2
-  return ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=4))
+  return ds.to_iter_dataset(grain.ReadOptions(num_threads=_read_threads(config),
+                                               prefetch_buffer_size=4))

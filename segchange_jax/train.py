@@ -60,7 +60,8 @@ def main(argv: Sequence[str]) -> None:
   distributed.maybe_initialize(
       _COORDINATOR.value if _COORDINATOR.value is not None else d.coordinator_address,
       _NUM_PROCESSES.value if _NUM_PROCESSES.value is not None else d.num_processes,
-      _PROCESS_ID.value if _PROCESS_ID.value is not None else d.process_id)
+      _PROCESS_ID.value if _PROCESS_ID.value is not None else d.process_id,
+      initialization_timeout=d.initialization_timeout, heartbeat_timeout=d.heartbeat_timeout)
   from segchange_jax import trainer  # pylint: disable=g-import-not-at-top
   preemption = _Preemption()
   result = trainer.train_and_evaluate(config, _WORKDIR.value,

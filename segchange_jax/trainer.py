@@ -7,7 +7,6 @@ them and does the I/O. Every process runs the same code; only process 0 writes l
 from __future__ import annotations
 
 import json
-import os
 import time
 from typing import Any, Callable
 
@@ -23,6 +22,7 @@ from segchange_jax import init_from
 from segchange_jax import input_pipeline
 from segchange_jax import metrics as metrics_lib
 from segchange_jax import optim
+from segchange_jax import paths
 from segchange_jax import sharding
 from segchange_jax import summary
 from segchange_jax import train_lib
@@ -87,6 +87,45 @@ def evaluate_split(eval_step, state, config, split: str, prompt_to_index, text_t
   return result
 
 
+def _all_agree_to_stop(local: bool) -> bool:
+  """True on every process if any process was asked to stop (e.g. SIGTERM on one host).
+
+  All processes must then save the same step and leave together; a process leaving alone
+  would hang the others in their next collective. One tiny all-gather per step.
+  """
+  if jax.process_count() == 1:
+    return bool(local)
+  flags = multihost_utils.process_allgather(np.asarray(bool(local)))
+  return bool(np.any(flags))
+
+
+def _barrier(name: str, timeout_s: int) -> None:
+  """Waits for every process at the coordination service (no device collective involved)."""
+  from jax._src import distributed as jax_distributed  # pylint: disable=g-import-not-at-top
+  client = jax_distributed.global_state.client
+  if client is not None:
+    client.wait_at_barrier(name, timeout_in_ms=int(timeout_s) * 1000)
+
+
+def _compile_then_align(step_fn: Callable, name: str, timeout_s: int) -> Callable:
+  """Multi-process: compile `step_fn` at its first call, wait for all processes, then run.
+
+  Compile times differ between hosts (a busy CPU, a compilation-cache miss on one host); CPU
+  clusters (gloo) fail a collective whose participants arrive more than 30 s apart, and other
+  backends would just idle. Aligning after compiling keeps the first collective together.
+  """
+  if jax.process_count() == 1:
+    return step_fn
+  compiled = {}
+
+  def call(*args):
+    if 'fn' not in compiled:
+      compiled['fn'] = step_fn.lower(*args).compile()
+      _barrier(f'segchange_{name}_compiled', timeout_s)
+    return compiled['fn'](*args)
+  return call
+
+
 def _scalars(result: dict) -> dict[str, float]:
   return {k: float(v) for k, v in result.items() if np.ndim(v) == 0}
 
@@ -95,11 +134,11 @@ def train_and_evaluate(config, workdir: str,
                        should_stop: Callable[[], bool] = lambda: False) -> dict[str, Any]:
   """Trains per `config`, writing everything into `workdir`; returns the final test metrics."""
   is_main = jax.process_index() == 0
-  workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
+  paths.check_writable(workdir, '--workdir')
+  workdir = paths.resolve(workdir)   # local or gs://
   if is_main:
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config.to_json_best_effort(indent=2))
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2))
 
   shards_dir = data_setup.ensure_dataset(config)
   info = input_pipeline.load_dataset_info(shards_dir)
@@ -128,10 +167,13 @@ def train_and_evaluate(config, workdir: str,
       steps_per_epoch=steps_per_epoch, label_fn=param_groups.lr_label_fn(config),
       frozen_mask_fn=param_groups.frozen_mask_fn(config))
   text_table = jax.device_put(jnp.asarray(table_np), sharding.replicated(mesh))
-  train_step = train_lib.make_train_step(model, config, mesh, state_shardings)
-  eval_step = train_lib.make_eval_step(model, config, mesh, state_shardings)
+  timeout = config.distributed.initialization_timeout
+  train_step = _compile_then_align(
+      train_lib.make_train_step(model, config, mesh, state_shardings), 'train_step', timeout)
+  eval_step = _compile_then_align(
+      train_lib.make_eval_step(model, config, mesh, state_shardings), 'eval_step', timeout)
 
-  ckpt = checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints'), config)
+  ckpt = checkpointing.Checkpointer(workdir / 'checkpoints', config)
   restored = ckpt.restore(state, state_shardings)
   if restored is not None:
     state, iter_state, step = restored
@@ -146,10 +188,11 @@ def train_and_evaluate(config, workdir: str,
     for line in report['skipped']:
       logging.info('  skipped %s', line)
     if is_main:
-      with open(os.path.join(workdir, 'init_from_report.json'), 'w') as f:
-        json.dump(report, f, indent=1)
+      (workdir / 'init_from_report.json').write_text(json.dumps(report, indent=1))
 
   writer = summary.MetricWriter(workdir)
+  if restored is not None and writer.drop_after(restored[2]):
+    logging.info('metrics.csv: dropped rows logged after step %d (they are redone)', restored[2])
   step = int(jax.device_get(state.step))
   progress = None
   if is_main and config.train.progress_bar:
@@ -200,11 +243,10 @@ def train_and_evaluate(config, workdir: str,
             factor=config.train.plateau_factor))
       logging.info('step %d epoch %d val: loss %.4f F1 %.4f IoU %.4f', step, epoch,
                    val_result['loss'], val_result['f1'], val_result['iou'])
-    if do_eval or epoch_end or save_now or should_stop() or step == total_steps:
+    stop = _all_agree_to_stop(should_stop())
+    if do_eval or epoch_end or save_now or stop or step == total_steps:
       ckpt.save(step, state, train_iter.get_state(), _scalars(val_result) if do_eval else None)
-    if should_stop():
-      # Every process must agree before leaving, or the others hang in a collective.
-      multihost_utils.sync_global_devices('preempted')
+    if stop:
       logging.warning('stopping after step %d on request (checkpoint saved)', step)
       ckpt.close()
       writer.close()
@@ -224,8 +266,8 @@ def train_and_evaluate(config, workdir: str,
     result['checkpoint_step'] = best[2] if best is not None else step
     writer.write(step, config.eval.split, _scalars(result))
     if is_main:
-      with open(os.path.join(workdir, f'eval_{config.eval.split}.json'), 'w') as f:
-        json.dump(result, f, indent=2, default=float)
+      (workdir / f'eval_{config.eval.split}.json').write_text(
+          json.dumps(result, indent=2, default=float))
       logging.info('%s: %s', config.eval.split, json.dumps(_scalars(result)))
   ckpt.close()
   writer.close()

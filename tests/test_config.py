@@ -61,6 +61,8 @@ def test_overrides_are_typed(repo_root):
     ('train.grad_accum_steps=3', 'must divide'),
     ('mesh.data=0', 'positive integer or -1'),
     ('data.augment.apply_prob=1.5', 'apply_prob=1.5 must be <= 1.0'),
+    ('distributed.heartbeat_timeout=0', 'heartbeat_timeout=0 must be >= 1'),
+    ('distributed.initialization_timeout=0', 'initialization_timeout=0 must be >= 1'),
 ])
 def test_validation_names_field_and_choices(repo_root, override, message):
   with pytest.raises(config_lib.ConfigError, match=message):

@@ -25,7 +25,25 @@ def test_tpu_vm_dry_run_prints_every_step(repo_root):
   assert train and 'configs/levir.py' in train[0] and 'batch_size=64' in train[0]
 
 
+def test_tpu_vm_stages_shards_and_installs_gcs_support(repo_root):
+  out = _run(['bash', 'launch/tpu_vm.sh', '--name', 'cd', '--zone', 'z', '--type', 'v4-8',
+              '--config', 'configs/levir.py', '--workdir', 'gs://b/runs/x', '--shards',
+              'gs://b/shards/levir', '--dry_run'], repo_root)
+  assert out.returncode == 0, out.stderr
+  lines = out.stdout.splitlines()
+  assert any('pip install' in l and '.[gcs]' in l for l in lines)
+  assert any('gcloud storage rsync --recursive gs://b/shards/levir ~/segchange_shards' in l
+             for l in lines)
+  train = [l for l in lines if 'segchange_jax.train' in l]
+  assert train and '--config.data.shards_dir=$HOME/segchange_shards' in train[0]
+  local = _run(['bash', 'launch/tpu_vm.sh', '--name', 'cd', '--zone', 'z', '--type', 'v4-8',
+                '--config', 'configs/levir.py', '--workdir', '/mnt/nfs/x', '--dry_run'], repo_root)
+  assert local.returncode == 0 and '[gcs]' not in local.stdout and 'rsync' not in local.stdout
+
+
 @pytest.mark.parametrize('args, message', [
+    (['--name', 'n', '--zone', 'z', '--type', 'v4-8', '--config', 'configs/levir.py',
+      '--workdir', 'w', '--shards', '/local/shards'], 'must be a gs:// folder'),
     (['--zone', 'z', '--type', 'v4-8', '--config', 'configs/levir.py', '--workdir', 'w'], '--name'),
     (['--name', 'n', '--zone', 'z', '--type', 'v4-8', '--config', 'configs/nope.py',
       '--workdir', 'w'], 'configs/nope.py not found'),
