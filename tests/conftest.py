@@ -38,3 +38,20 @@ def shared_data() -> pathlib.Path:
   if not SHARED_DATA.is_dir():
     pytest.skip(f'real data folder {SHARED_DATA} is absent (only present beside the dev checkout)')
   return SHARED_DATA
+
+
+@pytest.fixture(scope='session')
+def dataset(tmp_path_factory) -> pathlib.Path:
+  """16 synthetic 64 px scenes converted to shards (12 train / 2 val / 2 test), plus a
+  prompt-embedding npz of width 16 (no text model), shared by the trainer and multihost tests."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from data_prep import convert  # pylint: disable=g-import-not-at-top
+  from data_prep import synthetic  # pylint: disable=g-import-not-at-top
+  root = tmp_path_factory.mktemp('trainer_data')
+  synthetic.generate(str(root / 'raw'), 16, 64, 0)
+  info = convert.convert('segchange-default', str(root / 'raw'), str(root / 'shards'))
+  prompts = sorted(set(info['prompts']) | {'Buildings appearing or vanishing.'})
+  rng = np.random.default_rng(0)
+  np.savez(root / 'emb.npz', prompts=np.asarray(prompts),
+           embeddings=rng.normal(size=(len(prompts), 8, 16)).astype(np.float32))
+  return root

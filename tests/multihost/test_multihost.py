@@ -17,28 +17,13 @@ import jax
 import numpy as np
 import pytest
 
-from data_prep import convert
 from configs import base
-from data_prep import synthetic
 from segchange_jax import checkpointing
 from segchange_jax import input_pipeline
 from tests.multihost import local_cluster
 
-DIM = 16
+DIM = 16  # width of the `dataset` fixture's embeddings (tests/conftest.py)
 TIMEOUT = 600   # seconds per cluster run: a hang fails the test
-
-
-@pytest.fixture(scope='module')
-def dataset(tmp_path_factory):
-  """16 synthetic 64 px scenes as shards (12 train / 2 val / 2 test) and prompt embeddings."""
-  root = tmp_path_factory.mktemp('multihost_data')
-  synthetic.generate(str(root / 'raw'), 16, 64, 0)
-  info = convert.convert('segchange-default', str(root / 'raw'), str(root / 'shards'))
-  prompts = sorted(set(info['prompts']) | {'Buildings appearing or vanishing.'})
-  rng = np.random.default_rng(0)
-  np.savez(root / 'emb.npz', prompts=np.asarray(prompts),
-           embeddings=rng.normal(size=(len(prompts), 8, DIM)).astype(np.float32))
-  return root
 
 
 @pytest.fixture(scope='module')

@@ -1,27 +1,8 @@
-"""A tiny synthetic dataset and config overrides shared by the driver-level training tests."""
+"""Config overrides for tiny runs on the `dataset` fixture (defined in tests/conftest.py)."""
 
 import pathlib
 
-import numpy as np
-import pytest
-
-from data_prep import convert
-from data_prep import synthetic
-
-PROMPTS_DIM = 16
-
-
-@pytest.fixture(scope='session')
-def dataset(tmp_path_factory) -> pathlib.Path:
-  """16 synthetic 64 px scenes converted to shards, plus a prompt-embedding npz (no text model)."""
-  root = tmp_path_factory.mktemp('trainer_data')
-  synthetic.generate(str(root / 'raw'), 16, 64, 0)
-  info = convert.convert('segchange-default', str(root / 'raw'), str(root / 'shards'))
-  prompts = sorted(set(info['prompts']) | {'Buildings appearing or vanishing.'})
-  rng = np.random.default_rng(0)
-  np.savez(root / 'emb.npz', prompts=np.asarray(prompts),
-           embeddings=rng.normal(size=(len(prompts), 8, PROMPTS_DIM)).astype(np.float32))
-  return root
+PROMPTS_DIM = 16  # the width of the `dataset` fixture's prompt embeddings
 
 
 def tiny_overrides(dataset: pathlib.Path, **overrides) -> list[str]:
