@@ -69,18 +69,37 @@ def save_variables(directory: str, config: ml_collections.ConfigDict, variables:
     f.write(config.to_json_best_effort(indent=2))
 
 
-def _restore_tree(path: str) -> dict:
+class CheckpointError(ValueError):
+  """A checkpoint cannot be read; the message names the path and what to do."""
+
+
+def _restore_tree(path: str, keys: tuple[str, ...] | None = None) -> dict:
+  """Host arrays of the Orbax tree at `path`; only its top-level `keys` when given.
+
+  Restoring only `params` (+ model state) of a training checkpoint skips the optimizer
+  state, which is twice the size of the parameters for AdamW.
+  """
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   path = os.path.abspath(path)  # Orbax refuses relative paths (`--checkpoint runs/x/checkpoints`)
-  ckptr = ocp.StandardCheckpointer()
-  meta = ckptr.metadata(path)
-  meta = getattr(meta, 'item_metadata', meta)
-  meta = getattr(meta, 'tree', meta)
-  # jax.devices()[0] belongs to process 0; in a multi-process run use one of ours.
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                          meta, is_leaf=lambda x: hasattr(x, 'shape'))
-  return jax.tree.map(np.asarray, ckptr.restore(path, abstract))
+  try:
+    ckptr = ocp.PyTreeCheckpointer()
+    meta = ckptr.metadata(path)
+    meta = getattr(meta, 'item_metadata', meta)
+    meta = getattr(meta, 'tree', meta)
+    if keys is not None:
+      meta = {k: meta[k] for k in keys if k in meta and meta[k] is not None}
+    # jax.devices()[0] belongs to process 0; in a multi-process run use one of ours.
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                            meta, is_leaf=lambda x: hasattr(x, 'shape'))
+    args = ocp.args.PyTreeRestore(
+        item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+        partial_restore=keys is not None)
+    return jax.tree.map(np.asarray, ckptr.restore(path, args=args))
+  except Exception as e:  # Orbax / TensorStore raise many types for a damaged checkpoint
+    first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+    raise CheckpointError(f'checkpoint {path} cannot be read ({first}); it is incomplete or '
+                          'corrupt: copy it again or use another step') from e
 
 
 def _training_step_dir(path: str) -> str | None:
@@ -129,7 +148,7 @@ def load_variables(path: str, config: ml_collections.ConfigDict | None = None
         f'{CONFIG_FILE} (convert_torch output) or a training checkpoints directory')
   if config is None:
     config = config_from_dict(_read_json_item(os.path.join(step_dir, 'config')))
-  state = _restore_tree(os.path.join(step_dir, 'state'))
+  state = _restore_tree(os.path.join(step_dir, 'state'), keys=('params', 'model_state'))
   variables = {'params': state['params'], **dict(state.get('model_state') or {})}
   return config, variables
 
