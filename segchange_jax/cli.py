@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 from typing import Callable, Sequence
 
@@ -63,18 +64,41 @@ def print_help(argv: Sequence[str]) -> None:
 
 def _parse_flags(argv: list[str]) -> list[str]:
   try:
-    return flags.FLAGS(argv)
+    rest = flags.FLAGS(argv)
+    if 'config' in flags.FLAGS and flags.FLAGS['config'].present:
+      flags.FLAGS['config'].value.keys()  # a lazy proxy: this loads the file (or fails) now
+    return rest
   except flags.Error as e:
     fail(f'{one_line(e)} (see --help)')
-  except (ValueError, OSError) as e:  # e.g. --config naming a missing or broken file
-    fail(one_line(e))
+  except (AttributeError, KeyError) as e:  # --config.a.b=v naming an unknown field
+    text = str(e.args[0] if e.args else e)
+    names = re.findall(r"[\w.]+", text.split('Did you mean')[0])
+    name = names[0] if names else text
+    hint = re.search(r'Did you mean "([\w.]+)"', text)
+    bad = [a for a in argv if a.startswith('--config.') and name in a]
+    fail(f'{bad[0] if bad else "--config"}: config has no field {name!r}'
+         + (f'; did you mean {hint.group(1)!r}?' if hint else '')
+         + ' (every field is in configs/base.py)')
+  except (ValueError, OSError) as e:  # --config naming a missing or broken file
+    text = one_line(e)
+    if 'Failed loading config file' in text or 'earlier failure to load' in text:
+      spec = [a.removeprefix('--config=') for a in argv if a.startswith('--config=')]
+      if not spec and '--config' in argv[:-1]:
+        spec = [argv[argv.index('--config') + 1]]
+      path = spec[0].split(':', 1)[0] if spec else '?'
+      why = ('does not exist' if not os.path.isfile(path) else
+             'raised an error when loaded (run it with python to see where)')
+      text = f'--config {path}: the config file {why}; pass e.g. configs/demo.py'
+    fail(text)
   raise AssertionError('unreachable')
 
 
 def guard(main: Callable[[list[str]], None],
-          extra_errors: tuple[type[BaseException], ...] = ()) -> Callable[[list[str]], None]:
-  """`main` with user errors turned into one line on stderr and exit status 2."""
-  errors = USER_ERRORS + tuple(extra_errors)
+          extra_errors: tuple[type[BaseException], ...] = (),
+          errors: tuple[type[BaseException], ...] | None = None) -> Callable[[list[str]], None]:
+  """`main` with user errors (`errors`, default USER_ERRORS, plus `extra_errors`) turned into
+  one line on stderr and exit status 2."""
+  errors = (USER_ERRORS if errors is None else tuple(errors)) + tuple(extra_errors)
 
   def wrapped(argv: list[str]) -> None:
     try:
@@ -87,12 +111,13 @@ def guard(main: Callable[[list[str]], None],
 
 
 def run(main: Callable[[list[str]], None], argv: list[str] | None = None,
-        extra_errors: tuple[type[BaseException], ...] = ()) -> None:
+        extra_errors: tuple[type[BaseException], ...] = (),
+        errors: tuple[type[BaseException], ...] | None = None) -> None:
   """absl.app.run(main) with the help and error rules of the module docstring."""
   argv = sys.argv if argv is None else argv
   if any(a in HELP_ARGS for a in argv[1:]):
     print_help(argv)
-  app.run(guard(main, extra_errors), argv=argv, flags_parser=_parse_flags)
+  app.run(guard(main, extra_errors, errors), argv=argv, flags_parser=_parse_flags)
 
 
 class _DropLibraryChatter(logging.Filter):
