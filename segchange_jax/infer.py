@@ -155,7 +155,8 @@ def check_settings(window: int | None = None, overlap: int | None = None,
     raise cli.UsageError(f'--overlap={overlap} must be smaller than --window={window}')
 
 
-def clamp_window(window: int, overlap: int, height: int, width: int) -> tuple[int, int]:
+def clamp_window(window: int, overlap: int, height: int, width: int,
+                 quiet: bool = False) -> tuple[int, int]:
   """(window, overlap) fitted to a raster smaller than the window (multiple of 32, with a
   warning), so no window is padded by reflection: padding would change the prediction."""
   side = min(height, width)
@@ -163,8 +164,9 @@ def clamp_window(window: int, overlap: int, height: int, width: int) -> tuple[in
     return window, overlap
   new = side // 32 * 32
   new_overlap = min(overlap, new // 4)
-  print(f'warning: --window {window} is larger than the {width}x{height} raster; using '
-        f'--window {new} --overlap {new_overlap}', file=sys.stderr)
+  if not quiet:
+    print(f'warning: --window {window} is larger than the {width}x{height} raster; using '
+          f'--window {new} --overlap {new_overlap}', file=sys.stderr)
   return new, new_overlap
 
 
