@@ -145,3 +145,13 @@ def atomic_dir(path: str) -> Iterator[str]:
   with atomic_path(path) as tmp:
     os.makedirs(tmp)
     yield tmp
+
+
+def write_text(path, text: str) -> None:
+  """Writes `text` to an epath/pathlib path: atomically when local (gs:// objects appear whole
+  anyway)."""
+  if '://' in str(path):
+    path.write_text(text)
+  else:
+    with atomic_open(str(path)) as f:
+      f.write(text)

@@ -91,3 +91,25 @@ def test_readme_snippet_runs(detector, tmp_path, monkeypatch):
     assert ds.crs is not None and ds.tags(ns='IMAGE_STRUCTURE')['LAYOUT'] == 'COG'
     np.testing.assert_array_equal(ds.read(1), result.mask)
   assert os.path.isfile('change.gpkg')
+
+
+def test_training_checkpoint_restores_variables_only(detector, tmp_path):
+  """A training checkpoint (state with optimizer moments) yields just params + model state."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from segchange_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  _, det, variables = detector
+  params = variables['params']
+  others = {k: v for k, v in variables.items() if k != 'params'}
+  state = {'step': np.int32(7), 'params': params, 'model_state': others,
+           'opt_state': {'mu': jax.tree.map(np.ones_like, params),
+                         'nu': jax.tree.map(np.ones_like, params)}}
+  ckpt = checkpointing.Checkpointer(str(tmp_path / 'checkpoints'), det.config)
+  ckpt.save(7, state)
+  ckpt.close()
+  config, loaded = api.load_variables(str(tmp_path / 'checkpoints'))
+  assert set(loaded) == set(variables)
+  for x, y in zip(jax.tree.leaves(loaded), jax.tree.leaves(variables)):
+    np.testing.assert_array_equal(x, y)
+  assert config.text.dim == det.config.text.dim
+  step_dir = tmp_path / 'checkpoints' / 'latest' / '7' / 'state'
+  assert set(api._restore_tree(str(step_dir), keys=('params',))) == {'params'}  # pylint: disable=protected-access
