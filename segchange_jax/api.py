@@ -117,7 +117,9 @@ def _training_step_dir(path: str) -> str | None:
     return path
   for sub in ('best_iou', 'best_f1', 'latest'):
     if os.path.isdir(os.path.join(path, sub)):
-      return _training_step_dir(os.path.join(path, sub))
+      found = _training_step_dir(os.path.join(path, sub))
+      if found is not None:  # best_* stay empty until the first evaluation
+        return found
   steps = [int(d) for d in os.listdir(path) if d.isdigit()]
   return os.path.join(path, str(max(steps))) if steps else None
 
