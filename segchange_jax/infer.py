@@ -282,8 +282,8 @@ def _run_inference(a, b, out, predict_probs, *, channels, settings, probabilitie
       dummy = np.zeros((batch, window, window, 3), np.uint8)
       probe = np.asarray(predict_probs(dummy, dummy))
       channels = 1 if probe.ndim == 3 else probe.shape[-1]
-    bar.total = len(scene.Grid(source.height, source.width, window, overlap).windows())
-    bar.refresh()
+    # reset() also restarts the clock, so the rate shown is windows/s, not load + compile.
+    bar.reset(total=len(scene.Grid(source.height, source.width, window, overlap).windows()))
     sinks = []
     if plain_out:
       mask_sink = scene_io.PlainSink(None, source.height, source.width, threshold)
