@@ -55,6 +55,13 @@ def main(argv):
   if not _CHECKPOINT.value or not _OUT.value:
     raise cli.UsageError('--checkpoint and --out are required')
   atomic.check_output(_OUT.value, [_CHECKPOINT.value], _OVERWRITE.value)
+  ext = os.path.splitext(_OUT.value)[1].lower()
+  if _REVERSE.value and ext != '.safetensors':
+    raise cli.UsageError(f'--out {_OUT.value}: --reverse writes safetensors; name the file '
+                         '*.safetensors')
+  if not _REVERSE.value and ext in ('.safetensors', '.pth', '.pt', '.bin'):
+    raise cli.UsageError(f'--out {_OUT.value}: a forward conversion writes a directory '
+                         '(variables/ + config.json); give a folder name')
   if not os.path.exists(_CHECKPOINT.value):
     raise FileNotFoundError(f'--checkpoint {_CHECKPOINT.value} does not exist')
   config = _CONFIG.value

@@ -93,6 +93,8 @@ def _run(args: argparse.Namespace) -> None:
   from segchange_jax import cli  # pylint: disable=g-import-not-at-top
   cli.positive('max_tokens', args.max_tokens)
   atomic.check_output(args.out, args.prompts, args.overwrite)
+  if not args.out.lower().endswith('.npz'):
+    raise ValueError(f'--out {args.out}: the embeddings file is an .npz; name it *.npz')
   prompts: list[str] = []
   for f in args.prompts:
     prompts += read_prompt_file(f, args.format)

@@ -181,6 +181,10 @@ def test_other_programs(tmp_path):
                      'configs/demo.py', '--out', str(bad_pth), '--overwrite')
   assert proc.returncode == 2
   _one_line_error(proc.stderr, '--out', 'is the input')
+  proc = _subprocess('segchange_jax.convert_torch', '--reverse', '--checkpoint', str(tmp_path),
+                     '--out', str(tmp_path / 'back.pth'))
+  assert proc.returncode == 2
+  _one_line_error(proc.stderr, '--out', '.safetensors')
   proc = _subprocess('segchange_jax.embed_prompts', '--text_model', 'pkg:x', '--prompts',
                      str(tmp_path / 'missing.txt'), '--out', str(tmp_path / 'e.npz'))
   assert proc.returncode == 2
