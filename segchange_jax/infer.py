@@ -54,6 +54,7 @@ from segchange_jax import config_lib
 from segchange_jax import postprocess
 from segchange_jax import scene
 from segchange_jax import scene_io
+from segchange_jax import scene_outputs
 from segchange_jax import vectors
 
 _CONFIG = config_lib.define_config_flag(
@@ -103,7 +104,6 @@ PredictFn = scene.PredictFn
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32) * 255.0
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32) * 255.0
 RASTER_SUFFIXES = ('.tif', '.tiff')
-PREVIEW_SIDE = 512  # longest side of each preview panel (px)
 DEFAULTS = dict(window=512, overlap=64, batch=8, threshold=0.5)
 
 
@@ -311,14 +311,14 @@ def _run_inference(a, b, out, predict_probs, *, channels, settings, probabilitie
     with atomic.Outputs() as outs:
       mask, nodata_value = None, None
       if do_postprocess or polygons or preview_path:
-        mask, nodata_value = _whole_mask(mask_sink, probabilities, threshold)
+        mask, nodata_value = scene_outputs.whole_mask(mask_sink, probabilities, threshold)
         if do_postprocess:
           mask = postprocess.filter_components(mask, min_area, max_perimeter_ratio,
                                                min_convexity, nodata_value)
           if plain_out:
             mask_sink.mask = mask
           elif not probabilities:  # rewrite the scratch mask in one go
-            _rewrite_mask(mask_sink.path, mask)
+            scene_outputs.rewrite_mask(mask_sink.path, mask)
       if plain_out:
         mask_sink.path = outs.path(out)
         mask_sink.close()
@@ -330,7 +330,7 @@ def _run_inference(a, b, out, predict_probs, *, channels, settings, probabilitie
         vectors.write(outs.path(p), vectors.iter_features(mask, source.transform, nodata_value),
                       source.crs)
       if preview_path:
-        _write_preview(outs.path(preview_path), source, mask, nodata_value)
+        scene_outputs.write_preview(outs.path(preview_path), source, mask, nodata_value)
     return stats
   finally:
     if bar is not None:
@@ -344,47 +344,6 @@ def _run_inference(a, b, out, predict_probs, *, channels, settings, probabilitie
 def _version() -> str:
   import segchange_jax  # pylint: disable=g-import-not-at-top
   return segchange_jax.__version__
-
-
-def _whole_mask(sink, probabilities: bool, threshold: float) -> tuple[np.ndarray, int | None]:
-  """The finished class mask (uint8) and its nodata value, for the whole-scene passes."""
-  import rasterio  # pylint: disable=g-import-not-at-top
-  if isinstance(sink, scene_io.PlainSink):
-    return (sink.mask > 0).astype(np.uint8) if sink.mask.max() <= 1 else sink.mask.copy(), None
-  with rasterio.open(sink.path) as ds:
-    if probabilities:  # shapes come from the thresholded first band
-      p = ds.read(1)
-      mask = np.where(np.isnan(p), scene_io.MASK_NODATA, p > threshold).astype(np.uint8)
-    else:
-      mask = ds.read(1)
-  return mask, scene_io.MASK_NODATA
-
-
-def _rewrite_mask(path: str, mask: np.ndarray) -> None:
-  """Replaces the scratch mask's pixels (tiles of a compressed file are best written once)."""
-  import rasterio  # pylint: disable=g-import-not-at-top
-  with rasterio.open(path) as ds:
-    profile, tags, cmap = ds.profile, ds.tags(), ds.colormap(1)
-  os.remove(path)
-  with rasterio.open(path, 'w', **profile) as ds:
-    ds.write(mask[None])
-    ds.update_tags(**tags)
-    ds.write_colormap(1, cmap)
-
-
-def _write_preview(path: str, source, mask: np.ndarray, nodata: int | None) -> None:
-  """A | B | overlay (change red on a darkened B), each panel at most PREVIEW_SIDE px."""
-  import cv2  # pylint: disable=g-import-not-at-top
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  scale = min(1.0, PREVIEW_SIDE / max(source.height, source.width))
-  shape = (max(1, round(source.height * scale)), max(1, round(source.width * scale)))
-  a, b = source.overview(shape)
-  small = cv2.resize(mask, (shape[1], shape[0]), interpolation=cv2.INTER_NEAREST)
-  change = (small > 0) if nodata is None else (small > 0) & (small != nodata)
-  overlay = (b.astype(np.float32) * 0.5).astype(np.uint8)
-  overlay[change] = (255, 0, 0)
-  gap = np.full((shape[0], 4, 3), 128, np.uint8)
-  Image.fromarray(np.concatenate([a, gap, b, gap, overlay], axis=1)).save(path, format='PNG')
 
 
 def load_model(checkpoint: str, config=None, prompt: str | None = None,

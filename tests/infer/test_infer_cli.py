@@ -158,10 +158,18 @@ def test_png_pairs(tmp_path):
   Image.fromarray(a.transpose(1, 2, 0)).save(tmp_path / 'a.png')
   Image.fromarray(b.transpose(1, 2, 0)).save(tmp_path / 'b.png')
   out = str(tmp_path / 'o.png')
-  infer.run_inference(str(tmp_path / 'a.png'), str(tmp_path / 'b.png'), out, h.box_change, **KW)
+  infer.run_inference(str(tmp_path / 'a.png'), str(tmp_path / 'b.png'), out, h.box_change,
+                      preview_path=str(tmp_path / 'preview.png'),
+                      polygons_path=str(tmp_path / 'v.gpkg'), **KW)
+  preview = np.asarray(Image.open(tmp_path / 'preview.png'))
+  assert preview.shape == (70, 3 * 90 + 8, 3)
+  np.testing.assert_array_equal(preview[:, :90], a.transpose(1, 2, 0))  # panel A as is
+  assert pyogrio.read_info(str(tmp_path / 'v.gpkg'))['crs'] is None  # pixel coordinates
   m = np.asarray(Image.open(out))
   expected = h.box_change(a.transpose(1, 2, 0)[None], b.transpose(1, 2, 0)[None])[0] > 0.5
   assert set(np.unique(m)) == {0, 255} and ((m == 255) == expected).mean() > 0.999
+  overlay = preview[:, -90:]
+  assert (overlay[m == 255] == (255, 0, 0)).all() and (overlay[m == 0, 0] < 255).all()
   with pytest.raises(ValueError, match='probabilities need a .tif'):
     infer.run_inference(str(tmp_path / 'a.png'), str(tmp_path / 'b.png'), out, h.box_change,
                         probabilities=True, **KW)
