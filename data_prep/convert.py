@@ -263,11 +263,8 @@ def main(argv: Sequence[str]) -> None:
   del argv
   from absl import flags  # pylint: disable=g-import-not-at-top
   f = flags.FLAGS
-  try:
-    info = convert(f.layout, f.root, f.out, f.splits, f.list, f.tile, f.tile_stride,
-                   f.text_model, f.num_shards, f.strict, f.overwrite, f.workers)
-  except (ConvertError, layouts.LayoutError) as e:
-    raise SystemExit(f'ERROR: {e}') from None
+  info = convert(f.layout, f.root, f.out, f.splits, f.list, f.tile, f.tile_stride,
+                 f.text_model, f.num_shards, f.strict, f.overwrite, f.workers)
   for split, s in info['splits'].items():
     print(f"{split}: {s['num_examples']} records from {s['num_pairs']} pairs, "
           f"{s['num_skipped']} skipped, size {s['image_size'] or s['image_sizes']}")
@@ -275,6 +272,6 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == '__main__':
-  from absl import app  # pylint: disable=g-import-not-at-top
+  from segchange_jax import cli  # pylint: disable=g-import-not-at-top
   define_flags()
-  app.run(main)
+  cli.run(main, extra_errors=(ConvertError,))

@@ -180,4 +180,5 @@ if __name__ == '__main__':
   flags.DEFINE_integer('n', 200, 'Number of scenes (70/15/15 train/val/test).', lower_bound=3)
   flags.DEFINE_integer('size', 256, 'Scene size in pixels (square).', lower_bound=32)
   flags.DEFINE_integer('seed', 0, 'Random seed; scene i depends only on (seed, i).')
-  app.run(main)
+  from segchange_jax import cli  # pylint: disable=g-import-not-at-top
+  cli.run(main)

@@ -1,7 +1,16 @@
-"""Inference API: load any SegChange checkpoint and predict change logits.
+"""Inference API: load any SegChange checkpoint and predict change.
 
-    det = ChangeDetector.from_checkpoint('best_iou.pth', config=load_config('configs/dvcd.py'))
-    logits = det.predict_logits(image_a, image_b, text_embeddings)  # [B, H, W, K]
+    det = ChangeDetector.from_checkpoint('runs/demo/checkpoints')
+    result = det.predict(image_a, image_b, prompt='Buildings appearing or vanishing.')
+    result.probabilities, result.mask        # [H, W] float32, [H, W] uint8 (any image size)
+    det.predict_scene('A.tif', 'B.tif', out='change.tif', prompt='...')  # whole GeoTIFFs
+    logits = det.predict_logits(a_normalised, b_normalised, text_embeddings)  # [B, H, W, K]
+
+`predict` takes uint8 RGB [H, W, 3] arrays or image paths (PNG/JPEG/GeoTIFF read whole) and a
+prompt string; the prompt is encoded with the checkpoint config's text encoder (or looked up in
+`embeddings=`, an embed_prompts .npz) once and cached. Images of any size go through the same
+windowed engine as `python -m segchange_jax.infer` (config.infer.window / overlap /
+batch_size, Hann-blended overlaps); `predict_scene` is that command as a function.
 
 Checkpoints: an upstream PyTorch `.pth` (converted on the fly; needs `config`), a directory
 written by `python -m segchange_jax.convert_torch` (`variables/` + `config.json`), or a training
@@ -13,6 +22,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import dataclasses
 from typing import Any
 
 import jax
@@ -69,18 +79,37 @@ def save_variables(directory: str, config: ml_collections.ConfigDict, variables:
     f.write(config.to_json_best_effort(indent=2))
 
 
-def _restore_tree(path: str) -> dict:
+class CheckpointError(ValueError):
+  """A checkpoint cannot be read; the message names the path and what to do."""
+
+
+def _restore_tree(path: str, keys: tuple[str, ...] | None = None) -> dict:
+  """Host arrays of the Orbax tree at `path`; only its top-level `keys` when given.
+
+  Restoring only `params` (+ model state) of a training checkpoint skips the optimizer
+  state, which is twice the size of the parameters for AdamW.
+  """
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   path = os.path.abspath(path)  # Orbax refuses relative paths (`--checkpoint runs/x/checkpoints`)
-  ckptr = ocp.StandardCheckpointer()
-  meta = ckptr.metadata(path)
-  meta = getattr(meta, 'item_metadata', meta)
-  meta = getattr(meta, 'tree', meta)
-  # jax.devices()[0] belongs to process 0; in a multi-process run use one of ours.
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                          meta, is_leaf=lambda x: hasattr(x, 'shape'))
-  return jax.tree.map(np.asarray, ckptr.restore(path, abstract))
+  try:
+    ckptr = ocp.PyTreeCheckpointer()
+    meta = ckptr.metadata(path)
+    meta = getattr(meta, 'item_metadata', meta)
+    meta = getattr(meta, 'tree', meta)
+    if keys is not None:
+      meta = {k: meta[k] for k in keys if k in meta and meta[k] is not None}
+    # jax.devices()[0] belongs to process 0; in a multi-process run use one of ours.
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                            meta, is_leaf=lambda x: hasattr(x, 'shape'))
+    args = ocp.args.PyTreeRestore(
+        item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+        partial_restore=keys is not None)
+    return jax.tree.map(np.asarray, ckptr.restore(path, args=args))
+  except Exception as e:  # Orbax / TensorStore raise many types for a damaged checkpoint
+    first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+    raise CheckpointError(f'checkpoint {path} cannot be read ({first}); it is incomplete or '
+                          'corrupt: copy it again or use another step') from e
 
 
 def _training_step_dir(path: str) -> str | None:
@@ -88,7 +117,9 @@ def _training_step_dir(path: str) -> str | None:
     return path
   for sub in ('best_iou', 'best_f1', 'latest'):
     if os.path.isdir(os.path.join(path, sub)):
-      return _training_step_dir(os.path.join(path, sub))
+      found = _training_step_dir(os.path.join(path, sub))
+      if found is not None:  # best_* stay empty until the first evaluation
+        return found
   steps = [int(d) for d in os.listdir(path) if d.isdigit()]
   return os.path.join(path, str(max(steps))) if steps else None
 
@@ -129,7 +160,7 @@ def load_variables(path: str, config: ml_collections.ConfigDict | None = None
         f'{CONFIG_FILE} (convert_torch output) or a training checkpoints directory')
   if config is None:
     config = config_from_dict(_read_json_item(os.path.join(step_dir, 'config')))
-  state = _restore_tree(os.path.join(step_dir, 'state'))
+  state = _restore_tree(os.path.join(step_dir, 'state'), keys=('params', 'model_state'))
   variables = {'params': state['params'], **dict(state.get('model_state') or {})}
   return config, variables
 
@@ -137,19 +168,46 @@ def load_variables(path: str, config: ml_collections.ConfigDict | None = None
 # ------------------------------------------------------------------------------- predictor
 
 
+@dataclasses.dataclass
+class Prediction:
+  """`predict`'s result: change probabilities [H, W] (binary; [H, W, K] softmax for K classes,
+  NaN at nodata) and the mask [H, W] uint8 (0 / 1 or class id, 255 at nodata)."""
+  probabilities: np.ndarray
+  mask: np.ndarray
+
+
+class _ArraySink:
+  """Collects the engine's finished rows in memory."""
+  block_rows = 1
+
+  def __init__(self, height: int, width: int, channels: int):
+    self.probs = np.zeros((height, width, channels), np.float32)
+    self.valid = np.zeros((height, width), bool)
+
+  def write(self, row0: int, probs: np.ndarray, valid: np.ndarray) -> None:
+    self.probs[row0:row0 + probs.shape[0]] = probs
+    self.valid[row0:row0 + probs.shape[0]] = valid
+
+
 class ChangeDetector:
   """A loaded model with a jitted forward pass (compiled once per input shape)."""
 
-  def __init__(self, config: ml_collections.ConfigDict, variables: dict):
+  def __init__(self, config: ml_collections.ConfigDict, variables: dict,
+               embeddings: str | None = None, checkpoint: str = ''):
     self.config = config
     self.model = segchange.build_model(config)
     self.variables = jax.tree.map(jnp.asarray, variables)
+    self.embeddings = embeddings
+    self.checkpoint = checkpoint
+    self._prompts: dict[str, np.ndarray] = {}
     self._forward = jax.jit(lambda v, a, b, t: self.model.apply(v, a, b, t, train=False))
 
   @classmethod
-  def from_checkpoint(cls, path: str, config: ml_collections.ConfigDict | None = None
-                      ) -> 'ChangeDetector':
-    return cls(*load_variables(path, config))
+  def from_checkpoint(cls, path: str, config: ml_collections.ConfigDict | None = None,
+                      embeddings: str | None = None) -> 'ChangeDetector':
+    """Loads `path` (see load_variables); `embeddings`: optional embed_prompts .npz."""
+    return cls(*load_variables(path, config), embeddings=embeddings,
+               checkpoint=os.path.abspath(os.fspath(path)))
 
   def predict_logits(self, image_a: Any, image_b: Any, text_embeddings: Any) -> np.ndarray:
     """Logits [B, H, W, K] for ImageNet-normalised NHWC float images (H, W multiples of 32).
@@ -172,3 +230,67 @@ class ChangeDetector:
                        f'{self.config.text.dim}] (config text.dim)')
     out = np.asarray(self._forward(self.variables, a, b, t))
     return out[0] if single else out
+
+  def embed(self, prompt: str | None = None) -> np.ndarray:
+    """[1, T, L] embedding of `prompt` (default config.data.prompt), computed once per prompt."""
+    from segchange_jax import infer  # pylint: disable=g-import-not-at-top
+    prompt = self.config.data.prompt if prompt is None else prompt
+    if prompt not in self._prompts:
+      self._prompts[prompt] = infer.prompt_embedding(self.config, prompt, self.embeddings)
+    return self._prompts[prompt]
+
+  def predictor(self, prompt: str | None = None):
+    """(uint8 a, uint8 b) -> probabilities, the engine's PredictFn for `prompt`."""
+    from segchange_jax import infer  # pylint: disable=g-import-not-at-top
+    return infer.detector_predictor(self, self.embed(prompt))
+
+  def predict(self, image_a: Any, image_b: Any, prompt: str | None = None,
+              threshold: float | None = None) -> Prediction:
+    """Change between two images of the same size (uint8 RGB [H, W, 3] arrays or paths).
+
+    Windows, overlap, batch and threshold default to the config's infer.* values.
+    """
+    from segchange_jax import infer  # pylint: disable=g-import-not-at-top
+    from segchange_jax import scene  # pylint: disable=g-import-not-at-top
+    from segchange_jax import scene_io  # pylint: disable=g-import-not-at-top
+    threshold = float(self.config.infer.threshold if threshold is None else threshold)
+    infer.check_settings(threshold=threshold)
+    raster = [x for x in (image_a, image_b)
+              if isinstance(x, (str, os.PathLike)) and not scene_io.is_plain(os.fspath(x))]
+    if raster:
+      if len(raster) != 2:
+        raise ValueError('give two GeoTIFF paths, or two arrays / plain image paths')
+      source = scene_io.RasterPair(os.fspath(image_a), os.fspath(image_b))
+    else:
+      source = scene_io.ArrayPair(image_a, image_b)
+    try:
+      window, overlap = infer.clamp_window(int(self.config.infer.window),
+                                           int(self.config.infer.overlap), source.height,
+                                           source.width, quiet=True)
+      channels = 1 if self.config.model.num_classes == 1 else int(self.config.model.num_classes)
+      sink = _ArraySink(source.height, source.width, channels)
+      # The batch of `infer` (not fewer for small images): one compiled shape, same numbers.
+      scene.run_scene(source, self.predictor(prompt), sink, window=window, overlap=overlap,
+                      batch_size=int(self.config.infer.batch_size), channels=channels,
+                      progress=False)
+    finally:
+      source.close()
+    mask = scene_io.encode(sink.probs, sink.valid, False, threshold)[0]
+    probs = np.where(sink.valid[..., None], sink.probs, np.nan)
+    return Prediction(probs[..., 0] if channels == 1 else probs, mask)
+
+  def predict_scene(self, a_path: str, b_path: str, out: str, prompt: str | None = None,
+                    **kwargs):
+    """`python -m segchange_jax.infer` as a function: whole scenes in bounded memory.
+
+    `kwargs` are segchange_jax.infer.run_inference's (window, overlap, batch, threshold,
+    probs_path, polygons_path, preview_path, overwrite, align, bands, nodata, progress, ...);
+    settings left out come from the config. Returns the engine's SceneStats.
+    """
+    from segchange_jax import infer  # pylint: disable=g-import-not-at-top
+    prompt = self.config.data.prompt if prompt is None else prompt
+    tags = dict(CHECKPOINT=self.checkpoint, PROMPT=prompt)
+    factory = lambda: infer.Model(self.predictor(prompt), self.config, tags)
+    kwargs.setdefault('progress', False)
+    return infer.run_inference(os.fspath(a_path), os.fspath(b_path), os.fspath(out), None,
+                               predictor_factory=factory, **kwargs)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import pathlib
-import tempfile
 from typing import Sequence
 
 import argparse
@@ -45,22 +44,23 @@ def read_prompt_file(path: str | os.PathLike, fmt: str = 'auto') -> list[str]:
 def write_npz(out: str | os.PathLike, prompts: Sequence[str], embeddings: np.ndarray,
               identity: str, model: str) -> None:
   """Atomic write (temp file + rename) so a reader never sees a half-written file."""
-  out = pathlib.Path(out)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=out.parent, suffix='.npz')
-  try:
-    with os.fdopen(fd, 'wb') as fh:
-      np.savez(fh, prompts=np.asarray(list(prompts), dtype=str),
-               embeddings=np.asarray(embeddings, np.float32), identity=np.asarray(identity),
-               model=np.asarray(model))
-    os.replace(tmp, out)
-  except BaseException:
-    pathlib.Path(tmp).unlink(missing_ok=True)
-    raise
+  from segchange_jax import atomic  # pylint: disable=g-import-not-at-top
+  with atomic.atomic_open(os.fspath(out), 'wb') as fh:
+    np.savez(fh, prompts=np.asarray(list(prompts), dtype=str),
+             embeddings=np.asarray(embeddings, np.float32), identity=np.asarray(identity),
+             model=np.asarray(model))
+
+
+class _Parser(argparse.ArgumentParser):
+  """argparse with the project's one-line errors (exit 2)."""
+
+  def error(self, message: str):
+    from segchange_jax import cli  # pylint: disable=g-import-not-at-top
+    cli.fail(f'{message} (see --help)')
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(prog='python -m segchange_jax.embed_prompts',
+  p = _Parser(prog='python -m segchange_jax.embed_prompts',
                               description=__doc__.split('\n\n', 1)[0],
                               epilog=__doc__.split('\n\n', 2)[2],
                               formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -72,18 +72,38 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                  help='segchange: "<filename>  <prompt>" lines; plain: one prompt a line')
   p.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'])
   p.add_argument('--max_tokens', type=int, default=8, help='tokens kept per prompt (upstream 8)')
+  p.add_argument('--overwrite', action='store_true', help='replace an existing --out')
   return p.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+  """The command line; user errors exit 2 with one line (segchange_jax.cli)."""
+  from segchange_jax import cli  # pylint: disable=g-import-not-at-top
   args = parse_args(argv)
-  from segchange_jax.text import encoder as encoder_lib  # pylint: disable=g-import-not-at-top
+  try:
+    _run(args)
+  except cli.USER_ERRORS as e:
+    if os.environ.get('SEGCHANGE_TRACEBACK'):
+      raise
+    cli.fail(cli.one_line(e))
+
+
+def _run(args: argparse.Namespace) -> None:
+  from segchange_jax import atomic  # pylint: disable=g-import-not-at-top
+  from segchange_jax import cli  # pylint: disable=g-import-not-at-top
+  cli.positive('max_tokens', args.max_tokens)
+  atomic.check_output(args.out, args.prompts, args.overwrite)
+  if not args.out.lower().endswith('.npz'):
+    raise ValueError(f'--out {args.out}: the embeddings file is an .npz; name it *.npz')
   prompts: list[str] = []
   for f in args.prompts:
     prompts += read_prompt_file(f, args.format)
   unique = sorted({p for p in prompts if p})
   if not unique:
-    raise SystemExit(f'error: no non-empty prompts in {args.prompts}')
+    raise ValueError(f'no non-empty prompts in --prompts {args.prompts}; give a file with one '
+                     'prompt a line')
+  cli.quiet_libraries()
+  from segchange_jax.text import encoder as encoder_lib  # pylint: disable=g-import-not-at-top
   enc = encoder_lib.TextEncoder.from_pretrained(args.text_model, dtype=args.dtype,
                                                 max_tokens=args.max_tokens)
   emb = enc.encode(unique, pad_to_batch=False)

@@ -30,13 +30,13 @@ import csv
 import heapq
 import json
 import os
-import sys
 from typing import Any, Sequence
 
-from absl import app
 from absl import flags
 import numpy as np
 
+from segchange_jax import atomic
+from segchange_jax import cli
 from segchange_jax import config_lib
 from segchange_jax import input_pipeline
 
@@ -201,7 +201,7 @@ def evaluate(config, variables: dict, split: str, out_dir: str, num_images: int 
   if jax.process_index() != 0:
     return result
   os.makedirs(out_dir, exist_ok=True)
-  with open(os.path.join(out_dir, f'metrics_{split}.json'), 'w') as f:
+  with atomic.atomic_open(os.path.join(out_dir, f'metrics_{split}.json')) as f:
     json.dump(result, f, indent=2, default=float)
   if not single:
     return result
@@ -216,7 +216,7 @@ def evaluate(config, variables: dict, split: str, out_dir: str, num_images: int 
 def _write_per_example(path: str, cms: np.ndarray, source) -> None:
   from segchange_jax import records  # pylint: disable=g-import-not-at-top
   counts = per_example_counts(cms)
-  with open(path, 'w', newline='') as f:
+  with atomic.atomic_open(path, 'w', newline='') as f:
     w = csv.writer(f)
     w.writerow(['index', 'file_name', 'tp', 'fp', 'fn', 'iou', 'f1'])
     for i in range(len(cms)):
@@ -236,8 +236,9 @@ def _write_images(folder: str, ranked: dict, source, rank_by: str, scores: np.nd
       row = comparison_row(ex['image_a'], ex['image_b'], ex['label'], pred, binary)
       stem = os.path.splitext(os.path.basename(ex['file_name']))[0]
       name = f'{kind}_{rank:02d}_{stem}_{rank_by}{scores[index]:.3f}.png'
-      if not cv2.imwrite(os.path.join(folder, name), row[..., ::-1]):
-        raise OSError(f'could not write {os.path.join(folder, name)}')
+      with atomic.atomic_path(os.path.join(folder, name)) as tmp:
+        if not cv2.imwrite(tmp, row[..., ::-1]):
+          raise OSError(f'could not write {os.path.join(folder, name)}')
 
 
 def define_flags() -> None:
@@ -252,27 +253,29 @@ def define_flags() -> None:
                        '(default config.eval.num_images; 0 = none).')
   flags.DEFINE_enum('rank_by', 'iou', ['iou', 'f1'], 'Per-example score that ranks images.')
   flags.DEFINE_integer('batch_size', None, 'Global eval batch (default config.eval.batch_size).')
+  flags.DEFINE_bool('overwrite', False, 'Replace the results of an earlier run in --out.')
 
 
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+    raise cli.UsageError(f'unexpected arguments: {argv[1:]}')
   f = flags.FLAGS
   if not f.checkpoint:
-    raise app.UsageError('--checkpoint is required')
-  try:
-    config = config_lib.validate_config(f.config) if f.config is not None else None
-    config, variables = load_checkpoint(f.checkpoint, config)
-    split = f.split or config.eval.split
-    num_images = config.eval.num_images if f.num_images is None else f.num_images
-    if num_images < 0:
-      raise EvaluationError(f'--num_images={num_images} must be >= 0')
-    out = f.out or f'eval_{split}'
-    result = evaluate(config, variables, split, out, num_images, f.rank_by, f.batch_size,
-                      checkpoint=os.path.abspath(f.checkpoint))
-  except (EvaluationError, config_lib.ConfigError, input_pipeline.InputError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
+    raise cli.UsageError('--checkpoint is required')
+  cli.positive('batch_size', f.batch_size)
+  if f.num_images is not None and f.num_images < 0:
+    raise cli.UsageError(f'--num_images={f.num_images} must be >= 0')
+  cli.quiet_libraries()
+  config = config_lib.validate_config(f.config) if f.config is not None else None
+  if f.out and f.split:  # refuse before the (slow) checkpoint load when we can
+    atomic.check_output(os.path.join(f.out, f'metrics_{f.split}.json'), [], f.overwrite, '--out')
+  config, variables = load_checkpoint(f.checkpoint, config)
+  split = f.split or config.eval.split
+  num_images = config.eval.num_images if f.num_images is None else f.num_images
+  out = f.out or f'eval_{split}'
+  atomic.check_output(os.path.join(out, f'metrics_{split}.json'), [], f.overwrite, '--out')
+  result = evaluate(config, variables, split, out, num_images, f.rank_by, f.batch_size,
+                    checkpoint=os.path.abspath(f.checkpoint))
   scalars = {k: v for k, v in result.items() if isinstance(v, (int, float))}
   print(json.dumps(scalars, indent=1))
   print(f'wrote {os.path.join(out, f"metrics_{split}.json")}')
@@ -280,4 +283,4 @@ def main(argv: Sequence[str]) -> None:
 
 if __name__ == '__main__':
   define_flags()
-  app.run(main)
+  cli.run(main)

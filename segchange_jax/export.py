@@ -29,13 +29,13 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from typing import Any, Sequence
 
-from absl import app
 from absl import flags
 import numpy as np
 
+from segchange_jax import atomic
+from segchange_jax import cli
 from segchange_jax import config_lib
 
 MODEL_FILE = 'model.stablehlo'
@@ -111,17 +111,29 @@ def prompt_embeddings(config, prompts: Sequence[str] | None, embeddings: str | N
 
 def write_bundle(out: str, config, variables: dict, prompts: Sequence[str] | None = None,
                  embeddings: str | None = None, size: int | None = None,
-                 platforms: Sequence[str] | None = ('cpu', 'cuda')) -> dict[str, Any]:
-  """Writes the bundle described in the module docstring; returns the signature dict."""
+                 platforms: Sequence[str] | None = ('cpu', 'cuda'),
+                 overwrite: bool = False) -> dict[str, Any]:
+  """Writes the bundle described in the module docstring; returns the signature dict.
+
+  The bundle is assembled in a temporary folder beside `out` and renamed when complete; an
+  existing bundle is replaced only with `overwrite`.
+  """
+  size = int(size or config.infer.window)
+  if os.path.exists(out) and not overwrite and (
+      not os.path.isdir(out) or os.listdir(out)):
+    raise ExportError(f'--out {out} already exists; pass --overwrite to replace it or choose '
+                      'another folder')
+  names, emb = prompt_embeddings(config, prompts, embeddings)
+  exported = export_forward(config, variables, size, platforms)
+  with atomic.atomic_dir(out) as tmp:
+    signature = _write_files(tmp, config, variables, names, emb, exported, size)
+  return signature
+
+
+def _write_files(out, config, variables, names, emb, exported, size) -> dict[str, Any]:
   import jax  # pylint: disable=g-import-not-at-top
   from segchange_jax import api  # pylint: disable=g-import-not-at-top
   from segchange_jax import embed_prompts  # pylint: disable=g-import-not-at-top
-  size = int(size or config.infer.window)
-  if os.path.exists(os.path.join(out, MODEL_FILE)) or os.path.exists(
-      os.path.join(out, api.VARIABLES_DIR)):
-    raise ExportError(f'--out {out} already holds a bundle; choose another folder or delete it')
-  names, emb = prompt_embeddings(config, prompts, embeddings)
-  exported = export_forward(config, variables, size, platforms)
   api.save_variables(out, config, variables)
   embed_prompts.write_npz(os.path.join(out, PROMPTS_FILE), names, emb, '', config.text.model)
   with open(os.path.join(out, MODEL_FILE), 'wb') as f:
@@ -162,28 +174,33 @@ def define_flags() -> None:
                        'of 32; default config.infer.window).')
   flags.DEFINE_list('platforms', ['cpu', 'cuda'], 'Platforms the StableHLO is lowered for '
                     '(cpu, cuda, rocm, tpu).')
+  flags.DEFINE_bool('overwrite', False, 'Replace an existing --out folder.')
 
 
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+    raise cli.UsageError(f'unexpected arguments: {argv[1:]}')
   f = flags.FLAGS
   for name in ('checkpoint', 'out'):
     if not f[name].value:
-      raise app.UsageError(f'--{name} is required')
+      raise cli.UsageError(f'--{name} is required')
+  atomic.check_output(f.out, [f.checkpoint], overwrite=True)  # never the checkpoint itself
+  if os.path.exists(f.out) and not f.overwrite and (not os.path.isdir(f.out) or
+                                                    os.listdir(f.out)):
+    raise ExportError(f'--out {f.out} already exists; pass --overwrite to replace it or choose '
+                      'another folder')
+  if f.size is not None and (f.size <= 0 or f.size % 32):
+    raise ExportError(f'--size={f.size} must be a positive multiple of 32 (the model stride)')
+  cli.quiet_libraries()
   from segchange_jax import evaluate  # pylint: disable=g-import-not-at-top
-  try:
-    config = config_lib.validate_config(f.config) if f.config is not None else None
-    config, variables = evaluate.load_checkpoint(f.checkpoint, config)
-    sig = write_bundle(f.out, config, variables, f.prompts, f.embeddings, f.size, f.platforms)
-  except (ExportError, evaluate.EvaluationError, config_lib.ConfigError, FileNotFoundError,
-          KeyError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
+  config = config_lib.validate_config(f.config) if f.config is not None else None
+  config, variables = evaluate.load_checkpoint(f.checkpoint, config)
+  sig = write_bundle(f.out, config, variables, f.prompts, f.embeddings, f.size, f.platforms,
+                     overwrite=f.overwrite)
   print(f'wrote {f.out}: {MODEL_FILE} for {sig["platforms"]}, inputs '
         f'{json.dumps(sig["inputs"])}')
 
 
 if __name__ == '__main__':
   define_flags()
-  app.run(main)
+  cli.run(main)

@@ -198,7 +198,7 @@ def _batches(origins: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
 
 def run_scene(source: PairSource, predict_probs: PredictFn, sink: Sink, *, window: int,
               overlap: int, batch_size: int, channels: int = 1,
-              progress: bool = True) -> SceneStats:
+              progress: bool = True, bar: tqdm.tqdm | None = None) -> SceneStats:
   """Predicts every window of `source`, blends overlaps and streams rows to `sink`.
 
   Args:
@@ -209,6 +209,8 @@ def run_scene(source: PairSource, predict_probs: PredictFn, sink: Sink, *, windo
     window, overlap, batch_size: grid and batching (module docstring).
     channels: probability channels predict_probs returns (1 binary, K classes).
     progress: show a tqdm bar over windows.
+    bar: an open tqdm bar (total = number of windows) to advance instead of a new one; the
+      caller closes it.
 
   Returns:
     SceneStats, including the largest strip the accumulators ever held.
@@ -221,7 +223,12 @@ def run_scene(source: PairSource, predict_probs: PredictFn, sink: Sink, *, windo
   acc = StripAccumulator(grid.width, channels)
   flushed = 0
   block = max(int(sink.block_rows), 1)
-  bar = tqdm.tqdm(total=len(origins), desc='windows', unit='win', disable=not progress, mininterval=1.0)
+  own_bar = bar is None
+  if own_bar:
+    bar = tqdm.tqdm(total=len(origins), desc='windows', unit='win', disable=not progress,
+                    mininterval=1.0)
+  else:
+    bar.set_description('windows')
   batches = list(_batches(origins, batch_size))
   with concurrent.futures.ThreadPoolExecutor(1) as pool:
     pending = pool.submit(_read_batch, source, grid, batches[0])
@@ -254,6 +261,7 @@ def run_scene(source: PairSource, predict_probs: PredictFn, sink: Sink, *, windo
         row0, p, v = acc.pop(end)
         sink.write(row0, p, v)
         flushed = end
-  bar.close()
+  if own_bar:
+    bar.close()
   stats.seconds = time.perf_counter() - start
   return stats

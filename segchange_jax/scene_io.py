@@ -10,8 +10,9 @@ B must be on A's grid (CRS, transform, shape); `align=True` reprojects B onto A'
 (bilinear, rasterio WarpedVRT), and pixels outside B's footprint become nodata.
 PNG/JPEG pairs (no georeferencing) are read whole: they are small by nature.
 
-Outputs are written to `<path>.partial` and renamed by `commit()`; `discard()` removes the
-partial file, so an interrupted or failed run never leaves a complete-looking output.
+Outputs: rows stream into a scratch tiled GeoTIFF (`GeoTiffSink`), which `write_cog` copies
+into a Cloud-Optimized GeoTIFF (internal 256 px tiles, overviews, deflate) once the scene is
+finished; mask outputs carry a colour table. Naming and renaming: segchange_jax.atomic.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Sequence
 
 import numpy as np
 import rasterio
+import rasterio.errors
 from rasterio.enums import Resampling
 from rasterio.vrt import WarpedVRT
 from rasterio.windows import Window
@@ -34,6 +36,21 @@ MASK_NODATA = 255      # uint8 mask output: 0 no change, 1 change (or class id),
 
 class GridMismatchError(ValueError):
   """A and B are not on one pixel grid."""
+
+
+class InputError(ValueError):
+  """An input raster cannot be read; the message names the file."""
+
+
+# Mask colours: no change transparent black, change red, nodata fully transparent; class ids of
+# multi-class models get distinct colours.
+MASK_COLORS = {0: (0, 0, 0, 0), 1: (255, 0, 0, 255), 2: (0, 160, 255, 255),
+               3: (255, 200, 0, 255), 4: (0, 200, 80, 255), 5: (200, 0, 255, 255),
+               MASK_NODATA: (0, 0, 0, 0)}
+
+
+def _first(e: BaseException) -> str:
+  return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
 
 
 def is_plain(path: str) -> bool:
@@ -67,7 +84,15 @@ class RasterDate:
       if not os.path.exists(p):
         raise FileNotFoundError(f'{p}: input raster not found')
     self.nodata = nodata
-    self._raw = [rasterio.open(p) for p in self.paths]
+    self._raw = []
+    for p in self.paths:
+      try:
+        self._raw.append(rasterio.open(p))
+      except rasterio.errors.RasterioError as e:
+        for ds in self._raw:
+          ds.close()
+        raise InputError(f'{p}: not a readable raster ({_first(e)}); give a GeoTIFF or other '
+                         'GDAL raster') from e
     if len(self.paths) == 1:
       src = self._raw[0]
       self.indexes = [imagery.select_bands(src.count, bands, self.paths[0])]
@@ -120,8 +145,17 @@ class RasterDate:
     return imagery.stretch_stats(arr, valid)
 
   def read(self, y: int, x: int, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
-    arr, valid = self._read(Window(x, y, w, h))
+    try:
+      arr, valid = self._read(Window(x, y, w, h))
+    except rasterio.errors.RasterioError as e:
+      raise InputError(f'{self.spec}: cannot read pixels at row {y}, column {x} ({_first(e)}); '
+                       'the file is truncated or corrupt: copy it again') from e
     return imagery.to_uint8(arr, self.stats), valid
+
+  def overview(self, out_shape: tuple[int, int]) -> np.ndarray:
+    """The whole date as uint8 RGB resampled to `out_shape` (for previews)."""
+    arr, _ = self._read(None, out_shape)
+    return imagery.to_uint8(arr, self.stats)
 
   def close(self) -> None:
     for ds in self.datasets + self._raw:
@@ -149,10 +183,21 @@ class RasterPair:
       self.b = RasterDate(b, bands, nodata, reference=self.a.grid)
     self.crs, self.transform, self.height, self.width = self.a.grid
 
+  @property
+  def georeferenced(self) -> bool:
+    return self.crs is not None
+
+  @property
+  def paths(self) -> list[str]:
+    return self.a.paths + self.b.paths
+
   def read(self, y: int, x: int, h: int, w: int):
     a, va = self.a.read(y, x, h, w)
     b, vb = self.b.read(y, x, h, w)
     return a, b, va & vb
+
+  def overview(self, out_shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    return self.a.overview(out_shape), self.b.overview(out_shape)
 
   def close(self) -> None:
     self.a.close()
@@ -164,24 +209,32 @@ def read_plain(path: str) -> tuple[np.ndarray, np.ndarray]:
   from PIL import Image  # pylint: disable=g-import-not-at-top
   if not os.path.exists(path):
     raise FileNotFoundError(f'{path}: input image not found')
-  with Image.open(path) as im:
-    rgba = np.asarray(im.convert('RGBA'))
-    if im.mode in ('L', 'I', 'I;16', 'F'):
-      raise imagery.ImageryError(f'{path} is single-band ({im.mode}); the model needs RGB')
+  try:
+    with Image.open(path) as im:
+      if im.mode in ('L', 'I', 'I;16', 'F'):
+        raise imagery.ImageryError(f'{path} is single-band ({im.mode}); the model needs RGB')
+      rgba = np.asarray(im.convert('RGBA'))
+  except OSError as e:
+    raise InputError(f'{path}: cannot read the image ({_first(e)}); the file is truncated or '
+                     'not an image') from e
   return rgba[..., :3].copy(), rgba[..., 3] > 0
 
 
 class ArrayPair:
-  """A and B held in memory (plain images); the engine's PairSource."""
+  """A and B held in memory (plain images or arrays); the engine's PairSource."""
   crs = None
   transform = None
+  georeferenced = False
 
-  def __init__(self, a: str, b: str):
-    self.a, va = read_plain(a)
-    self.b, vb = read_plain(b)
+  def __init__(self, a, b):
+    """`a`, `b`: PNG/JPEG paths, or uint8 [H, W, 3] arrays (all pixels valid)."""
+    self.paths = [p for p in (a, b) if isinstance(p, (str, os.PathLike))]
+    self.a, va = read_plain(a) if isinstance(a, (str, os.PathLike)) else _as_rgb(a, 'a')
+    self.b, vb = read_plain(b) if isinstance(b, (str, os.PathLike)) else _as_rgb(b, 'b')
     if self.a.shape != self.b.shape:
-      raise GridMismatchError(f'{a} is {self.a.shape[1]}x{self.a.shape[0]} px but {b} is '
-                              f'{self.b.shape[1]}x{self.b.shape[0]} px; plain images must have one size')
+      raise GridMismatchError(f'{_name(a)} is {self.a.shape[1]}x{self.a.shape[0]} px but '
+                              f'{_name(b)} is {self.b.shape[1]}x{self.b.shape[0]} px; the two '
+                              'images must have one size')
     self.valid = va & vb
     self.height, self.width = self.a.shape[:2]
 
@@ -189,8 +242,26 @@ class ArrayPair:
     s = np.s_[y:y + h, x:x + w]
     return self.a[s].copy(), self.b[s].copy(), self.valid[s].copy()
 
+  def overview(self, out_shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    import cv2  # pylint: disable=g-import-not-at-top
+    size = (out_shape[1], out_shape[0])
+    return (cv2.resize(self.a, size, interpolation=cv2.INTER_AREA),
+            cv2.resize(self.b, size, interpolation=cv2.INTER_AREA))
+
   def close(self) -> None:
     pass
+
+
+def _name(x) -> str:
+  return os.fspath(x) if isinstance(x, (str, os.PathLike)) else f'array {getattr(x, "shape", "")}'
+
+
+def _as_rgb(x, name: str) -> tuple[np.ndarray, np.ndarray]:
+  x = np.asarray(x)
+  if x.ndim != 3 or x.shape[-1] != 3 or x.dtype != np.uint8:
+    raise imagery.ImageryError(f'image {name}: expected a uint8 [H, W, 3] RGB array, got '
+                               f'{x.dtype} {list(x.shape)}')
+  return np.ascontiguousarray(x), np.ones(x.shape[:2], bool)
 
 
 def encode(probs: np.ndarray, valid: np.ndarray, probabilities: bool, threshold: float) -> np.ndarray:
@@ -206,12 +277,16 @@ def encode(probs: np.ndarray, valid: np.ndarray, probabilities: bool, threshold:
 
 
 class GeoTiffSink:
-  """Streams rows into a tiled, deflate-compressed GeoTIFF `<path>.partial`."""
+  """Streams rows into a tiled, deflate-compressed scratch GeoTIFF at `path`.
+
+  `write_cog` then turns it into the final Cloud-Optimized GeoTIFF (GDAL's COG driver copies a
+  finished raster; it cannot be written row by row).
+  """
   block_rows = 256
 
   def __init__(self, path: str, height: int, width: int, crs, transform, channels: int,
-               probabilities: bool, threshold: float):
-    self.path, self.partial = path, path + '.partial'
+               probabilities: bool, threshold: float, tags: dict | None = None):
+    self.path = self.partial = path
     self.probabilities, self.threshold = probabilities, threshold
     profile = dict(driver='GTiff', height=height, width=width, tiled=True, blockxsize=256,
                    blockysize=256, compress='deflate', crs=crs, transform=transform)
@@ -221,7 +296,11 @@ class GeoTiffSink:
       profile.update(count=1, dtype='uint8', nodata=MASK_NODATA)
     if transform is None:
       profile.pop('transform')
-    self.ds = rasterio.open(self.partial, 'w', **profile)
+    self.ds = rasterio.open(path, 'w', **profile)
+    if not probabilities:
+      self.ds.write_colormap(1, MASK_COLORS)
+    if tags:
+      self.ds.update_tags(**{k: str(v) for k, v in tags.items()})
 
   def write(self, row0: int, probs: np.ndarray, valid: np.ndarray) -> None:
     out = encode(probs, valid, self.probabilities, self.threshold)
@@ -232,12 +311,40 @@ class GeoTiffSink:
       self.ds.close()
 
 
+class TeeSink:
+  """Hands the same rows to several sinks (mask and probability rasters)."""
+
+  def __init__(self, sinks):
+    self.sinks = list(sinks)
+    self.block_rows = max(s.block_rows for s in self.sinks)
+
+  def write(self, row0: int, probs: np.ndarray, valid: np.ndarray) -> None:
+    for s in self.sinks:
+      s.write(row0, probs, valid)
+
+
+def write_cog(src: str, dst: str, probabilities: bool) -> None:
+  """Copies the scratch GeoTIFF `src` to a Cloud-Optimized GeoTIFF `dst`.
+
+  256 px internal tiles, deflate, overviews down to one tile (nearest for class masks so
+  overview pixels stay class ids, average for probabilities); tags and the colour table are
+  carried over.
+  """
+  from rasterio import shutil as rio_shutil  # pylint: disable=g-import-not-at-top
+  options = dict(BLOCKSIZE=256, COMPRESS='DEFLATE', OVERVIEWS='AUTO',
+                 RESAMPLING='AVERAGE' if probabilities else 'NEAREST')
+  if probabilities:
+    options['PREDICTOR'] = 'YES'
+  rio_shutil.copy(src, dst, driver='COG', **options)
+
+
 class PlainSink:
   """Collects a mask in memory and saves it as PNG (0 no change, 255 change and nodata 0)."""
   block_rows = 1
 
   def __init__(self, path: str, height: int, width: int, threshold: float):
-    self.path, self.partial, self.threshold = path, path + '.partial', threshold
+    self.path = self.partial = path
+    self.threshold = threshold
     self.mask = np.zeros((height, width), np.uint8)
     self.saved = False
 
@@ -249,14 +356,5 @@ class PlainSink:
     from PIL import Image  # pylint: disable=g-import-not-at-top
     if not self.saved:  # binary masks as 0/255 so they are visible; class ids as they are
       scale = 255 if self.mask.max() <= 1 else 1
-      Image.fromarray(self.mask * scale).save(self.partial, format='PNG')
+      Image.fromarray(self.mask * scale).save(self.path, format='PNG')
       self.saved = True
-
-
-def commit(partial: str, path: str) -> None:
-  os.replace(partial, path)
-
-
-def discard(partial: str) -> None:
-  if os.path.exists(partial):
-    os.remove(partial)

@@ -10,6 +10,7 @@ from typing import Mapping
 
 import jax
 
+from segchange_jax import atomic
 from segchange_jax import paths
 
 
@@ -68,7 +69,7 @@ class MetricWriter:
     writer = csv.DictWriter(buf, fieldnames=header)
     writer.writeheader()
     writer.writerows(rows)
-    self._csv_path.write_text(buf.getvalue())
+    atomic.write_text(self._csv_path, buf.getvalue())
 
   def _append_csv(self, row: dict) -> None:
     header = None

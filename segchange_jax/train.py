@@ -15,10 +15,10 @@ import signal
 import sys
 from typing import Sequence
 
-from absl import app
 from absl import flags
 from absl import logging
 
+from segchange_jax import cli
 from segchange_jax import config_lib
 
 _CONFIG = config_lib.define_config_flag()
@@ -52,7 +52,7 @@ class _DropLibraryChatter(pylogging.Filter):
 
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+    raise cli.UsageError(f'unexpected arguments: {argv[1:]}')
   logging.get_absl_handler().addFilter(_DropLibraryChatter())
   config = config_lib.validate_config(_CONFIG.value)
   d = config.distributed
@@ -64,12 +64,17 @@ def main(argv: Sequence[str]) -> None:
       initialization_timeout=d.initialization_timeout, heartbeat_timeout=d.heartbeat_timeout)
   from segchange_jax import trainer  # pylint: disable=g-import-not-at-top
   preemption = _Preemption()
-  result = trainer.train_and_evaluate(config, _WORKDIR.value,
-                                      should_stop=lambda: preemption.requested)
+  try:
+    result = trainer.train_and_evaluate(config, _WORKDIR.value,
+                                        should_stop=lambda: preemption.requested)
+  except trainer.TrainingError as e:  # data or config unusable: the message says what to change
+    raise cli.UsageError(str(e)) from e
   if preemption.requested:
     sys.exit(0)
   logging.info('done: %s', result)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  # Only config and usage errors are reported in one line: an error deep in training keeps its
+  # traceback.
+  cli.run(main, errors=(config_lib.ConfigError, cli.UsageError, flags.Error))

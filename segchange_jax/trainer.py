@@ -16,6 +16,7 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
+from segchange_jax import atomic
 from segchange_jax import checkpointing
 from segchange_jax import data_setup
 from segchange_jax import init_from
@@ -138,7 +139,7 @@ def train_and_evaluate(config, workdir: str,
   workdir = paths.resolve(workdir)   # local or gs://
   if is_main:
     workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2))
+    atomic.write_text(workdir / 'config.json', config.to_json_best_effort(indent=2))
 
   shards_dir = data_setup.ensure_dataset(config)
   info = input_pipeline.load_dataset_info(shards_dir)
@@ -188,7 +189,7 @@ def train_and_evaluate(config, workdir: str,
     for line in report['skipped']:
       logging.info('  skipped %s', line)
     if is_main:
-      (workdir / 'init_from_report.json').write_text(json.dumps(report, indent=1))
+      atomic.write_text(workdir / 'init_from_report.json', json.dumps(report, indent=1))
 
   writer = summary.MetricWriter(workdir)
   if restored is not None and writer.drop_after(restored[2]):
@@ -266,8 +267,8 @@ def train_and_evaluate(config, workdir: str,
     result['checkpoint_step'] = best[2] if best is not None else step
     writer.write(step, config.eval.split, _scalars(result))
     if is_main:
-      (workdir / f'eval_{config.eval.split}.json').write_text(
-          json.dumps(result, indent=2, default=float))
+      atomic.write_text(workdir / f'eval_{config.eval.split}.json',
+                        json.dumps(result, indent=2, default=float))
       logging.info('%s: %s', config.eval.split, json.dumps(_scalars(result)))
   ckpt.close()
   writer.close()

@@ -1,4 +1,4 @@
-"""Every command-line entry module starts and prints its usage with --help."""
+"""Every command-line entry module prints its usage with --help and exits 0."""
 
 import os
 import subprocess
@@ -6,24 +6,25 @@ import sys
 
 import pytest
 
-# absl programs exit with status 1 after --help (absl's convention); argparse ones with 0.
+# (module, a flag of its own, takes --config)
 ENTRY_POINTS = [
-    ('segchange_jax.train', '--workdir'),
-    ('segchange_jax.convert_torch', '--checkpoint'),
-    ('segchange_jax.embed_prompts', '--text_model'),
-    ('segchange_jax.infer', '--window'),
-    ('segchange_jax.evaluate', '--num_images'),
-    ('segchange_jax.export', '--platforms'),
-    ('data_prep.convert', '--layout'),
-    ('data_prep.synthetic', '--size'),
+    ('segchange_jax.train', '--workdir', True),
+    ('segchange_jax.convert_torch', '--checkpoint', True),
+    ('segchange_jax.embed_prompts', '--text_model', False),
+    ('segchange_jax.infer', '--window', True),
+    ('segchange_jax.evaluate', '--num_images', True),
+    ('segchange_jax.export', '--platforms', True),
+    ('data_prep.convert', '--layout', False),
+    ('data_prep.synthetic', '--size', False),
 ]
 
 
-@pytest.mark.parametrize('module, flag', ENTRY_POINTS)
-def test_help(repo_root, module, flag):
+@pytest.mark.parametrize('module, flag, has_config', ENTRY_POINTS)
+def test_help(repo_root, module, flag, has_config):
   env = {**os.environ, 'PYTHONPATH': str(repo_root), 'JAX_PLATFORMS': 'cpu'}
   out = subprocess.run([sys.executable, '-m', module, '--help'], cwd=repo_root, env=env,
                        capture_output=True, text=True, timeout=300)
-  assert out.returncode in (0, 1), out.stderr[-2000:]
+  assert out.returncode == 0, out.stderr[-2000:]
   assert flag in out.stdout, out.stdout[-2000:]
+  assert ('--config:' in out.stdout) == has_config, out.stdout[-3000:]
   assert 'Traceback' not in out.stderr

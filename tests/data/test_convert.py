@@ -241,7 +241,7 @@ def test_cli_help_and_error(repo_root, tmp):
   r = subprocess.run([sys.executable, '-m', 'data_prep.convert', '--layout', 'opencd', '--root',
                       tmp, '--out', os.path.join(tmp, 'o'), '--splits', 'train'],
                      cwd=repo_root, env=env, capture_output=True, text=True)
-  assert r.returncode != 0 and 'ERROR' in r.stderr
+  assert r.returncode == 2 and r.stderr.startswith('error: ') and 'Traceback' not in r.stderr
 
 
 def test_real_levir_samples(shared_data, tmp):

@@ -101,7 +101,7 @@ def test_errors(bundle, tmp_path):
   out, config, variables, *_ = bundle
   with pytest.raises(export.ExportError, match='multiple of 32'):
     export.export_forward(config, variables, 70)
-  with pytest.raises(export.ExportError, match='already holds a bundle'):
+  with pytest.raises(export.ExportError, match='already exists; pass --overwrite'):
     export.write_bundle(str(out), config, variables, embeddings=str(out / 'prompts.npz'))
   bad = tiny.write_embeddings(tmp_path / 'bad.npz', ['x'], dim=16)
   with pytest.raises(export.ExportError, match=r'\[P, 8, 32\]'):

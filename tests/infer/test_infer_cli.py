@@ -9,7 +9,12 @@ import sys
 
 import numpy as np
 import pytest
+import pyogrio
+import pyogrio.raw
 import rasterio
+import rasterio.warp
+import shapely
+import shapely.geometry
 from affine import Affine
 from rasterio.enums import ColorInterp
 from PIL import Image
@@ -135,8 +140,7 @@ def test_cli_help_and_grid_error(tmp_path, repo_root):
   env = {**os.environ, 'PYTHONPATH': str(repo_root), 'JAX_PLATFORMS': 'cpu'}
   r = subprocess.run([sys.executable, '-m', 'segchange_jax.infer', '--help'], cwd=repo_root,
                      env=env, capture_output=True, text=True, timeout=120)
-  # absl exits with status 1 after printing --help.
-  assert r.returncode in (0, 1) and 'Change detection on a pair' in r.stdout
+  assert r.returncode == 0 and 'Change detection on a pair' in r.stdout
   assert '--overlap' in r.stdout and '--align' in r.stdout
   a, b = h.pair_arrays(64, 64)
   a_path = h.write_tif(tmp_path / 'a.tif', a)
@@ -154,10 +158,18 @@ def test_png_pairs(tmp_path):
   Image.fromarray(a.transpose(1, 2, 0)).save(tmp_path / 'a.png')
   Image.fromarray(b.transpose(1, 2, 0)).save(tmp_path / 'b.png')
   out = str(tmp_path / 'o.png')
-  infer.run_inference(str(tmp_path / 'a.png'), str(tmp_path / 'b.png'), out, h.box_change, **KW)
+  infer.run_inference(str(tmp_path / 'a.png'), str(tmp_path / 'b.png'), out, h.box_change,
+                      preview_path=str(tmp_path / 'preview.png'),
+                      polygons_path=str(tmp_path / 'v.gpkg'), **KW)
+  preview = np.asarray(Image.open(tmp_path / 'preview.png'))
+  assert preview.shape == (70, 3 * 90 + 8, 3)
+  np.testing.assert_array_equal(preview[:, :90], a.transpose(1, 2, 0))  # panel A as is
+  assert pyogrio.read_info(str(tmp_path / 'v.gpkg'))['crs'] is None  # pixel coordinates
   m = np.asarray(Image.open(out))
   expected = h.box_change(a.transpose(1, 2, 0)[None], b.transpose(1, 2, 0)[None])[0] > 0.5
   assert set(np.unique(m)) == {0, 255} and ((m == 255) == expected).mean() > 0.999
+  overlay = preview[:, -90:]
+  assert (overlay[m == 255] == (255, 0, 0)).all() and (overlay[m == 0, 0] < 255).all()
   with pytest.raises(ValueError, match='probabilities need a .tif'):
     infer.run_inference(str(tmp_path / 'a.png'), str(tmp_path / 'b.png'), out, h.box_change,
                         probabilities=True, **KW)
@@ -187,20 +199,35 @@ def test_postprocess_and_polygons_in_map_units(tmp_path):
   a_path = h.write_tif(tmp_path / 'a.tif', a)
   b_path = h.write_tif(tmp_path / 'b.tif', b)
   pointwise = lambda x, y: (np.abs(x.astype(np.float32) - y).mean(-1) > 50).astype(np.float32)
-  out, gj = str(tmp_path / 'o.tif'), str(tmp_path / 'o.geojson')
+  out, gj, gpkg = (str(tmp_path / n) for n in ('o.tif', 'o.geojson', 'o.gpkg'))
   infer.run_inference(a_path, b_path, out, pointwise, do_postprocess=True, min_area=100,
-                      polygons_path=gj, **KW)
+                      polygons_path=[gj, gpkg], **KW)
   m, _ = _read(out)
   assert m[0].sum() == 3600 and m[0][20:80, 30:90].all()
-  fc = json.load(open(gj))
-  assert fc['crs']['properties']['name'] == 'urn:ogc:def:crs:EPSG::32618'
-  (feat,) = fc['features']
-  assert feat['properties']['area'] == pytest.approx(360000.0)
-  assert feat['properties']['area_px'] == 3600
-  xs = [p[0] for p in feat['geometry']['coordinates'][0]]
+  # GeoPackage: the raster's CRS, area in map units.
+  info = pyogrio.read_info(gpkg)
+  assert info['crs'] == 'EPSG:32618' and info['features'] == 1 and info['driver'] == 'GPKG'
+  _, _, geoms, fields = pyogrio.raw.read(gpkg)
+  assert fields[1][0] == pytest.approx(360000.0) and fields[2][0] == 3600
+  xs = shapely.from_wkb(geoms[0]).exterior.coords.xy[0]
   assert min(xs) == pytest.approx(500000.0 + 30 * 10) and max(xs) == pytest.approx(500000.0 + 90 * 10)
-  # Without the filter, all three regions become polygons.
-  infer.run_inference(a_path, b_path, str(tmp_path / 'n.tif'), pointwise, polygons_path=gj, **KW)
+  # GeoJSON: RFC 7946 (WGS 84 lon/lat, no crs member, counter-clockwise exterior).
+  fc = json.load(open(gj))
+  assert 'crs' not in fc
+  (feat,) = fc['features']
+  assert feat['properties'] == {'value': 1, 'area': pytest.approx(360000.0), 'area_px': 3600}
+  ring = shapely.geometry.shape(feat['geometry'])
+  assert ring.exterior.is_ccw
+  west, south, east, north = rasterio.warp.transform_bounds(
+      'EPSG:32618', 'EPSG:4326', 500300.0, 4000000.0 - 800, 500900.0, 4000000.0 - 200)
+  np.testing.assert_allclose(ring.bounds, (west, south, east, north), atol=2e-5)
+  # Without the filter, all three regions become polygons (existing outputs need overwrite).
+  with pytest.raises(infer.atomic.OutputError, match='--overwrite'):
+    infer.run_inference(a_path, b_path, str(tmp_path / 'n.tif'), pointwise, polygons_path=gj,
+                        **KW)
+  assert not os.path.exists(tmp_path / 'n.tif')
+  infer.run_inference(a_path, b_path, str(tmp_path / 'n.tif'), pointwise, polygons_path=gj,
+                      overwrite=True, **KW)
   assert len(json.load(open(gj))['features']) == 3
 
 

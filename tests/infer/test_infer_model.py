@@ -8,8 +8,13 @@ import subprocess
 import sys
 
 import numpy as np
+from PIL import Image
+import pyogrio
+import pyogrio.raw
 import pytest
 import rasterio
+
+import segchange_jax
 
 from segchange_jax import api
 from segchange_jax import infer
@@ -28,39 +33,75 @@ def model(tmp_path_factory):
   return root, config, variables, npz
 
 
-def _infer(root, npz, *args):
+def _infer(root, npz, *args, window=True):
   env = {**os.environ, 'PYTHONPATH': str(tiny.REPO), 'JAX_PLATFORMS': 'cpu',
          # The two CLI runs compile the same forward pass: share it through JAX's disk cache.
          'JAX_COMPILATION_CACHE_DIR': str(root / 'jax_cache'),
          'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0'}
   cmd = [sys.executable, '-m', 'segchange_jax.infer', '--checkpoint', str(root / 'ckpt'),
-         '--embeddings', npz, '--prompt', PROMPT, '--window', '64', '--overlap', '16',
-         '--batch', '2', '--noprogress', *args]
+         '--embeddings', npz, '--noprogress', *args]
+  if window:
+    cmd += ['--window', '64', '--overlap', '16', '--batch', '2']
   proc = subprocess.run(cmd, cwd=tiny.REPO, env=env, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   return proc
 
 
-def test_geotiff_keeps_georeferencing(model, tmp_path):
-  root, _, _, npz = model
-  a, b = h.pair_arrays(150, 173)
+def test_gis_outputs_with_settings_from_the_checkpoint(model, tmp_path):
+  """No --window/--overlap/--batch/--threshold/--prompt: all come from the checkpoint config.
+
+  Every output reads back, through GDAL/OGR, as the format it claims; the log is quiet.
+  """
+  root, config, _, npz = model
+  a, b = h.pair_arrays(300, 330)  # > 256 px: the COG gets an overview level
   a_path, b_path = h.write_tif(tmp_path / 'a.tif', a), h.write_tif(tmp_path / 'b.tif', b)
-  out = tmp_path / 'change.tif'
-  _infer(root, npz, '--a', a_path, '--b', b_path, '--out', str(out))
+  out, probs = tmp_path / 'change.tif', tmp_path / 'probs.tif'
+  gpkg, fgb, gj, prev = (tmp_path / n for n in ('v.gpkg', 'v.fgb', 'v.geojson', 'p.png'))
+  proc = _infer(root, npz, '--a', a_path, '--b', b_path, '--out', str(out), '--probability_out',
+                str(probs), '--polygons', str(gpkg), '--polygons', str(fgb), '--polygons',
+                str(gj), '--preview', str(prev), window=False)
+  for noise in ('INFO', '_CHECKPOINT_METADATA', 'PyTorch was not found', 'Traceback'):
+    assert noise not in proc.stderr, proc.stderr[-2000:]
   with rasterio.open(out) as ds, rasterio.open(a_path) as src:
+    assert ds.driver == 'GTiff' and ds.tags(ns='IMAGE_STRUCTURE')['LAYOUT'] == 'COG'
     assert (ds.crs, ds.transform) == (src.crs, src.transform)
-    assert (ds.height, ds.width, ds.count, ds.dtypes[0]) == (150, 173, 1, 'uint8')
+    assert (ds.height, ds.width, ds.count, ds.dtypes[0], ds.nodata) == (300, 330, 1, 'uint8', 255)
+    assert ds.block_shapes == [(256, 256)] and ds.overviews(1) == [2]
+    assert ds.colormap(1)[1] == (255, 0, 0, 255)
+    tags = ds.tags()
     mask = ds.read(1)
-  assert set(np.unique(mask)) <= {0, 1}
+  assert tags['CHECKPOINT'] == str(root / 'ckpt') and tags['PROMPT'] == config.data.prompt
+  assert (tags['THRESHOLD'], tags['WINDOW'], tags['OVERLAP']) == ('0.5', '64', '16')
+  assert tags['SEGCHANGE_JAX_VERSION'] == segchange_jax.__version__
+  assert set(np.unique(mask)) <= {0, 1} and 0 < mask.sum() < mask.size
+  with rasterio.open(probs) as ds:
+    assert ds.tags(ns='IMAGE_STRUCTURE')['LAYOUT'] == 'COG' and ds.dtypes[0] == 'float32'
+    assert ds.overviews(1) == [2]
+    p = ds.read(1)
+  np.testing.assert_array_equal(p > 0.5, mask == 1)
+  n_changed = int(mask.sum())
+  for path, driver in ((gpkg, 'GPKG'), (fgb, 'FlatGeobuf')):
+    info = pyogrio.read_info(path)
+    assert info['driver'] == driver and info['crs'] == 'EPSG:32618', info
+    _, _, _, fields = pyogrio.raw.read(path)
+    assert fields[2].sum() == n_changed  # area_px
+    np.testing.assert_allclose(fields[1], fields[2] * 100.0)  # 10 m pixels
+  with open(gj) as f:
+    fc = json.load(f)
+  assert 'crs' not in fc and sum(f['properties']['area_px'] for f in fc['features']) == n_changed
+  lon, lat = fc['features'][0]['geometry']['coordinates'][0][0]
+  assert -76 < lon < -74 and 36 < lat < 37  # UTM 18N at 500 km E, 4000 km N
+  preview = np.asarray(Image.open(prev))
+  assert preview.shape == (300, 3 * 330 + 8, 3)
 
 
-def test_single_window_equals_model_and_polygons(model, tmp_path):
+def test_single_window_equals_model(model, tmp_path):
   """A 64 px scene is one window: the mask must be the model's own thresholded prediction."""
   root, config, variables, npz = model
   a, b = h.pair_arrays(64, 64, seed=3)
   a_path, b_path = h.write_tif(tmp_path / 'a.tif', a), h.write_tif(tmp_path / 'b.tif', b)
-  out, gj = tmp_path / 'change.tif', tmp_path / 'change.geojson'
-  _infer(root, npz, '--a', a_path, '--b', b_path, '--out', str(out), '--polygons', str(gj))
+  out = tmp_path / 'change.tif'
+  _infer(root, npz, '--a', a_path, '--b', b_path, '--out', str(out), '--prompt', PROMPT)
   with rasterio.open(out) as ds:
     mask = ds.read(1)
   emb = infer.prompt_embedding(config, PROMPT, npz)
@@ -73,10 +114,6 @@ def test_single_window_equals_model_and_polygons(model, tmp_path):
   near = np.abs(probs - 0.5) < 1e-5  # float noise may flip only these
   assert 0 < want.sum() < want.size
   assert ((mask == 1) == want)[~near].all()
-  with open(gj) as f:
-    fc = json.load(f)
-  assert fc['crs']['properties']['name'] == 'urn:ogc:def:crs:EPSG::32618'
-  assert sum(f['properties']['area_px'] for f in fc['features']) == int((mask == 1).sum())
 
 
 def test_prompt_embedding_errors(model):

@@ -1,0 +1,53 @@
+"""Whole-scene passes after the windowed engine (segchange_jax.infer): the finished mask, its
+shape-filtered rewrite and the preview picture. These hold the whole mask (1 byte/px)."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from segchange_jax import scene_io
+
+PREVIEW_SIDE = 512  # longest side of each preview panel (px)
+
+
+def whole_mask(sink, probabilities: bool, threshold: float) -> tuple[np.ndarray, int | None]:
+  """The finished class mask (uint8) and its nodata value, for the whole-scene passes."""
+  import rasterio  # pylint: disable=g-import-not-at-top
+  if isinstance(sink, scene_io.PlainSink):
+    return (sink.mask > 0).astype(np.uint8) if sink.mask.max() <= 1 else sink.mask.copy(), None
+  with rasterio.open(sink.path) as ds:
+    if probabilities:  # shapes come from the thresholded first band
+      p = ds.read(1)
+      mask = np.where(np.isnan(p), scene_io.MASK_NODATA, p > threshold).astype(np.uint8)
+    else:
+      mask = ds.read(1)
+  return mask, scene_io.MASK_NODATA
+
+
+def rewrite_mask(path: str, mask: np.ndarray) -> None:
+  """Replaces the scratch mask's pixels (tiles of a compressed file are best written once)."""
+  import rasterio  # pylint: disable=g-import-not-at-top
+  with rasterio.open(path) as ds:
+    profile, tags, cmap = ds.profile, ds.tags(), ds.colormap(1)
+  os.remove(path)
+  with rasterio.open(path, 'w', **profile) as ds:
+    ds.write(mask[None])
+    ds.update_tags(**tags)
+    ds.write_colormap(1, cmap)
+
+
+def write_preview(path: str, source, mask: np.ndarray, nodata: int | None) -> None:
+  """A | B | overlay (change red on a darkened B), each panel at most PREVIEW_SIDE px."""
+  import cv2  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  scale = min(1.0, PREVIEW_SIDE / max(source.height, source.width))
+  shape = (max(1, round(source.height * scale)), max(1, round(source.width * scale)))
+  a, b = source.overview(shape)
+  small = cv2.resize(mask, (shape[1], shape[0]), interpolation=cv2.INTER_NEAREST)
+  change = (small > 0) if nodata is None else (small > 0) & (small != nodata)
+  overlay = (b.astype(np.float32) * 0.5).astype(np.uint8)
+  overlay[change] = (255, 0, 0)
+  gap = np.full((shape[0], 4, 3), 128, np.uint8)
+  Image.fromarray(np.concatenate([a, gap, b, gap, overlay], axis=1)).save(path, format='PNG')
