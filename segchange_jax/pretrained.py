@@ -186,8 +186,8 @@ def convert(sd: dict[str, np.ndarray], model_cfg, expected: dict[tuple[str, ...]
         f'{what} lacks {len(missing)} tensors of model.backbone={model_cfg.backbone!r}, e.g. '
         f'{", ".join(missing[:5])}. The file looks like {describe(sd)}; set the config to match '
         'or pass a complete file.')
-  for k in fits:
-    rule = by_key[k]
+  for rule in rules:  # in network order: the first mismatch is the most telling one
+    k = rule.torch_key
     want = tuple(tc.to_torch(np.zeros(expected[rule.path]), rule.kind).shape)
     if tuple(sd[k].shape) != want:
       raise PretrainedError(
