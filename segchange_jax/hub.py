@@ -41,8 +41,8 @@ def split_revision(spec: str) -> tuple[str, str | None]:
 
 
 def _fetch_command(repo_id: str, revision: str | None, filenames: Sequence[str],
-                   force: bool = False) -> str:
-  parts = ['hf', 'download', repo_id, *filenames]
+                   force: bool = False, include: Sequence[str] = ()) -> str:
+  parts = ['hf', 'download', repo_id, *filenames, *[f"--include '{p}'" for p in include]]
   if revision:
     parts += ['--revision', revision]
   if force:
@@ -51,15 +51,22 @@ def _fetch_command(repo_id: str, revision: str | None, filenames: Sequence[str],
 
 
 def _message(field: str, repo_id: str, revision: str | None, filenames: Sequence[str],
-             reason: str, local_hint: str) -> str:
+             reason: str, local_hint: str, include: Sequence[str] = ()) -> str:
   from huggingface_hub import constants  # pylint: disable=g-import-not-at-top
-  where = 'HF_HUB_OFFLINE=1 is set and ' if constants.is_offline_mode() else ''
-  return (f'{field}={repo_id + ("@" + revision if revision else "")!r}: {where}'
-          f'{", ".join(filenames)} could not be fetched from the Hugging Face Hub '
-          f'({constants.ENDPOINT}) or found in the cache ({constants.HF_HUB_CACHE}): {reason}.\n'
-          f'Fetch it once where the Hub is reachable: {_fetch_command(repo_id, revision, filenames)}'
-          ' (same HF_HOME, or copy that cache folder over; set HF_ENDPOINT to use a mirror), '
-          f'or {local_hint}.')
+  name = repo_id + ('@' + revision if revision else '')
+  target = filenames[0] if filenames else 'the model files'
+  if constants.is_offline_mode():
+    what = (f'{target} {"is" if filenames else "are"} not in the Hugging Face cache '
+            f'({constants.HF_HUB_CACHE}) and '
+            'HF_HUB_OFFLINE=1 forbids downloading it')
+  else:
+    what = (f'could not fetch {target} from the Hugging Face Hub ({constants.ENDPOINT}) '
+            f'into the cache ({constants.HF_HUB_CACHE}): {reason}')
+  command = _fetch_command(repo_id, revision, filenames[:1], include=include)
+  return (f'{field}={name!r}: {what}.\nFetch it once where the Hub is reachable: '
+          f'{command} (with the same HF_HOME, or copy '
+          'that cache folder over; HF_ENDPOINT selects a mirror), or '
+          f'{local_hint}.')
 
 
 def file_checksum_ok(path: str) -> bool | None:
@@ -133,7 +140,7 @@ def download_file(repo_id: str, filenames: Sequence[str], field: str, local_hint
     try:
       path = fetch()
     except errors.LocalEntryNotFoundError as e:  # offline / unreachable and not cached
-      reasons.append(f'{name}: not in the cache and the Hub is not reachable ({_short(e)})')
+      reasons.append(f'{name}: {_short(e)}')
       continue
     except errors.RemoteEntryNotFoundError:
       reasons.append(f'{name}: not in the repo')
@@ -156,15 +163,16 @@ def download_snapshot(repo_id: str, allow_patterns: Sequence[str], field: str, l
   """Local folder with the files of `repo_id` matching `allow_patterns`, each checksum-verified."""
   import huggingface_hub as hfh  # pylint: disable=g-import-not-at-top
   from huggingface_hub import errors  # pylint: disable=g-import-not-at-top
-  shown = list(allow_patterns)
+  pats = list(allow_patterns)
   try:
-    folder = hfh.snapshot_download(repo_id, revision=revision, allow_patterns=list(allow_patterns))
+    folder = hfh.snapshot_download(repo_id, revision=revision, allow_patterns=pats)
   except errors.RepositoryNotFoundError as e:
-    raise HubError(_message(field, repo_id, revision, shown, 'no such repo on the Hub (or it is '
+    raise HubError(_message(field, repo_id, revision, [], 'no such repo on the Hub (or it is '
                             f'private/gated: run `hf auth login`) ({_short(e)})',
-                            local_hint)) from e
+                            local_hint, include=pats)) from e
   except (errors.HfHubHTTPError, OSError, ValueError) as e:
-    raise HubError(_message(field, repo_id, revision, shown, _short(e), local_hint)) from e
+    raise HubError(_message(field, repo_id, revision, [], _short(e), local_hint,
+                            include=pats)) from e
   for root, _, names in os.walk(folder):
     for n in names:
       path = os.path.join(root, n)

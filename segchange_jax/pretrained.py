@@ -53,7 +53,11 @@ class PretrainedError(ValueError):
 def resolve(spec: str, backbone: str) -> str:
   """Local path of the weights file that `spec` names (downloading Hub ids)."""
   if spec == 'imagenet':
-    spec = IMAGENET[backbone]
+    try:
+      return resolve(IMAGENET[backbone], backbone)
+    except hub.HubError as e:
+      raise hub.HubError(f"{FIELD}='imagenet' is {IMAGENET[backbone]} for model.backbone="
+                         f'{backbone!r}. {e}') from e
   path = os.path.expanduser(spec)
   if os.path.isfile(path):
     return path
