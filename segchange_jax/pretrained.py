@@ -224,3 +224,16 @@ def load(config, params: Any, model_state: dict) -> tuple[Any, dict, dict[str, A
   report = {'spec': spec, 'path': os.path.abspath(path), 'backbone': config.model.backbone,
             **report}
   return params, merged, report
+
+
+def backbone_state_dict(config, variables: dict) -> dict[str, np.ndarray]:
+  """Our backbone variables -> a stand-alone backbone state_dict in timm / torchvision layout.
+
+  The inverse of `convert` (Swin stages as timm's full model names them, `layers.N.`), so a
+  backbone trained here can be saved as `model.safetensors` and used as `model.pretrained`.
+  """
+  rules, _, _ = backbones.backbone_torch_mapping(config.model, ('backbone',), torch_prefix='')
+  sd = tc.export({k: v for k, v in variables.items()}, rules)
+  if config.model.backbone == 'swin_base_patch4_window7_224':
+    sd = {re.sub(r'^layers_(\d+)\.', r'layers.\1.', k): v for k, v in sd.items()}
+  return sd

@@ -319,3 +319,18 @@ def test_saved_configs_with_the_old_boolean_still_load():
   values = json.loads(base.get_config().to_json())
   values['model']['pretrained'] = True
   assert api.config_from_dict(values).model.pretrained == ''
+
+
+def test_backbone_state_dict_is_timm_layout_and_round_trips(tiny_swin_files):
+  """Our backbone saved for `pretrained`: timm's own model accepts it, we read it back equal."""
+  cfg = _config('swin_base_patch4_window7_224', swin=TINY_SWIN)
+  _, variables, _ = _load(cfg, tiny_swin_files / 'model.safetensors', 64)
+  sd = pretrained.backbone_state_dict(cfg, {k: {'backbone': v} for k, v in variables.items()})
+  tmodel = timm.create_model('swin_base_patch4_window7_224', **TINY_SWIN)
+  result = tmodel.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()}, strict=False)
+  assert not result.unexpected_keys
+  assert sorted(result.missing_keys) == ['head.fc.bias', 'head.fc.weight', 'norm.bias',
+                                         'norm.weight']
+  original = pretrained.read_state_dict(str(tiny_swin_files / 'model.safetensors'))
+  for k, v in sd.items():
+    np.testing.assert_array_equal(v, original[k])
