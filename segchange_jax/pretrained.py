@@ -70,7 +70,10 @@ def resolve(spec: str, backbone: str) -> str:
                             'or a .pth file')
   if hub.looks_like_repo_id(spec):
     repo, revision = hub.split_revision(spec)
-    return hub.download_file(repo, WEIGHT_FILES, FIELD, _LOCAL_HINT, revision=revision)
+    hint = _LOCAL_HINT
+    if '/' in spec and not spec.startswith('timm/'):
+      hint += f' (no local file or folder {os.path.abspath(path)!r} exists either)'
+    return hub.download_file(repo, WEIGHT_FILES, FIELD, hint, revision=revision)
   raise FileNotFoundError(f'{FIELD}={spec!r} is neither a file, a folder, a Hub id '
                           "(owner/name) nor 'imagenet'")
 
