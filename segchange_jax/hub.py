@@ -112,7 +112,12 @@ def _verified(path: str, refetch, field: str, repo_id: str, revision: str | None
         f'it again. Re-fetch it: {_fetch_command(repo_id, revision, [filename], force=True)}, '
         f'or {local_hint}.')
   _discard(path)
-  path = refetch()
+  try:
+    path = refetch()
+  except (OSError, ValueError) as e:  # huggingface_hub's HTTP errors are OSErrors too
+    raise HubError(_message(field, repo_id, revision, [filename], f'the cached copy failed the '
+                            f'checksum and fetching it again failed: {_short(e)}',
+                            local_hint)) from e
   if file_checksum_ok(path) is False:
     raise HubError(f'{field}={repo_id!r}: {filename} fetched twice and both copies fail the Hub '
                    f"checksum; check the network or the mirror (HF_ENDPOINT), or {local_hint}.")
