@@ -36,7 +36,9 @@ def _pretrained_run(repo_root, dataset, tmp_path):
   trainer.train_and_evaluate(config, str(tmp_path / 'run'))
 
 
+@pytest.mark.slow
 def test_pretrained_backbone_is_where_training_starts(repo_root, dataset, tmp_path):
+  """A whole (1-step) training run: 325 s on the shared 2-core machine at load 10."""
   _pretrained_run(repo_root, dataset, tmp_path)
   with open(tmp_path / 'run' / 'pretrained_report.json') as f:
     report = json.load(f)
