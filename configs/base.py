@@ -70,7 +70,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.gn_groups = 32          # GroupNorm groups in neck and head (upstream 32)
   c.model.use_token_connector = False
   c.model.token_dim = 128
-  c.model.pretrained = True       # upstream loads ImageNet weights; we need init_from for that
+  # Backbone start: '' random, 'imagenet' (upstream's weights, fetched from the Hugging Face
+  # Hub), a Hub id or a local timm / torchvision / PPHGNetV2 file (segchange_jax/pretrained.py).
+  # The upstream variants (dvcd, levir, whu, sysu_fewshot) set 'imagenet'.
+  c.model.pretrained = ''
   c.model.img_size = 512
   c.model.num_queries = 5
   c.model.head_heads = 8
@@ -98,7 +101,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   # ---------------------------------------------------------------- text
   c.text = ml_collections.ConfigDict()
-  c.text.model = 'bert-base-uncased'   # local Hugging Face directory or GGUF file
+  c.text.model = 'bert-base-uncased'   # Hub id, local HF folder, .gguf file or pkg:<package>
   c.text.dim = 768                     # 768 BERT-base, 2048 Phi-1.5, 384 MiniLM, 576 SmolLM2
   c.text.max_tokens = 8
   c.text.embeddings = ''               # precomputed .npz from segchange_jax.embed_prompts

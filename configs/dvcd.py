@@ -9,6 +9,7 @@ from configs import base
 
 def get_config():
   c = base.get_config()
+  c.model.pretrained = 'imagenet'  # as upstream: ImageNet backbone weights from the Hub
   c.name = 'dvcd'
   c.data.shards_dir = 'data/dvcd_shards'
   c.data.layout = 'segchange-custom'

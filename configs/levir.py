@@ -5,6 +5,7 @@ from configs import base
 
 def get_config():
   c = base.get_config()
+  c.model.pretrained = 'imagenet'  # as upstream: ImageNet backbone weights from the Hub
   c.name = 'levir'
   c.data.shards_dir = 'data/levir_shards'
   c.data.layout = 'opencd'

