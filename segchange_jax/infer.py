@@ -91,7 +91,7 @@ _PREVIEW = flags.DEFINE_string('preview', None, 'Also write a small PNG: A | B |
 _ALIGN = flags.DEFINE_boolean('align', False, "Reproject B onto A's grid (bilinear WarpedVRT).")
 _BANDS = flags.DEFINE_list('bands', None, '1-based bands to use as R,G,B (e.g. 1,2,3).')
 _NODATA = flags.DEFINE_float('nodata', None, 'Input nodata value for files that carry none (e.g. 0).')
-_TEXT_MODEL = flags.DEFINE_string('text_model', None, 'Text encoder (HF dir, GGUF or pkg:NAME) '
+_TEXT_MODEL = flags.DEFINE_string('text_model', None, 'Text encoder (Hub id, HF dir, GGUF or pkg:NAME) '
                                    "for --prompt; default the checkpoint config's text.model.")
 _EMBEDDINGS = flags.DEFINE_string('embeddings', None, 'Prompt embeddings .npz (prompts, '
                                   'embeddings; from segchange_jax.embed_prompts or an export '
