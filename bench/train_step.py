@@ -55,7 +55,10 @@ def _summary(impl: str, device: str, batch: int, size: int, times: list[float], 
           's_median': s[len(s) // 2], 'examples_per_s': batch / s[0], **extra}
 
 
-def run_ours(variant: str, batch: int, size: int, iters: int, dtype: str, layout: str) -> dict:
+def build_ours(variant: str, batch: int, size: int, dtype: str, layout: str = 'data',
+               remat: str | None = None, compile_step: bool = True):
+  """Our train step for random weights/inputs: (compiled or jitted step, state, batch, table,
+  compile seconds). Shared with bench/profile_step.py."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
@@ -65,7 +68,8 @@ def run_ours(variant: str, batch: int, size: int, iters: int, dtype: str, layout
   from segchange_jax.models import segchange  # pylint: disable=g-import-not-at-top
   n = jax.device_count()
   config = _config(variant, dtype, *((1, n) if layout == 'fsdp' else (n, 1)))
-  base_rss = rss_mb()
+  if remat is not None:
+    config.model.remat = remat
   model = segchange.build_model(config)
   mesh = sharding.create_mesh(config)
   shapes = {k: jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32)
@@ -83,8 +87,15 @@ def run_ours(variant: str, batch: int, size: int, iters: int, dtype: str, layout
   table = jax.device_put(jnp.asarray(rng.normal(size=(1, TEXT_TOKENS, config.text.dim)),
                                      jnp.float32), sharding.replicated(mesh))
   start = time.perf_counter()
-  compiled = step_fn.lower(state, arrays, table).compile()
-  compile_s = time.perf_counter() - start
+  compiled = step_fn.lower(state, arrays, table).compile() if compile_step else step_fn
+  return compiled, state, arrays, table, time.perf_counter() - start
+
+
+def run_ours(variant: str, batch: int, size: int, iters: int, dtype: str, layout: str) -> dict:
+  import jax  # pylint: disable=g-import-not-at-top
+  n = jax.device_count()
+  base_rss = rss_mb()
+  compiled, state, arrays, table, compile_s = build_ours(variant, batch, size, dtype, layout)
   holder = {'state': state}
 
   def one():
@@ -96,11 +107,15 @@ def run_ours(variant: str, batch: int, size: int, iters: int, dtype: str, layout
   stats = dev.memory_stats() or {}
   peak = stats.get('peak_bytes_in_use')
   mem = compiled.memory_analysis()
+  cost = compiled.cost_analysis()
+  cost = (cost[0] if isinstance(cost, list) else cost) or {}
   # On CPU peak RSS also counts the XLA compiler's own memory; XLA's temp size is the step's
   # working set besides parameters, optimizer state and inputs.
   return _summary('ours', f'{dev.device_kind} x{n} ({layout})', batch, size, times,
                   compile_s=compile_s, peak_mb=peak / 2**20 if peak else rss_mb() - base_rss,
-                  xla_temp_mb=getattr(mem, 'temp_size_in_bytes', 0) / 2**20)
+                  xla_temp_mb=getattr(mem, 'temp_size_in_bytes', 0) / 2**20,
+                  xla_arg_mb=getattr(mem, 'argument_size_in_bytes', 0) / 2**20,
+                  gflop=cost.get('flops', 0) / 1e9)
 
 
 def run_torch(variant: str, batch: int, size: int, iters: int, dtype: str) -> dict:
@@ -137,18 +152,22 @@ def run_torch(variant: str, batch: int, size: int, iters: int, dtype: str) -> di
       torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip_norm)
     opt.step()
     sync()
-  one()  # warm-up
+  from torch.utils import flop_counter  # pylint: disable=g-import-not-at-top
+  counter = flop_counter.FlopCounterMode(display=False)
+  with counter:  # the warm-up step, counted: matmul / conv / attention FLOPs of fwd + bwd
+    one()
   if cuda:
     torch.cuda.reset_peak_memory_stats()
   times = _timed(one, iters)
   peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else rss_mb() - base_rss
   return _summary('torch', torch.cuda.get_device_name() if cuda else 'cpu', batch, size, times,
-                  peak_mb=peak)
+                  peak_mb=peak, gflop=counter.get_total_flops() / 1e9)
 
 
 def _print(r: dict) -> None:
-  extra = (f", compile {r['compile_s']:.0f} s, XLA temp {r['xla_temp_mb']:.0f} MB"
-           if 'compile_s' in r else '')
+  extra = (f", compile {r['compile_s']:.0f} s, XLA temp {r['xla_temp_mb']:.0f} MB + arguments "
+           f"{r['xla_arg_mb']:.0f} MB, XLA cost analysis {r['gflop']:.0f} GFLOP/step"
+           if 'compile_s' in r else f", flop_counter {r['gflop']:.0f} GFLOP/step (matmul/conv only)")
   print(f"{r['impl']:5s} {r['device']}: batch {r['batch']} at {r['size']} px: {r['s']:.2f} s/step "
         f"(median {r['s_median']:.2f}), {r['examples_per_s']:.2f} ex/s, peak {r['peak_mb']:.0f} "
         f"MB{extra}", flush=True)
