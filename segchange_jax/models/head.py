@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from segchange_jax.models import layers
+from segchange_jax.models import remat as remat_lib
 from segchange_jax.models import torch_convert as tc
 
 
@@ -171,7 +172,8 @@ class MaskHead(nn.Module):
 
 
 def build_head(model_cfg, dtype: Any, name: str = 'mask_head') -> MaskHead:
-  return MaskHead(model_cfg.num_classes, model_cfg.head_heads, model_cfg.num_queries,
+  head = remat_lib.wrap(MaskHead, remat_lib.policy_of(model_cfg), (3,))
+  return head(model_cfg.num_classes, model_cfg.head_heads, model_cfg.num_queries,
                   model_cfg.decoder_layers, model_cfg.decoder_ffn, model_cfg.dropout,
                   model_cfg.gn_groups, dtype, name=name)
 
