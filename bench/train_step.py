@@ -91,31 +91,37 @@ def build_ours(variant: str, batch: int, size: int, dtype: str, layout: str = 'd
   return compiled, state, arrays, table, time.perf_counter() - start
 
 
-def run_ours(variant: str, batch: int, size: int, iters: int, dtype: str, layout: str) -> dict:
+def run_ours(variant: str, batch: int, size: int, iters: int, dtype: str, layout: str,
+             remat: str = 'none', compile_only: bool = False) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   n = jax.device_count()
   base_rss = rss_mb()
-  compiled, state, arrays, table, compile_s = build_ours(variant, batch, size, dtype, layout)
+  compiled, state, arrays, table, compile_s = build_ours(variant, batch, size, dtype, layout,
+                                                         remat)
   holder = {'state': state}
+  dev = jax.devices()[0]
+  mem = compiled.memory_analysis()
+  cost = compiled.cost_analysis()
+  cost = (cost[0] if isinstance(cost, list) else cost) or {}
+  xla = {'compile_s': compile_s, 'remat': remat,
+         'xla_temp_mb': getattr(mem, 'temp_size_in_bytes', 0) / 2**20,
+         'xla_arg_mb': getattr(mem, 'argument_size_in_bytes', 0) / 2**20,
+         'gflop': cost.get('flops', 0) / 1e9}
+  if compile_only:  # XLA's figures only: nothing runs, the working set is never allocated
+    return _summary('ours', f'{dev.device_kind} x{n} ({layout})', batch, size, [float('nan')],
+                    peak_mb=float('nan'), **xla)
 
   def one():
     holder['state'], out = compiled(holder['state'], arrays, table)
     jax.block_until_ready(out['loss'])
   one()  # warm-up
   times = _timed(one, iters)
-  dev = jax.devices()[0]
   stats = dev.memory_stats() or {}
   peak = stats.get('peak_bytes_in_use')
-  mem = compiled.memory_analysis()
-  cost = compiled.cost_analysis()
-  cost = (cost[0] if isinstance(cost, list) else cost) or {}
   # On CPU peak RSS also counts the XLA compiler's own memory; XLA's temp size is the step's
   # working set besides parameters, optimizer state and inputs.
   return _summary('ours', f'{dev.device_kind} x{n} ({layout})', batch, size, times,
-                  compile_s=compile_s, peak_mb=peak / 2**20 if peak else rss_mb() - base_rss,
-                  xla_temp_mb=getattr(mem, 'temp_size_in_bytes', 0) / 2**20,
-                  xla_arg_mb=getattr(mem, 'argument_size_in_bytes', 0) / 2**20,
-                  gflop=cost.get('flops', 0) / 1e9)
+                  peak_mb=peak / 2**20 if peak else rss_mb() - base_rss, **xla)
 
 
 def run_torch(variant: str, batch: int, size: int, iters: int, dtype: str) -> dict:
@@ -165,9 +171,10 @@ def run_torch(variant: str, batch: int, size: int, iters: int, dtype: str) -> di
 
 
 def _print(r: dict) -> None:
-  extra = (f", compile {r['compile_s']:.0f} s, XLA temp {r['xla_temp_mb']:.0f} MB + arguments "
-           f"{r['xla_arg_mb']:.0f} MB, XLA cost analysis {r['gflop']:.0f} GFLOP/step"
-           if 'compile_s' in r else f", flop_counter {r['gflop']:.0f} GFLOP/step (matmul/conv only)")
+  extra = (f", remat {r['remat']}, compile {r['compile_s']:.0f} s, XLA temp "
+           f"{r['xla_temp_mb']:.0f} MB + arguments {r['xla_arg_mb']:.0f} MB, XLA cost analysis "
+           f"{r['gflop']:.0f} GFLOP/step" if 'compile_s' in r
+           else f", flop_counter {r['gflop']:.0f} GFLOP/step (matmul/conv/attention only)")
   print(f"{r['impl']:5s} {r['device']}: batch {r['batch']} at {r['size']} px: {r['s']:.2f} s/step "
         f"(median {r['s_median']:.2f}), {r['examples_per_s']:.2f} ex/s, peak {r['peak_mb']:.0f} "
         f"MB{extra}", flush=True)
@@ -186,21 +193,27 @@ def main():
                  help='also time our step on these simulated CPU device counts (e.g. 1 8)')
   p.add_argument('--device_batch', type=int, default=8)
   p.add_argument('--device_size', type=int, default=128)
+  p.add_argument('--remat', nargs='+', default=['none'], choices=['none', 'dots', 'block'],
+                 help='config.model.remat policies for our step (one row each)')
+  p.add_argument('--compile_only', action='store_true',
+                 help="ours: compile and print XLA's memory / FLOP analysis, run nothing")
   p.add_argument('--child', default='', help=argparse.SUPPRESS)
   p.add_argument('--layout', default='data', choices=['data', 'fsdp'], help=argparse.SUPPRESS)
   args = p.parse_args()
   if args.child:
     if args.child == 'ours':
-      r = run_ours(args.variant, args.batch, args.sizes[0], args.iters, args.dtype, args.layout)
+      r = run_ours(args.variant, args.batch, args.sizes[0], args.iters, args.dtype, args.layout,
+                   args.remat[0], args.compile_only)
     else:
       r = run_torch(args.variant, args.batch, args.sizes[0], args.iters, args.dtype)
     print('RESULT ' + json.dumps(r))
     return
 
-  def child(impl, batch, size, layout='data', env=None):
+  def child(impl, batch, size, layout='data', env=None, remat='none'):
     r, err = run_child(__file__, ['--child', impl, '--variant', args.variant, '--sizes',
                                   str(size), '--batch', str(batch), '--iters', str(args.iters),
-                                  '--dtype', args.dtype, '--layout', layout], env)
+                                  '--dtype', args.dtype, '--layout', layout, '--remat', remat]
+                       + (['--compile_only'] if args.compile_only else []), env)
     if r is None:
       print(f'{impl} batch {batch} at {size} px ({layout}) failed:\n{err}', flush=True)
     else:
@@ -208,12 +221,19 @@ def main():
     return r
 
   for size in args.sizes:
-    res = {impl: child(impl, args.batch, size) for impl in args.impls}
+    res = {}
+    for impl in args.impls:
+      if impl == 'torch' and args.compile_only:
+        continue
+      for remat in (args.remat if impl == 'ours' else ['none']):
+        r = child(impl, args.batch, size, remat=remat)
+        res.setdefault(impl, r)  # the ratio line uses the first policy
     if res.get('ours') and res.get('torch'):
       o, t = res['ours'], res['torch']
       print(f'batch {args.batch} at {size} px: torch/ours step time {t["s"] / o["s"]:.2f}x '
             f'({o["examples_per_s"]:.2f} vs {t["examples_per_s"]:.2f} ex/s), memory ours/torch '
-            f'{o["peak_mb"] / max(t["peak_mb"], 1e-9):.2f}', flush=True)
+            f'{o["peak_mb"] / max(t["peak_mb"], 1e-9):.2f}, GFLOP/step ours {o["gflop"]:.0f} (XLA, '
+            f'every op) vs torch {t["gflop"]:.0f} (flop_counter)', flush=True)
 
   runs = {}
   for n in args.devices:
