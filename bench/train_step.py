@@ -3,6 +3,8 @@ r"""Train-step time: our jitted step vs the PyTorch reference (same model, losse
   python bench/train_step.py                          # Swin-B, batch 2 at 256 and 512 px, CPU
   python bench/train_step.py --sizes 256 --iters 3 --devices 1 8 --device_batch 8 --device_size 128
   python bench/train_step.py --dtype bfloat16         # on a GPU: bf16 compute on both sides
+  python bench/train_step.py --all --iters 2          # every README row (~1 h on 2 cores)
+  python bench/train_step.py --sizes 512 --impls ours --remat none dots block --compile_only
 
 One optimizer step = forward of A and B through the siamese model, the four SPEC losses
 (BCE + Dice + focal + BCL, config.loss weights), backward, gradient-norm clipping when
@@ -197,6 +199,9 @@ def main():
                  help='config.model.remat policies for our step (one row each)')
   p.add_argument('--compile_only', action='store_true',
                  help="ours: compile and print XLA's memory / FLOP analysis, run nothing")
+  p.add_argument('--all', action='store_true',
+                 help='every row of the README table: Swin-B 256/b2, 512/b1, 512/b2 (ours, '
+                 'remat block), ResNet-50 + Transformer BEV and HGNetv2 at 256/b2')
   p.add_argument('--child', default='', help=argparse.SUPPRESS)
   p.add_argument('--layout', default='data', choices=['data', 'fsdp'], help=argparse.SUPPRESS)
   args = p.parse_args()
@@ -209,28 +214,40 @@ def main():
     print('RESULT ' + json.dumps(r))
     return
 
-  def child(impl, batch, size, layout='data', env=None, remat='none'):
-    r, err = run_child(__file__, ['--child', impl, '--variant', args.variant, '--sizes',
+  def child(impl, batch, size, layout='data', env=None, remat='none', variant=None):
+    variant = variant or args.variant
+    r, err = run_child(__file__, ['--child', impl, '--variant', variant, '--sizes',
                                   str(size), '--batch', str(batch), '--iters', str(args.iters),
                                   '--dtype', args.dtype, '--layout', layout, '--remat', remat]
                        + (['--compile_only'] if args.compile_only else []), env)
     if r is None:
-      print(f'{impl} batch {batch} at {size} px ({layout}) failed:\n{err}', flush=True)
+      print(f'{impl} {variant} batch {batch} at {size} px ({layout}, remat {remat}) failed:\n'
+            f'{err}', flush=True)
     else:
       _print(r)
     return r
 
-  for size in args.sizes:
+  if args.all:  # (variant, size, batch, implementations, our remat policies)
+    rows = [('swin_base_patch4_window7_224', 256, 2, args.impls, args.remat),
+            ('swin_base_patch4_window7_224', 512, 1, args.impls, args.remat),
+            # torch cannot fit this one in 24 GB; ours with the memory-saving policy
+            ('swin_base_patch4_window7_224', 512, 2, ['ours'], ['block']),
+            ('resnet50', 256, 2, args.impls, args.remat),
+            ('hgnetv2', 256, 2, args.impls, args.remat)]
+  else:
+    rows = [(args.variant, size, args.batch, args.impls, args.remat) for size in args.sizes]
+  for variant, size, batch, impls, remats in rows:
+    print(f'== {variant}, batch {batch}, {size} px', flush=True)
     res = {}
-    for impl in args.impls:
+    for impl in impls:
       if impl == 'torch' and args.compile_only:
         continue
-      for remat in (args.remat if impl == 'ours' else ['none']):
-        r = child(impl, args.batch, size, remat=remat)
+      for remat in (remats if impl == 'ours' else ['none']):
+        r = child(impl, batch, size, remat=remat, variant=variant)
         res.setdefault(impl, r)  # the ratio line uses the first policy
     if res.get('ours') and res.get('torch'):
       o, t = res['ours'], res['torch']
-      print(f'batch {args.batch} at {size} px: torch/ours step time {t["s"] / o["s"]:.2f}x '
+      print(f'{variant} batch {batch} at {size} px: torch/ours step time {t["s"] / o["s"]:.2f}x '
             f'({o["examples_per_s"]:.2f} vs {t["examples_per_s"]:.2f} ex/s), memory ours/torch '
             f'{o["peak_mb"] / max(t["peak_mb"], 1e-9):.2f}, GFLOP/step ours {o["gflop"]:.0f} (XLA, '
             f'every op) vs torch {t["gflop"]:.0f} (flop_counter)', flush=True)
