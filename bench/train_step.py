@@ -3,7 +3,7 @@ r"""Train-step time: our jitted step vs the PyTorch reference (same model, losse
   python bench/train_step.py                          # Swin-B, batch 2 at 256 and 512 px, CPU
   python bench/train_step.py --sizes 256 --iters 3 --devices 1 8 --device_batch 8 --device_size 128
   python bench/train_step.py --dtype bfloat16         # on a GPU: bf16 compute on both sides
-  python bench/train_step.py --all --iters 2          # every README row (~1 h on 2 cores)
+  python bench/train_step.py --all --iters 2          # every README row (one compile per row: long)
   python bench/train_step.py --sizes 512 --impls ours --remat none dots block --compile_only
 
 One optimizer step = forward of A and B through the siamese model, the four SPEC losses
