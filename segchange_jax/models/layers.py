@@ -123,3 +123,31 @@ class GroupedConv(nn.Module):
         term = xp[:, dy:dy + h, dx:dx + w] * wc[dy, dx]
         acc = term if acc is None else acc + term
     return acc.reshape(b, h, w, self.groups, g).sum(-1) + bias.astype(self.dtype)
+
+
+class ShiftedConv(nn.Module):
+  """torch Conv2d(k, stride 1, padding k//2) as a sum of k*k shifted matrix products.
+
+  Same parameters (names, shapes, init) and maths as `conv(...)` (nn.Conv). XLA:CPU runs a
+  full-resolution 3x3 convolution's backward pass ~10x slower than its forward (profile of the
+  Swin-B step: the mask head's 3x3 conv); here forward and backward are plain matmuls.
+  """
+  features: int
+  kernel: int = 3
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    _, h, w, c = x.shape
+    k = self.kernel
+    kernel = self.param('kernel', nn.initializers.lecun_normal(), (k, k, c, self.features))
+    bias = self.param('bias', nn.initializers.zeros, (self.features,))
+    kernel = kernel.astype(self.dtype)
+    p = k // 2
+    xp = jnp.pad(x.astype(self.dtype), ((0, 0), (p, p), (p, p), (0, 0)))
+    out = None
+    for dy in range(k):
+      for dx in range(k):
+        term = xp[:, dy:dy + h, dx:dx + w] @ kernel[dy, dx]
+        out = term if out is None else out + term
+    return out + bias.astype(self.dtype)
