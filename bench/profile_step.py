@@ -29,8 +29,9 @@ import tempfile
 
 import train_step
 
-_INSTR = re.compile(r'^\s*(?:ROOT )?%?([\w.\-]+) = .*?\b([a-z\-]+)\(.*?(?:calls=%?([\w.\-]+))?.*'
+_INSTR = re.compile(r'^\s*(?:ROOT )?%?([\w.\-]+) = .*?\b([a-z\-]+)\(.*'
                     r'metadata=\{[^}]*op_name="([^"]*)"')
+_CALLS = re.compile(r'calls=%?([\w.\-]+)')
 _TOP = ('backbone', 'conv_list', 'bev', 'feature_diff', 'fpn', 'mask_head')
 
 
@@ -51,7 +52,9 @@ def hlo_index(hlo: str) -> dict[str, tuple[str, str, str]]:
       m = _INSTR.match(line)
       if not m:
         continue
-      name, opcode, called, op_name = m.groups()
+      name, opcode, op_name = m.groups()
+      called = _CALLS.search(line)
+      called = called.group(1) if called else None
       inner = ''
       if called and called in comps:
         body = '\n'.join(comps[called])
