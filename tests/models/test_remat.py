@@ -1,4 +1,4 @@
-"""config.model.remat: same parameters, loss and gradients as no remat; bad values rejected."""
+"""config.model.remat: same loss and gradients as no remat (Swin stage); bad values rejected."""
 
 import jax
 import jax.numpy as jnp
@@ -6,39 +6,8 @@ import numpy as np
 import pytest
 
 from segchange_jax import config_lib
-from segchange_jax.models import segchange
 from segchange_jax.models.backbones import swin
 from tests.models.test_segchange import small_config
-
-
-def _loss_and_grads(policy: str):
-  c = small_config('swin_base_patch4_window7_224')
-  c.model.remat = policy
-  model = segchange.build_model(c)
-  rng = np.random.default_rng(0)
-  a, b = (jnp.asarray(rng.normal(size=(2, 64, 64, 3)), jnp.float32) for _ in range(2))
-  text = jnp.asarray(rng.normal(size=(2, 3, c.text.dim)), jnp.float32)
-  variables = segchange.init_variables(model, jax.random.PRNGKey(0), 64, 2, 3)
-
-  def loss(params):
-    # train=True: dropout, stochastic depth and BatchNorm batch statistics all inside remat.
-    logits, upd = model.apply({**variables, 'params': params}, a, b, text, train=True,
-                              rngs={'dropout': jax.random.PRNGKey(1)}, mutable=['batch_stats'])
-    return jnp.mean(jnp.tanh(logits)), upd
-
-  (value, upd), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(variables['params'])
-  return variables['params'], value, upd, grads
-
-
-@pytest.mark.slow
-def test_model_remat_policies_match_none():
-  params, value, upd, grads = _loss_and_grads('none')
-  p2, v2, u2, g2 = _loss_and_grads('block')  # the per-module stage test covers 'dots'
-  assert jax.tree.structure(p2) == jax.tree.structure(params)
-  # Recomputation re-fuses ops differently: float32 rounding-level differences only.
-  np.testing.assert_allclose(v2, value, rtol=1e-5, atol=1e-7)
-  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6), u2, upd)
-  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5), g2, grads)
 
 
 @pytest.mark.parametrize('policy', ['dots', 'block'])
