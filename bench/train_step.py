@@ -3,6 +3,8 @@ r"""Train-step time: our jitted step vs the PyTorch reference (same model, losse
   python bench/train_step.py                          # Swin-B, batch 2 at 256 and 512 px, CPU
   python bench/train_step.py --sizes 256 --iters 3 --devices 1 8 --device_batch 8 --device_size 128
   python bench/train_step.py --dtype bfloat16         # on a GPU: bf16 compute on both sides
+  python bench/train_step.py --all --iters 2          # every README row (one compile per row: long)
+  python bench/train_step.py --sizes 512 --impls ours --remat none dots block --compile_only
 
 One optimizer step = forward of A and B through the siamese model, the four SPEC losses
 (BCE + Dice + focal + BCL, config.loss weights), backward, gradient-norm clipping when
@@ -55,7 +57,10 @@ def _summary(impl: str, device: str, batch: int, size: int, times: list[float], 
           's_median': s[len(s) // 2], 'examples_per_s': batch / s[0], **extra}
 
 
-def run_ours(variant: str, batch: int, size: int, iters: int, dtype: str, layout: str) -> dict:
+def build_ours(variant: str, batch: int, size: int, dtype: str, layout: str = 'data',
+               remat: str | None = None, compile_step: bool = True):
+  """Our train step for random weights/inputs: (compiled or jitted step, state, batch, table,
+  compile seconds). Shared with bench/profile_step.py."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
@@ -65,7 +70,8 @@ def run_ours(variant: str, batch: int, size: int, iters: int, dtype: str, layout
   from segchange_jax.models import segchange  # pylint: disable=g-import-not-at-top
   n = jax.device_count()
   config = _config(variant, dtype, *((1, n) if layout == 'fsdp' else (n, 1)))
-  base_rss = rss_mb()
+  if remat is not None:
+    config.model.remat = remat
   model = segchange.build_model(config)
   mesh = sharding.create_mesh(config)
   shapes = {k: jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32)
@@ -83,24 +89,41 @@ def run_ours(variant: str, batch: int, size: int, iters: int, dtype: str, layout
   table = jax.device_put(jnp.asarray(rng.normal(size=(1, TEXT_TOKENS, config.text.dim)),
                                      jnp.float32), sharding.replicated(mesh))
   start = time.perf_counter()
-  compiled = step_fn.lower(state, arrays, table).compile()
-  compile_s = time.perf_counter() - start
+  compiled = step_fn.lower(state, arrays, table).compile() if compile_step else step_fn
+  return compiled, state, arrays, table, time.perf_counter() - start
+
+
+def run_ours(variant: str, batch: int, size: int, iters: int, dtype: str, layout: str,
+             remat: str = 'none', compile_only: bool = False) -> dict:
+  import jax  # pylint: disable=g-import-not-at-top
+  n = jax.device_count()
+  base_rss = rss_mb()
+  compiled, state, arrays, table, compile_s = build_ours(variant, batch, size, dtype, layout,
+                                                         remat)
   holder = {'state': state}
+  dev = jax.devices()[0]
+  mem = compiled.memory_analysis()
+  cost = compiled.cost_analysis()
+  cost = (cost[0] if isinstance(cost, list) else cost) or {}
+  xla = {'compile_s': compile_s, 'remat': remat,
+         'xla_temp_mb': getattr(mem, 'temp_size_in_bytes', 0) / 2**20,
+         'xla_arg_mb': getattr(mem, 'argument_size_in_bytes', 0) / 2**20,
+         'gflop': cost.get('flops', 0) / 1e9}
+  if compile_only:  # XLA's figures only: nothing runs, the working set is never allocated
+    return _summary('ours', f'{dev.device_kind} x{n} ({layout})', batch, size, [float('nan')],
+                    peak_mb=float('nan'), **xla)
 
   def one():
     holder['state'], out = compiled(holder['state'], arrays, table)
     jax.block_until_ready(out['loss'])
   one()  # warm-up
   times = _timed(one, iters)
-  dev = jax.devices()[0]
   stats = dev.memory_stats() or {}
   peak = stats.get('peak_bytes_in_use')
-  mem = compiled.memory_analysis()
   # On CPU peak RSS also counts the XLA compiler's own memory; XLA's temp size is the step's
   # working set besides parameters, optimizer state and inputs.
   return _summary('ours', f'{dev.device_kind} x{n} ({layout})', batch, size, times,
-                  compile_s=compile_s, peak_mb=peak / 2**20 if peak else rss_mb() - base_rss,
-                  xla_temp_mb=getattr(mem, 'temp_size_in_bytes', 0) / 2**20)
+                  peak_mb=peak / 2**20 if peak else rss_mb() - base_rss, **xla)
 
 
 def run_torch(variant: str, batch: int, size: int, iters: int, dtype: str) -> dict:
@@ -137,18 +160,23 @@ def run_torch(variant: str, batch: int, size: int, iters: int, dtype: str) -> di
       torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip_norm)
     opt.step()
     sync()
-  one()  # warm-up
+  from torch.utils import flop_counter  # pylint: disable=g-import-not-at-top
+  counter = flop_counter.FlopCounterMode(display=False)
+  with counter:  # the warm-up step, counted: matmul / conv / attention FLOPs of fwd + bwd
+    one()
   if cuda:
     torch.cuda.reset_peak_memory_stats()
   times = _timed(one, iters)
   peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else rss_mb() - base_rss
   return _summary('torch', torch.cuda.get_device_name() if cuda else 'cpu', batch, size, times,
-                  peak_mb=peak)
+                  peak_mb=peak, gflop=counter.get_total_flops() / 1e9)
 
 
 def _print(r: dict) -> None:
-  extra = (f", compile {r['compile_s']:.0f} s, XLA temp {r['xla_temp_mb']:.0f} MB"
-           if 'compile_s' in r else '')
+  extra = (f", remat {r['remat']}, compile {r['compile_s']:.0f} s, XLA temp "
+           f"{r['xla_temp_mb']:.0f} MB + arguments {r['xla_arg_mb']:.0f} MB, XLA cost analysis "
+           f"{r['gflop']:.0f} GFLOP/step" if 'compile_s' in r
+           else f", flop_counter {r['gflop']:.0f} GFLOP/step (matmul/conv/attention only)")
   print(f"{r['impl']:5s} {r['device']}: batch {r['batch']} at {r['size']} px: {r['s']:.2f} s/step "
         f"(median {r['s_median']:.2f}), {r['examples_per_s']:.2f} ex/s, peak {r['peak_mb']:.0f} "
         f"MB{extra}", flush=True)
@@ -167,34 +195,62 @@ def main():
                  help='also time our step on these simulated CPU device counts (e.g. 1 8)')
   p.add_argument('--device_batch', type=int, default=8)
   p.add_argument('--device_size', type=int, default=128)
+  p.add_argument('--remat', nargs='+', default=['none'], choices=['none', 'dots', 'block'],
+                 help='config.model.remat policies for our step (one row each)')
+  p.add_argument('--compile_only', action='store_true',
+                 help="ours: compile and print XLA's memory / FLOP analysis, run nothing")
+  p.add_argument('--all', action='store_true',
+                 help='every row of the README table: Swin-B 256/b2, 512/b1, 512/b2 (ours, '
+                 'remat block), ResNet-50 + Transformer BEV and HGNetv2 at 256/b2')
   p.add_argument('--child', default='', help=argparse.SUPPRESS)
   p.add_argument('--layout', default='data', choices=['data', 'fsdp'], help=argparse.SUPPRESS)
   args = p.parse_args()
   if args.child:
     if args.child == 'ours':
-      r = run_ours(args.variant, args.batch, args.sizes[0], args.iters, args.dtype, args.layout)
+      r = run_ours(args.variant, args.batch, args.sizes[0], args.iters, args.dtype, args.layout,
+                   args.remat[0], args.compile_only)
     else:
       r = run_torch(args.variant, args.batch, args.sizes[0], args.iters, args.dtype)
     print('RESULT ' + json.dumps(r))
     return
 
-  def child(impl, batch, size, layout='data', env=None):
-    r, err = run_child(__file__, ['--child', impl, '--variant', args.variant, '--sizes',
+  def child(impl, batch, size, layout='data', env=None, remat='none', variant=None):
+    variant = variant or args.variant
+    r, err = run_child(__file__, ['--child', impl, '--variant', variant, '--sizes',
                                   str(size), '--batch', str(batch), '--iters', str(args.iters),
-                                  '--dtype', args.dtype, '--layout', layout], env)
+                                  '--dtype', args.dtype, '--layout', layout, '--remat', remat]
+                       + (['--compile_only'] if args.compile_only else []), env)
     if r is None:
-      print(f'{impl} batch {batch} at {size} px ({layout}) failed:\n{err}', flush=True)
+      print(f'{impl} {variant} batch {batch} at {size} px ({layout}, remat {remat}) failed:\n'
+            f'{err}', flush=True)
     else:
       _print(r)
     return r
 
-  for size in args.sizes:
-    res = {impl: child(impl, args.batch, size) for impl in args.impls}
+  if args.all:  # (variant, size, batch, implementations, our remat policies)
+    rows = [('swin_base_patch4_window7_224', 256, 2, args.impls, args.remat),
+            ('swin_base_patch4_window7_224', 512, 1, args.impls, args.remat),
+            # torch cannot fit this one in 24 GB; ours with the memory-saving policy
+            ('swin_base_patch4_window7_224', 512, 2, ['ours'], ['block']),
+            ('resnet50', 256, 2, args.impls, args.remat),
+            ('hgnetv2', 256, 2, args.impls, args.remat)]
+  else:
+    rows = [(args.variant, size, args.batch, args.impls, args.remat) for size in args.sizes]
+  for variant, size, batch, impls, remats in rows:
+    print(f'== {variant}, batch {batch}, {size} px', flush=True)
+    res = {}
+    for impl in impls:
+      if impl == 'torch' and args.compile_only:
+        continue
+      for remat in (remats if impl == 'ours' else ['none']):
+        r = child(impl, batch, size, remat=remat, variant=variant)
+        res.setdefault(impl, r)  # the ratio line uses the first policy
     if res.get('ours') and res.get('torch'):
       o, t = res['ours'], res['torch']
-      print(f'batch {args.batch} at {size} px: torch/ours step time {t["s"] / o["s"]:.2f}x '
+      print(f'{variant} batch {batch} at {size} px: torch/ours step time {t["s"] / o["s"]:.2f}x '
             f'({o["examples_per_s"]:.2f} vs {t["examples_per_s"]:.2f} ex/s), memory ours/torch '
-            f'{o["peak_mb"] / max(t["peak_mb"], 1e-9):.2f}', flush=True)
+            f'{o["peak_mb"] / max(t["peak_mb"], 1e-9):.2f}, GFLOP/step ours {o["gflop"]:.0f} (XLA, '
+            f'every op) vs torch {t["gflop"]:.0f} (flop_counter)', flush=True)
 
   runs = {}
   for n in args.devices:

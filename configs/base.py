@@ -85,6 +85,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.bev_transformer_layers = 2
   c.model.bev_transformer_ffn = 2048
   c.model.dtype = 'float32'       # compute dtype; params stay float32
+  # Activation memory vs recompute (segchange_jax/models/remat.py): 'none' keeps every
+  # activation; 'dots' keeps only matmul outputs inside each block; 'block' keeps only block
+  # inputs (least memory, one extra forward of each block in the backward pass).
+  c.model.remat = 'none'
   # Backbone shapes; upstream values by default, shrunk in configs/demo.py.
   c.model.swin = ml_collections.ConfigDict()
   c.model.swin.embed_dim = 128

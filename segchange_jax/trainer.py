@@ -108,23 +108,42 @@ def _barrier(name: str, timeout_s: int) -> None:
     client.wait_at_barrier(name, timeout_in_ms=int(timeout_s) * 1000)
 
 
-def _compile_then_align(step_fn: Callable, name: str, timeout_s: int) -> Callable:
-  """Multi-process: compile `step_fn` at its first call, wait for all processes, then run.
+def _compile_then_align(step_fn: Callable, name: str, timeout_s: int,
+                        on_compiled: Callable[[Any], None] | None = None) -> Callable:
+  """Compile `step_fn` at its first call; multi-process: wait for all processes, then run.
 
   Compile times differ between hosts (a busy CPU, a compilation-cache miss on one host); CPU
   clusters (gloo) fail a collective whose participants arrive more than 30 s apart, and other
   backends would just idle. Aligning after compiling keeps the first collective together.
+  `on_compiled(compiled)` runs once (e.g. to log XLA's cost analysis; no extra compile).
   """
-  if jax.process_count() == 1:
+  if jax.process_count() == 1 and on_compiled is None:
     return step_fn
   compiled = {}
 
   def call(*args):
     if 'fn' not in compiled:
       compiled['fn'] = step_fn.lower(*args).compile()
-      _barrier(f'segchange_{name}_compiled', timeout_s)
+      if on_compiled is not None:
+        on_compiled(compiled['fn'])
+      if jax.process_count() > 1:
+        _barrier(f'segchange_{name}_compiled', timeout_s)
     return compiled['fn'](*args)
   return call
+
+
+def log_model_cost(compiled, n_params: int, examples_per_device: int) -> float:
+  """Logs the parameter count and the train step's FLOPs per example (returned).
+
+  FLOPs come from XLA's cost analysis of the compiled per-device step (forward, backward and
+  optimizer update, every op counted), divided by the examples one device processes per step.
+  """
+  cost = compiled.cost_analysis()
+  cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
+  flops = float(cost.get('flops', 0.0)) / max(examples_per_device, 1)
+  logging.info('model: %d parameters (%.1f M); train step %.1f GFLOP per example (XLA cost '
+               'analysis: forward + backward + update)', n_params, n_params / 1e6, flops / 1e9)
+  return flops
 
 
 def _scalars(result: dict) -> dict[str, float]:
@@ -169,8 +188,10 @@ def train_and_evaluate(config, workdir: str,
       frozen_mask_fn=param_groups.frozen_mask_fn(config))
   text_table = jax.device_put(jnp.asarray(table_np), sharding.replicated(mesh))
   timeout = config.distributed.initialization_timeout
+  n_params = int(sum(x.size for x in jax.tree.leaves(state.params)))
   train_step = _compile_then_align(
-      train_lib.make_train_step(model, config, mesh, state_shardings), 'train_step', timeout)
+      train_lib.make_train_step(model, config, mesh, state_shardings), 'train_step', timeout,
+      on_compiled=lambda c: log_model_cost(c, n_params, config.train.batch_size // shards))
   eval_step = _compile_then_align(
       train_lib.make_eval_step(model, config, mesh, state_shardings), 'eval_step', timeout)
 

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from segchange_jax.models import layers
+from segchange_jax.models import remat as remat_lib
 from segchange_jax.models import torch_convert as tc
 
 REDUCTION = 16
@@ -29,7 +30,7 @@ class CBAM(nn.Module):
     g = nn.relu(layers.dense(r, self.dtype, 'channel_fc1', use_bias=False)(g))
     g = layers.dense(c, self.dtype, 'channel_fc2', use_bias=False)(g)
     x = x * nn.sigmoid(g)
-    s = layers.conv(r, 7, self.dtype, 'spatial_conv', groups=r)(x)
+    s = layers.GroupedConv(r, 7, self.dtype, name='spatial_conv')(x)  # = grouped nn.Conv
     s = nn.relu(layers.batch_norm(train, self.dtype, 'spatial_bn')(s))
     s = layers.dense(1, self.dtype, 'spatial_fc')(s)
     return x * nn.sigmoid(s)
@@ -66,11 +67,13 @@ class DiffBlock(nn.Module):
 class FeatureDiff(nn.Module):
   attention: str = 'CBAM'
   dtype: Any = jnp.float32
+  remat: str = 'none'  # config.model.remat, per scale
 
   @nn.compact
   def __call__(self, feats1: Sequence[jax.Array], feats2: Sequence[jax.Array],
                train: bool = False) -> list[jax.Array]:
-    return [DiffBlock(self.attention, self.dtype, name=f'scale_{i}')(a, b, train)
+    block = remat_lib.wrap(DiffBlock, self.remat, (3,))
+    return [block(self.attention, self.dtype, name=f'scale_{i}')(a, b, train)
             for i, (a, b) in enumerate(zip(feats1, feats2))]
 
 

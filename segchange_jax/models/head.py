@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from segchange_jax.models import layers
+from segchange_jax.models import remat as remat_lib
 from segchange_jax.models import torch_convert as tc
 
 
@@ -165,13 +166,14 @@ class MaskHead(nn.Module):
     bias_img = d @ w0[c:] + b0  # [B, C/2]
     y = jnp.einsum('bhwc,bco->bhwo', x, k_img) + bias_img[:, None, None]
     y = nn.relu(layers.group_norm(self.gn_groups, dt, 'out_gn0')(y))
-    y = layers.conv(c // 4, 3, dt, 'out_conv1')(y)
+    y = layers.ShiftedConv(c // 4, 3, dt, name='out_conv1')(y)  # = conv(), faster backward
     y = nn.relu(layers.group_norm(self.gn_groups, dt, 'out_gn1')(y))
     return layers.dense(self.num_classes, dt, 'out_conv2')(y).astype(jnp.float32)
 
 
 def build_head(model_cfg, dtype: Any, name: str = 'mask_head') -> MaskHead:
-  return MaskHead(model_cfg.num_classes, model_cfg.head_heads, model_cfg.num_queries,
+  head = remat_lib.wrap(MaskHead, remat_lib.policy_of(model_cfg), (3,))
+  return head(model_cfg.num_classes, model_cfg.head_heads, model_cfg.num_queries,
                   model_cfg.decoder_layers, model_cfg.decoder_ffn, model_cfg.dropout,
                   model_cfg.gn_groups, dtype, name=name)
 

@@ -92,3 +92,62 @@ def conv1x1_rules(torch_prefix: str, path, bias: bool = True) -> list:
   if bias:
     rules.append(tc.Rule(f'{torch_prefix}.bias', ('params', *path, 'bias')))
   return rules
+
+
+class GroupedConv(nn.Module):
+  """torch Conv2d(C, groups, k, padding=k//2, groups=groups): ONE output channel per group.
+
+  Same parameters (names, shapes, init) and maths as `nn.Conv(..., feature_group_count=groups)`,
+  computed as k*k shifted per-channel multiply-adds followed by a sum within each group. XLA's
+  CPU backend lowers grouped convolutions, and above all their weight and input gradients, to a
+  slow generic loop (the CBAM spatial gate's backward was the largest single op of the Swin-B
+  train step); this form fuses into a few memory-bound elementwise loops both ways.
+  """
+  groups: int
+  kernel: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    b, h, w, c = x.shape
+    g, k = c // self.groups, self.kernel
+    kernel = self.param('kernel', nn.initializers.lecun_normal(), (k, k, g, self.groups))
+    bias = self.param('bias', nn.initializers.zeros, (self.groups,))
+    # Per input channel weight: channel j*g+i belongs to group (= output) j, slot i.
+    wc = kernel.transpose(0, 1, 3, 2).reshape(k, k, c).astype(self.dtype)
+    p = k // 2
+    xp = jnp.pad(x.astype(self.dtype), ((0, 0), (p, p), (p, p), (0, 0)))
+    acc = None
+    for dy in range(k):
+      for dx in range(k):
+        term = xp[:, dy:dy + h, dx:dx + w] * wc[dy, dx]
+        acc = term if acc is None else acc + term
+    return acc.reshape(b, h, w, self.groups, g).sum(-1) + bias.astype(self.dtype)
+
+
+class ShiftedConv(nn.Module):
+  """torch Conv2d(k, stride 1, padding k//2) as a sum of k*k shifted matrix products.
+
+  Same parameters (names, shapes, init) and maths as `conv(...)` (nn.Conv). XLA:CPU runs a
+  full-resolution 3x3 convolution's backward pass ~10x slower than its forward (profile of the
+  Swin-B step: the mask head's 3x3 conv); here forward and backward are plain matmuls.
+  """
+  features: int
+  kernel: int = 3
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    _, h, w, c = x.shape
+    k = self.kernel
+    kernel = self.param('kernel', nn.initializers.lecun_normal(), (k, k, c, self.features))
+    bias = self.param('bias', nn.initializers.zeros, (self.features,))
+    kernel = kernel.astype(self.dtype)
+    p = k // 2
+    xp = jnp.pad(x.astype(self.dtype), ((0, 0), (p, p), (p, p), (0, 0)))
+    out = None
+    for dy in range(k):
+      for dx in range(k):
+        term = xp[:, dy:dy + h, dx:dx + w] @ kernel[dy, dx]
+        out = term if out is None else out + term
+    return out + bias.astype(self.dtype)

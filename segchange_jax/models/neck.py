@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from segchange_jax.models import layers
+from segchange_jax.models import remat as remat_lib
 from segchange_jax.models import torch_convert as tc
 
 STRIDES = (4, 8, 16, 32)
@@ -129,7 +130,8 @@ class Neck(nn.Module):
 
 
 def build_neck(model_cfg, dtype: Any, name: str = 'fpn') -> Neck:
-  return Neck(model_cfg.fpn_type, model_cfg.fpn_dim, model_cfg.gn_groups,
+  neck = remat_lib.wrap(Neck, remat_lib.policy_of(model_cfg), (2,))
+  return neck(model_cfg.fpn_type, model_cfg.fpn_dim, model_cfg.gn_groups,
               model_cfg.use_token_connector, model_cfg.token_dim, model_cfg.use_ega, dtype,
               name=name)
 

@@ -51,8 +51,9 @@ class SegChangeModel(nn.Module):
     for i, (f, dim) in enumerate(zip(feats, m.out_dims)):
       f = layers.dense(dim, dtype, f'conv_list_{i}')(f)
       # BEV has no batch statistics: both times in one call.
-      out.append(bev_lib.build_bev(m, dim, dtype, f'bev_{i}')(f, train=train))
-    diffs = diff_lib.FeatureDiff(m.diff_attention, dtype, name='feature_diff')(
+      out.append(bev_lib.build_bev(m, dim, dtype, f'bev_{i}')(f, train))  # positional: remat static arg
+    diffs = diff_lib.FeatureDiff(m.diff_attention, dtype, m.get('remat', 'none'),
+                                 name='feature_diff')(
         [f[:b] for f in out], [f[b:] for f in out], train)
     x = neck_lib.build_neck(m, dtype, 'fpn')(diffs, train)
     return head_lib.build_head(m, dtype, 'mask_head')(x, text_emb, train)

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from segchange_jax.models import remat as remat_lib
 from segchange_jax.models import torch_convert as tc
 
 _LN_EPS = 1e-5
@@ -205,13 +206,15 @@ class SwinStage(nn.Module):
   mlp_ratio: float = 4.0
   drop_paths: Sequence[float] = ()
   dtype: Any = jnp.float32
+  remat: str = 'none'
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    block = remat_lib.wrap(SwinBlock, self.remat, static_argnums=(2,))
     if self.downsample:
       x = PatchMerging(self.dim, self.dtype, name='downsample')(x)
     for i in range(self.depth):
-      x = SwinBlock(self.dim, self.num_heads, self.window_size,
+      x = block(self.dim, self.num_heads, self.window_size,
                     shift=self.window_size // 2 if i % 2 else 0, mlp_ratio=self.mlp_ratio,
                     drop_path=self.drop_paths[i] if self.drop_paths else 0.0,
                     dtype=self.dtype, name=f'blocks_{i}')(x, train)
@@ -228,6 +231,7 @@ class SwinTransformer(nn.Module):
   patch_size: int = 4
   drop_path_rate: float = 0.1  # timm default; only active with train=True
   dtype: Any = jnp.float32
+  remat: str = 'none'  # config.model.remat, per block
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> list[jax.Array]:
@@ -245,6 +249,7 @@ class SwinTransformer(nn.Module):
       x = SwinStage(self.embed_dim * 2**i, depth, self.num_heads[i], downsample=i > 0,
                     window_size=self.window_size, mlp_ratio=self.mlp_ratio,
                     drop_paths=tuple(rates[start:start + depth]), dtype=self.dtype,
+                    remat=self.remat,
                     name=f'layers_{i}')(x, train)
       start += depth
       feats.append(x)
@@ -261,7 +266,7 @@ def from_config(model_cfg: ml_collections.ConfigDict, dtype: Any = jnp.float32,
   return SwinTransformer(embed_dim=s.embed_dim, depths=tuple(s.depths),
                          num_heads=tuple(s.num_heads), window_size=s.window_size,
                          mlp_ratio=s.mlp_ratio, drop_path_rate=s.drop_path_rate,
-                         dtype=jnp.dtype(dtype), name=name)
+                         dtype=jnp.dtype(dtype), remat=remat_lib.policy_of(model_cfg), name=name)
 
 
 def channels(model_cfg: ml_collections.ConfigDict) -> tuple[int, int, int, int]:

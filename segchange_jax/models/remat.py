@@ -1,0 +1,39 @@
+"""Rematerialisation (`config.model.remat`): trade backward-pass recompute for activation memory.
+
+Applied per block: each Swin block, each BEV module, each per-scale difference block, the neck
+and the mask head. Parameter names and values are unchanged (a remat-wrapped module keeps its
+name), so checkpoints are interchangeable between policies.
+
+- 'none': the backward pass reads every saved forward activation (fastest, most memory);
+- 'dots': inside each block only matmul / conv outputs are saved; elementwise work (GELU,
+  LayerNorm, softmax, masks) is recomputed in the backward pass (cheap, memory bound);
+- 'block': only each block's inputs are saved; the whole block runs forward again in the
+  backward pass (least memory, about one extra forward pass of compute).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+
+_POLICIES = {'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+             'block': jax.checkpoint_policies.nothing_saveable}
+
+
+def wrap(cls: type[nn.Module], policy: str, static_argnums: Sequence[int] = ()) -> type[nn.Module]:
+  """`cls`, or `nn.remat(cls)` with the named policy.
+
+  static_argnums count `self` as 0 (flax convention): e.g. (2,) for `__call__(self, x, train)`.
+  """
+  if policy in (None, 'none'):
+    return cls
+  if policy not in _POLICIES:
+    raise ValueError(f'config.model.remat={policy!r} is not one of {["none", *_POLICIES]}')
+  return nn.remat(cls, policy=_POLICIES[policy], static_argnums=tuple(static_argnums))
+
+
+def policy_of(model_cfg) -> str:
+  """config.model.remat, 'none' for configs saved before the field existed."""
+  return model_cfg.get('remat', 'none') if hasattr(model_cfg, 'get') else 'none'
