@@ -39,8 +39,8 @@ SHORT = {'swin_base_patch4_window7_224': 'v1 Swin-B', 'resnet50': 'v2 ResNet-50'
          'hgnetv2': 'v3 HGNetv2'}
 # |g| above this x eps takes a sign-exact first Adam step: g / (|g| + eps) = sign(g) to 1e-3.
 ADAM_EPS_SCALE = 1e3
-# Tensors whose exact gradient is 0: ours must be float32 noise, this far below the largest
-# gradient of the model (measured: ~1e-9, torch's alike).
+# Tensors whose exact gradient is 0: ours must be within 4x torch's noise, or float32 noise this
+# far below the largest gradient of the model (measured: 2e-9 to 4e-8 of it, torch's alike).
 ZERO_GRAD_NOISE = 1e-6
 
 
@@ -196,11 +196,14 @@ def check(r: dict) -> None:
   assert r['loss_rel'] <= 1e-6, r['loss']
   bad_stats = {p: e for p, e in r['stat_err'].items() if e > 1e-5}
   assert not bad_stats, bad_stats
-  for p, (ours, ref32, _, ours_abs, _) in r['grad'].items():
+  for p, (ours, ref32, _, ours_abs, ref_abs) in r['grad'].items():
     if ref32 >= 1:
-      # The exact gradient is 0 (a bias feeding a BatchNorm/GroupNorm, a key bias under softmax):
-      # both float32 gradients are rounding noise, for which a relative error means nothing.
-      assert ours_abs <= ZERO_GRAD_NOISE * r['gmax'], ('/'.join(p), ours_abs, r['gmax'])
+      # The exact gradient is 0 or below float32 resolution (a bias feeding a BatchNorm or
+      # GroupNorm, a key bias under softmax): both float32 gradients are rounding noise, for
+      # which a relative error means nothing; the same 4x rule on absolute values, or noise far
+      # below the model's largest gradient.
+      assert ours_abs <= max(4 * ref_abs, ZERO_GRAD_NOISE * r['gmax']), (
+          '/'.join(p), ours_abs, ref_abs, r['gmax'])
     else:
       assert ours <= max(1e-4, 4 * ref32), ('/'.join(p), ours, ref32)
   bad_after = {'/'.join(p): e for p, e in r['after_err'].items() if e[1] > 1}
