@@ -7,20 +7,26 @@ conv machinery); their torch weights map with the `conv1x1_to_dense` rule kind.
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-EPS = 1e-5  # torch default for LayerNorm, GroupNorm and BatchNorm
+from segchange_jax.models.backbones import norms
+
+EPS = norms.EPS  # torch default for LayerNorm, GroupNorm and BatchNorm
 
 
-def batch_norm(train: bool, dtype: Any, name: str) -> nn.BatchNorm:
-  """torch BatchNorm2d semantics: momentum 0.1 (flax 0.9), eps 1e-5, biased batch var."""
-  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=EPS, dtype=dtype,
-                      name=name)
+def batch_norm(train: bool, dtype: Any, name: str) -> Callable[[jax.Array], jax.Array]:
+  """torch BatchNorm2d (momentum 0.1, eps 1e-5, unbiased running var): `norms.BatchNorm`.
+
+  Returns the bound module's call with `train` fixed, so call sites read `bn(x)`. Variable names
+  (params scale/bias, batch_stats mean/var) are those of `flax.linen.BatchNorm`, so checkpoints
+  and converter rules are unchanged.
+  """
+  return functools.partial(norms.BatchNorm(dtype=dtype, name=name), train=train)
 
 
 def group_norm(groups: int, dtype: Any, name: str) -> nn.GroupNorm:

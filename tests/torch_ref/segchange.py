@@ -350,10 +350,12 @@ class SwinEncoder(nn.Module):
 class ResNetEncoder(nn.Module):
   """torchvision resnet50 under `backbone`, its stages also registered as layer0..layer4."""
 
-  def __init__(self):
+  def __init__(self, depths=(3, 4, 6, 3)):
     super().__init__()
     import torchvision  # pylint: disable=g-import-not-at-top
-    self.backbone = torchvision.models.resnet50(weights=None)
+    # resnet50 is ResNet(Bottleneck, [3, 4, 6, 3]); fewer blocks make small test models.
+    self.backbone = torchvision.models.resnet.ResNet(torchvision.models.resnet.Bottleneck,
+                                                     list(depths))
     b = self.backbone
     self.layer0 = nn.Sequential(b.conv1, b.bn1, b.relu, b.maxpool)
     self.layer1, self.layer2, self.layer3, self.layer4 = b.layer1, b.layer2, b.layer3, b.layer4
@@ -370,13 +372,16 @@ class ResNetEncoder(nn.Module):
 def build_encoder(model_cfg):
   """(torch encoder, its 4 channel counts) for `model_cfg.backbone`."""
   if model_cfg.backbone == 'resnet50':
-    return ResNetEncoder(), (256, 512, 1024, 2048)
+    if model_cfg.resnet.width != 64:
+      raise ValueError('the torch reference ResNet has width 64 (torchvision Bottleneck)')
+    return ResNetEncoder(tuple(model_cfg.resnet.depths)), (256, 512, 1024, 2048)
   if model_cfg.backbone == 'hgnetv2':
     from tests.torch_ref import hgnetv2  # pylint: disable=g-import-not-at-top
     return hgnetv2.HGNetv2Ref(), (128, 512, 1024, 2048)
   s = model_cfg.swin
   enc = SwinEncoder(embed_dim=s.embed_dim, depths=tuple(s.depths), num_heads=tuple(s.num_heads),
-                    window_size=s.window_size, mlp_ratio=s.mlp_ratio)
+                    window_size=s.window_size, mlp_ratio=s.mlp_ratio,
+                    drop_path_rate=s.drop_path_rate)  # as ours (timm's default is 0.1 too)
   return enc, tuple(s.embed_dim * 2**i for i in range(4))
 
 

@@ -159,3 +159,42 @@ def test_text_dim_mismatch_is_a_clear_error(repo_root, dataset, tmp_path):
   config = _config(repo_root, dataset, **{'text.dim': 32})
   with pytest.raises(ValueError, match='text.dim'):
     trainer.train_and_evaluate(config, str(tmp_path / 'run'))
+
+
+def test_reverse_export_of_a_trained_checkpoint_gives_torch_the_same_logits(full_run, tmp_path):
+  """A model trained here (8 devices, 4 steps), `convert_torch --reverse`, loaded into the torch
+  reference: the same eval-mode logits, running BatchNorm statistics included."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  from safetensors.torch import load_file  # pylint: disable=g-import-not-at-top
+  from segchange_jax import ChangeDetector  # pylint: disable=g-import-not-at-top
+  from tests.torch_ref import segchange as ref  # pylint: disable=g-import-not-at-top
+  from tests.torch_ref import util  # pylint: disable=g-import-not-at-top
+  config, workdir, _ = full_run
+  ckpt = os.path.join(workdir, 'checkpoints')
+  out = tmp_path / 'trained.safetensors'
+  repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  proc = subprocess.run([sys.executable, '-m', 'segchange_jax.convert_torch', '--reverse',
+                         '--checkpoint', ckpt, '--out', str(out)], cwd=repo, capture_output=True,
+                        text=True, timeout=600,
+                        env=dict(os.environ, PYTHONPATH=repo, JAX_PLATFORMS='cpu'))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  sd = load_file(str(out))
+  # Training moved the running statistics away from their initial 0 / 1.
+  bn = 'feature_diff.diff_conv.0.1'
+  assert float(sd[f'{bn}.running_mean'].abs().max()) > 1e-3
+  assert float((sd[f'{bn}.running_var'] - 1).abs().max()) > 1e-3
+  tmodel = ref.build_change_model(config)
+  tmodel.load_state_dict(sd, strict=True)
+  tmodel.eval()
+  det = ChangeDetector.from_checkpoint(ckpt)
+  rs = np.random.RandomState(0)
+  a, b = (rs.randn(2, 64, 64, 3).astype(np.float32) for _ in range(2))
+  text = rs.randn(2, 8, config.text.dim).astype(np.float32)
+  got = det.predict_logits(a, b, text)
+  with torch.no_grad():
+    want = util.nhwc(tmodel(util.nchw(a), util.nchw(b), torch.from_numpy(text)))
+  err = util.rel_err(got, want)
+  print(f'trained checkpoint, ours vs torch reference after --reverse: {err:.2e} of max|logit|')
+  assert err <= 1e-4

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from configs import base
+from segchange_jax.models import layers
 
 
 class ToyBackbone(nn.Module):
@@ -34,7 +35,7 @@ class ToyModel(nn.Module):
     x = jnp.concatenate([fa, fb, jnp.abs(fa - fb)], -1)
     x = nn.Conv(self.width, (3, 3), use_bias=not self.use_bn, name='fuse')(x)
     if self.use_bn:
-      x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name='bn')(x)
+      x = layers.batch_norm(train, jnp.float32, 'bn')(x)  # the model's torch-semantics BN
     x = nn.relu(x)
     t = nn.Dense(self.width, name='text')(jnp.mean(text_emb, axis=1))
     x = x + t[:, None, None, :]
