@@ -9,7 +9,7 @@ strips, then each method runs in a fresh subprocess so its peak RSS (ru_maxrss) 
   arrays, output written at the end (engines/inference.py's structure, float sums instead of
   its uint8 overflow, rasterio instead of cv2 for the output).
 Both use the same toy predictor (3x3 box filter of |A-B| through a sigmoid). With
-segchange_jax.api on the path and --checkpoint, the real model is timed too.
+segchange_jax.inference.predictor on the path and --checkpoint, the real model is timed too.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from absl import flags
 import numpy as np
 from scipy import ndimage
 
-from segchange_jax import infer as infer_lib
+from segchange_jax.inference import pipeline as infer_lib
 
 _SIZES = flags.DEFINE_list('sizes', ['2048', '8192'], 'Square scene sizes (px).')
 # --window, --overlap, --batch and --checkpoint are segchange_jax.infer's flags.
@@ -66,7 +66,7 @@ def make_scene(path: str, size: int, changed: bool) -> None:
 def upstream_style(a_path: str, b_path: str, out: str, window: int, overlap: int, predict) -> None:
   """Whole rasters in RAM, one window per call, full-size accumulators, write at the end."""
   import rasterio  # pylint: disable=g-import-not-at-top
-  from segchange_jax import scene  # pylint: disable=g-import-not-at-top
+  from segchange_jax.inference import sliding_window  # pylint: disable=g-import-not-at-top
   with rasterio.open(a_path) as src:
     a = src.read().transpose(1, 2, 0)
     prof = src.profile
@@ -75,8 +75,8 @@ def upstream_style(a_path: str, b_path: str, out: str, window: int, overlap: int
   h, w = a.shape[:2]
   total = np.zeros((h, w), np.float32)
   count = np.zeros((h, w), np.float32)
-  for y in scene.window_starts(h, window, overlap):
-    for x in scene.window_starts(w, window, overlap):
+  for y in sliding_window.window_starts(h, window, overlap):
+    for x in sliding_window.window_starts(w, window, overlap):
       p = predict(a[None, y:y + window, x:x + window], b[None, y:y + window, x:x + window])[0]
       total[y:y + window, x:x + window] += p > 0.5
       count[y:y + window, x:x + window] += 1
@@ -87,8 +87,8 @@ def upstream_style(a_path: str, b_path: str, out: str, window: int, overlap: int
 
 
 def _model_predictor():
-  from segchange_jax import api  # pylint: disable=g-import-not-at-top
-  det = api.ChangeDetector.from_checkpoint(_CHECKPOINT.value)
+  from segchange_jax.inference import predictor  # pylint: disable=g-import-not-at-top
+  det = predictor.ChangeDetector.from_checkpoint(_CHECKPOINT.value)
   emb = np.zeros((1, det.config.text.max_tokens, det.config.text.dim), np.float32)
   return infer_lib.detector_predictor(det, emb)
 

@@ -16,9 +16,9 @@ from absl import app
 from absl import flags
 
 from configs import base
-from data_prep import convert
-from data_prep import synthetic
-from segchange_jax import input_pipeline
+from segchange_jax.data import convert
+from segchange_jax.data import synthetic
+from segchange_jax.data import input_pipeline
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list('workers', ['0', '1', '2'], 'config.data.num_workers values to time '

@@ -9,7 +9,7 @@ r"""Train-step time: our jitted step vs the PyTorch reference (same model, losse
 One optimizer step = forward of A and B through the siamese model, the four SPEC losses
 (BCE + Dice + focal + BCL, config.loss weights), backward, gradient-norm clipping when
 config.train.grad_clip_norm > 0, and AdamW with the backbone / head learning rates. Ours is
-segchange_jax.train_lib.make_train_step (jit, donated state, mesh shardings); the reference is
+segchange_jax.train.train_step.make_train_step (jit, donated state, mesh shardings); the reference is
 tests/torch_ref (timm / torchvision backbones) with torch.optim.AdamW and
 tests/torch_ref/losses.py. Random weights and inputs: timing does not depend on them.
 
@@ -64,9 +64,9 @@ def build_ours(variant: str, batch: int, size: int, dtype: str, layout: str = 'd
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from segchange_jax import sharding  # pylint: disable=g-import-not-at-top
-  from segchange_jax import train_lib  # pylint: disable=g-import-not-at-top
-  from segchange_jax.models import param_groups  # pylint: disable=g-import-not-at-top
+  from segchange_jax.train import sharding  # pylint: disable=g-import-not-at-top
+  from segchange_jax.train import train_step  # pylint: disable=g-import-not-at-top
+  from segchange_jax.train import param_groups  # pylint: disable=g-import-not-at-top
   from segchange_jax.models import segchange  # pylint: disable=g-import-not-at-top
   n = jax.device_count()
   config = _config(variant, dtype, *((1, n) if layout == 'fsdp' else (n, 1)))
@@ -76,16 +76,16 @@ def build_ours(variant: str, batch: int, size: int, dtype: str, layout: str = 'd
   mesh = sharding.create_mesh(config)
   shapes = {k: jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32)
             for k in ('image_a', 'image_b')}
-  state, shardings = train_lib.create_train_state(
+  state, shardings = train_step.create_train_state(
       model, config, jax.random.PRNGKey(0), shapes, mesh, steps_per_epoch=100,
       label_fn=param_groups.lr_label_fn(config), frozen_mask_fn=param_groups.frozen_mask_fn(config))
-  step_fn = train_lib.make_train_step(model, config, mesh, shardings)
+  step_fn = train_step.make_train_step(model, config, mesh, shardings)
   rng = np.random.default_rng(0)
   batch_np = {'image_a': rng.normal(size=(batch, size, size, 3)).astype(np.float32),
               'image_b': rng.normal(size=(batch, size, size, 3)).astype(np.float32),
               'label': rng.integers(0, 2, (batch, size, size)).astype(np.int32),
               'prompt_index': np.zeros(batch, np.int32), 'mask': np.ones(batch, np.float32)}
-  arrays = train_lib.shard_batch(batch_np, mesh)
+  arrays = train_step.shard_batch(batch_np, mesh)
   table = jax.device_put(jnp.asarray(rng.normal(size=(1, TEXT_TOKENS, config.text.dim)),
                                      jnp.float32), sharding.replicated(mesh))
   start = time.perf_counter()

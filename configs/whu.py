@@ -1,16 +1,11 @@
-"""WHU-CD building change detection (open-cd layout, tiled to 256 px)."""
+"""WHU-CD building change detection: the LEVIR-CD recipe (open-cd layout, 256 px tiles,
+building prompt) on its own shards."""
 
-from configs import base
+from configs import levir
 
 
 def get_config():
-  c = base.get_config()
-  c.model.pretrained = 'imagenet'  # as upstream: ImageNet backbone weights from the Hub
+  c = levir.get_config()
   c.name = 'whu'
   c.data.shards_dir = 'data/whu_shards'
-  c.data.layout = 'opencd'
-  c.data.image_size = 256
-  c.model.img_size = 256
-  c.data.prompt = 'Buildings with changes.'
-  c.train.batch_size = 8
   return c

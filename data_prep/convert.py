@@ -2,9 +2,9 @@
 
     python -m data_prep.convert --layout opencd --root /data/LEVIR-CD --out /data/levir_shards
 
-Writes `<split>-XXXXX-of-YYYYY.array_record` (records: `segchange_jax.records`) and, last,
+Writes `<split>-XXXXX-of-YYYYY.array_record` (records: `segchange_jax.data.records`) and, last,
 `dataset_info.json` (counts, skipped pairs with reasons, image sizes, label statistics,
-prompts, optional prompt-embedding table). Layouts: `data_prep.layouts`.
+prompts, optional prompt-embedding table). Layouts: `segchange_jax.data.layouts`.
 Bad input is never skipped silently: with --strict (default for val/test) the run fails with
 one error listing every bad pair; with --nostrict bad pairs are skipped, printed and recorded
 in dataset_info.json. Shards are written under a temporary folder and moved into --out only
@@ -15,233 +15,18 @@ clamped to the edge); each tile keeps the pair's prompt and is named `<stem>_y<Y
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import multiprocessing
 import os
-import shutil
-import time
-from typing import Iterable, Sequence
+from typing import Sequence
 
-import numpy as np
+from absl import flags
 
-from data_prep import layouts
-from data_prep import reading
-from segchange_jax import records
-
-CONVERTER_VERSION = 1
-INFO_FILE = 'dataset_info.json'
-EMBEDDINGS_FILE = 'prompt_embeddings.npz'
-_TMP = '.convert-tmp'
-
-
-class ConvertError(RuntimeError):
-  """The conversion cannot proceed; the message lists every offending file."""
-
-
-@dataclasses.dataclass
-class PairResult:
-  name: str
-  records: list[bytes]
-  problem: str = ''
-  size: tuple[int, int] | None = None       # (H, W) of each record
-  changed: int = 0                          # non-zero label pixels
-  pixels: int = 0
-  values: tuple[int, ...] = ()
-
-
-def tile_starts(length: int, tile: int, stride: int) -> list[int]:
-  """Window starts covering [0, length): regular stride, the last one clamped to the edge."""
-  if length <= tile:
-    return [0]
-  starts = list(range(0, length - tile + 1, stride))
-  if starts[-1] + tile < length:
-    starts.append(length - tile)
-  return starts
-
-
-def _label_for(pair: layouts.Pair) -> np.ndarray:
-  if pair.rle is not None and not os.path.isfile(pair.label):
-    # ChangeFine JSON: the RLE annotations stand in for a missing label file.
-    return layouts.rle_to_label(*pair.rle)
-  return reading.read_label(pair.label)
-
-
-def convert_pair(pair: layouts.Pair, tile: int, stride: int) -> PairResult:
-  """Reads, checks and (optionally) tiles one pair; a problem is returned, not raised."""
-  try:
-    a = reading.read_rgb(pair.a, 'A image')
-    b = reading.read_rgb(pair.b, 'B image')
-    label = _label_for(pair)
-    if a.shape != b.shape:
-      raise reading.PairError(f'A/B size mismatch {a.shape[:2]} vs {b.shape[:2]}: {pair.b}')
-    if label.shape != a.shape[:2]:
-      raise reading.PairError(f'label size {label.shape} differs from image size '
-                              f'{a.shape[:2]}: {pair.label}')
-  except (reading.PairError, layouts.LayoutError) as e:
-    return PairResult(pair.name, [], problem=str(e))
-  h, w = label.shape
-  th, tw = (min(tile, h), min(tile, w)) if tile > 0 else (h, w)
-  stem, ext = os.path.splitext(pair.name)
-  out = []
-  for y in tile_starts(h, th, stride or th):
-    for x in tile_starts(w, tw, stride or tw):
-      name = pair.name if (th, tw) == (h, w) else f'{stem}_y{y}_x{x}{ext}'
-      win = np.s_[y:y + th, x:x + tw]
-      out.append(records.serialize(records.encode_png(np.ascontiguousarray(a[win])),
-                                   records.encode_png(np.ascontiguousarray(b[win])),
-                                   records.encode_png(np.ascontiguousarray(label[win])),
-                                   name, pair.prompt))
-  return PairResult(pair.name, out, size=(th, tw), changed=int(np.count_nonzero(label)),
-                    pixels=label.size, values=tuple(int(v) for v in np.unique(label)))
-
-
-def _convert_star(args) -> PairResult:
-  return convert_pair(*args)
-
-
-def _results(pairs: list[layouts.Pair], tile: int, stride: int, workers: int,
-             desc: str) -> Iterable[PairResult]:
-  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-  jobs = [(p, tile, stride) for p in pairs]
-  bar = dict(total=len(jobs), desc=desc, unit='pair', mininterval=1.0, leave=False)
-  if workers <= 1 or len(jobs) < 2:
-    yield from tqdm(map(_convert_star, jobs), **bar)
-    return
-  # spawn: the parent may already run JAX/threads, which fork would copy half-initialised.
-  with multiprocessing.get_context('spawn').Pool(min(workers, len(jobs))) as pool:
-    yield from tqdm(pool.imap(_convert_star, jobs, chunksize=4), **bar)
-
-
-def _check_out_dir(out: str, overwrite: bool) -> None:
-  if os.path.isdir(out):
-    entries = [e for e in os.listdir(out) if e != _TMP]
-    if entries and not overwrite:
-      raise ConvertError(f'output folder {out} is not empty ({sorted(entries)[:5]}...); '
-                         'pass --overwrite to replace its dataset or choose another --out')
-    if overwrite:
-      for e in entries:
-        if e.endswith('.array_record') or e in (INFO_FILE, EMBEDDINGS_FILE):
-          os.remove(os.path.join(out, e))
-  shutil.rmtree(os.path.join(out, _TMP), ignore_errors=True)
-  os.makedirs(os.path.join(out, _TMP))
-
-
-def _convert_split(pairs: list[layouts.Pair], split: str, tmp: str, strict: bool, tile: int,
-                   stride: int, num_shards: int, workers: int) -> dict:
-  """Converts one split into shards under `tmp`; returns its dataset_info entry."""
-  from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
-  shards = num_shards or max(1, min(len(pairs) // 512 + 1, 64))
-  names = [f'{split}-{i:05d}-of-{shards:05d}.array_record' for i in range(shards)]
-  writers = [array_record_module.ArrayRecordWriter(os.path.join(tmp, n), 'group_size:1')
-             for n in names]
-  skipped, sizes, values, prompts = [], set(), set(), {}
-  count = changed = pixels = 0
-  prompt_of = {p.name: p.prompt for p in pairs}
-  try:
-    for result in _results(pairs, tile, stride, workers, split):
-      if result.problem:
-        skipped.append({'file_name': result.name, 'reason': result.problem})
-        continue
-      for rec in result.records:
-        writers[count % shards].write(rec)
-        count += 1
-      sizes.add(result.size)
-      values.update(result.values)
-      changed += result.changed
-      pixels += result.pixels
-      prompts[prompt_of[result.name]] = None
-  finally:
-    for w in writers:
-      w.close()
-  problems = [f"  {s['file_name']}: {s['reason']}" for s in skipped]
-  if not pairs or count == 0:
-    problems.append(f'  split {split!r} is empty (no convertible pairs found)')
-  if problems and strict:
-    raise ConvertError(f'split {split!r}: {len(problems)} problem(s) (strict mode; pass '
-                       '--nostrict to skip and record them):\n' + '\n'.join(problems))
-  for line in problems:
-    print(f'WARNING skipped in {split}:{line.strip()}')
-  sizes = sorted(sizes)
-  return {'num_examples': count, 'num_pairs': len(pairs) - len(skipped),
-          'num_skipped': len(skipped), 'skipped': skipped, 'shards': names if count else [],
-          'image_size': list(sizes[0]) if len(sizes) == 1 else None,
-          'image_sizes': [list(s) for s in sizes],
-          'label_values': sorted(values),
-          'changed_fraction': changed / pixels if pixels else 0.0,
-          'prompts': sorted(prompts)}
-
-
-def _embed(text_model: str, prompts: list[str], path: str) -> None:
-  """Writes the prompt-embedding table with segchange_jax.text (frozen encoder)."""
-  try:
-    from segchange_jax.text import encoder  # pylint: disable=g-import-not-at-top
-    embed_prompts = encoder.embed_prompts
-  except (ImportError, AttributeError) as e:
-    raise ConvertError('--text_model needs segchange_jax.text.encoder.embed_prompts, which this '
-                       'checkout lacks; convert without --text_model and embed prompts later') from e
-  from configs import base  # pylint: disable=g-import-not-at-top
-  text_cfg = base.get_config().text
-  with text_cfg.unlocked():
-    text_cfg.model = text_model
-  table = embed_prompts(text_cfg, prompts)
-  np.savez(path, prompts=np.asarray(prompts, dtype=object).astype(str),
-           embeddings=np.asarray(table, np.float32))
-
-
-def convert(layout: str, root: str, out: str, splits: Sequence[str] = ('train', 'val', 'test'),
-            list_file: str = '', tile: int = 0, tile_stride: int = 0, text_model: str = '',
-            num_shards: int = 0, strict: bool | None = None, overwrite: bool = False,
-            workers: int = 1) -> dict:
-  """Converts `splits` of `root`; returns the dataset_info dict also written to `out`.
-
-  strict=None means strict for every split except 'train'. `list_file` selects names of the
-  one split given (few-shot lists); it needs exactly one split.
-  """
-  if layout not in layouts.LAYOUTS:
-    raise ConvertError(f'--layout {layout!r} is not one of {layouts.LAYOUTS}')
-  if not os.path.isdir(root):
-    raise ConvertError(f'--root {root} is not a folder')
-  if list_file and len(splits) != 1:
-    raise ConvertError('--list selects names of one split: pass exactly one --splits NAME')
-  if tile < 0 or tile_stride < 0 or (tile and tile_stride > tile):
-    raise ConvertError(f'--tile {tile} / --tile_stride {tile_stride}: need 0 <= stride <= tile')
-  _check_out_dir(out, overwrite)
-  tmp = os.path.join(out, _TMP)
-  info = {'converter_version': CONVERTER_VERSION, 'source_layout': layout,
-          'source_root': os.path.abspath(root), 'list_file': list_file,
-          'tile': tile, 'tile_stride': tile_stride or tile, 'record_format': records.__name__,
-          'created': time.strftime('%Y-%m-%dT%H:%M:%S'), 'splits': {}}
-  try:
-    for split in splits:
-      pairs = layouts.list_pairs(layout, root, split, num_splits=len(splits))
-      if list_file:
-        by_name = {p.name: p for p in pairs}
-        wanted = layouts.read_name_list(list_file)
-        pairs = [by_name.get(n) or layouts.Pair(n, os.path.join(root, '<not in split>', n),
-                                                '', '') for n in wanted]
-      is_strict = strict if strict is not None else split != 'train'
-      info['splits'][split] = _convert_split(pairs, split, tmp, is_strict, tile, tile_stride,
-                                             num_shards, workers)
-    prompts = sorted({p for s in info['splits'].values() for p in s['prompts']})
-    info['prompts'] = prompts
-    info['prompt_embeddings'] = ''
-    if text_model:
-      _embed(text_model, prompts, os.path.join(tmp, EMBEDDINGS_FILE))
-      info['prompt_embeddings'] = EMBEDDINGS_FILE
-    for name in os.listdir(tmp):
-      os.replace(os.path.join(tmp, name), os.path.join(out, name))
-    with open(os.path.join(tmp, INFO_FILE), 'w', encoding='utf-8') as f:
-      json.dump(info, f, indent=1)
-    os.replace(os.path.join(tmp, INFO_FILE), os.path.join(out, INFO_FILE))
-  finally:
-    shutil.rmtree(tmp, ignore_errors=True)
-  return info
+from segchange_jax import cli
+from segchange_jax.data import layouts
+from segchange_jax.data.convert import INFO_FILE, ConvertError, convert
 
 
 def define_flags() -> None:
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  flags.DEFINE_enum('layout', None, list(layouts.LAYOUTS), 'Raw layout (see data_prep.layouts).',
+  flags.DEFINE_enum('layout', None, list(layouts.LAYOUTS), 'Raw layout (see segchange_jax.data.layouts).',
                     required=True)
   flags.DEFINE_string('root', None, 'Raw dataset root.', required=True)
   flags.DEFINE_string('out', None, 'Output folder for shards and dataset_info.json.',
@@ -261,7 +46,6 @@ def define_flags() -> None:
 
 def main(argv: Sequence[str]) -> None:
   del argv
-  from absl import flags  # pylint: disable=g-import-not-at-top
   f = flags.FLAGS
   info = convert(f.layout, f.root, f.out, f.splits, f.list, f.tile, f.tile_stride,
                  f.text_model, f.num_shards, f.strict, f.overwrite, f.workers)
@@ -272,6 +56,5 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == '__main__':
-  from segchange_jax import cli  # pylint: disable=g-import-not-at-top
   define_flags()
   cli.run(main, extra_errors=(ConvertError,))

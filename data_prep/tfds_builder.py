@@ -7,8 +7,8 @@
     builder.download_and_prepare()
     source = tfds.data_source('seg_change_cd/levir', data_dir='/data/tfds')  # or builder.as_data_source()
 
-Features match `segchange_jax.records`: image_a / image_b (PNG, RGB), label (PNG, 1 channel),
-file_name, prompt, so `segchange_jax.records.decode` reads these shards as well. Pairs are read,
+Features match `segchange_jax.data.records`: image_a / image_b (PNG, RGB), label (PNG, 1 channel),
+file_name, prompt, so `segchange_jax.data.records.decode` reads these shards as well. Pairs are read,
 checked and tiled by `data_prep.convert.convert_pair`; bad pairs fail the build (strict) or are
 skipped with a warning naming them (strict=False).
 """
@@ -21,9 +21,9 @@ import logging
 
 import tensorflow_datasets as tfds
 
-from data_prep import convert
-from data_prep import layouts
-from segchange_jax import records
+from segchange_jax.data import convert
+from segchange_jax.data import layouts
+from segchange_jax.data import records
 
 
 @dataclasses.dataclass
@@ -38,7 +38,7 @@ class SegChangeConfig(tfds.core.BuilderConfig):
 
 
 class SegChangeCD(tfds.core.GeneratorBasedBuilder):
-  """Bi-temporal change-detection pairs from any layout of data_prep.layouts."""
+  """Bi-temporal change-detection pairs from any layout of segchange_jax.data.layouts."""
 
   VERSION = tfds.core.Version(f'{convert.CONVERTER_VERSION}.0.0')
   BUILDER_CONFIGS = [SegChangeConfig(name='default')]

@@ -14,7 +14,6 @@ from typing import Any, Iterable, Sequence
 
 import ml_collections
 
-BACKBONES = ('swin_base_patch4_window7_224', 'resnet50', 'hgnetv2')
 BEVS = ('LinearAttention', 'Transformer')
 FPN_TYPES = ('FPN', 'L-FPN')
 DIFF_ATTENTIONS = ('SE', 'CBAM')
@@ -24,6 +23,12 @@ DTYPES = ('float32', 'bfloat16')
 SCHEDULERS = ('step', 'plateau', 'cosine')
 LAYOUTS = ('segchange-default', 'segchange-custom', 'opencd', 'sysu', 'changefine-json')
 HGNET_VARIANTS = ('B5',)
+
+
+def backbone_names() -> tuple[str, ...]:
+  """The `model.backbone` choices: the backbone registry is their one list."""
+  from segchange_jax.models import backbones  # pylint: disable=g-import-not-at-top
+  return tuple(backbones.REGISTRY)
 
 
 class ConfigError(ValueError):
@@ -87,6 +92,33 @@ def load_config(spec: str, overrides: Iterable[str] = ()) -> ml_collections.Conf
     set_field(config, key.removeprefix('--config.').removeprefix('config.'), value)
   validate_config(config)
   return config
+
+
+def config_from_dict(values: dict) -> ml_collections.ConfigDict:
+  """Base config updated with `values` (e.g. a saved config.json); validated."""
+  from segchange_jax import default_config  # pylint: disable=g-import-not-at-top
+  config = default_config.get_config()
+
+  def update(node, vals, prefix):
+    for key, value in vals.items():
+      dotted = f'{prefix}{key}'
+      if key not in node:
+        raise ConfigError(f'saved config has field {dotted!r}, which this version of '
+                                     'segchange_jax does not know; update segchange_jax')
+      if isinstance(node[key], ml_collections.ConfigDict):
+        update(node[key], value, dotted + '.')
+      else:
+        if isinstance(node[key], tuple) and isinstance(value, list):
+          value = tuple(value)
+        if dotted == 'model.pretrained' and isinstance(value, bool):
+          # Runs saved before `pretrained` was implemented: the flag was read by nothing and
+          # every backbone started from random weights.
+          value = ''
+        with node.unlocked():
+          node[key] = value
+
+  update(config, values, '')
+  return validate_config(config)
 
 
 def set_field(config: ml_collections.ConfigDict, dotted: str, value: Any) -> None:
@@ -164,7 +196,7 @@ def _get(config, dotted: str) -> Any:
 
 def _check_pretrained(config) -> None:
   """`model.pretrained` names weights by form only; files and Hub ids are resolved in training."""
-  from segchange_jax import hub  # pylint: disable=g-import-not-at-top
+  from segchange_jax.interop import hub  # pylint: disable=g-import-not-at-top
   value = config.model.pretrained
   if not isinstance(value, str):
     raise ConfigError(f'config.model.pretrained={value!r} must be a string: \'\' (random init), '
@@ -186,13 +218,20 @@ def _check_pretrained(config) -> None:
 def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Checks every field's type and range; raises ConfigError naming the field and the fix."""
   m = config.model
-  _choice(config, 'model.backbone', BACKBONES)
+  _choice(config, 'model.backbone', backbone_names())
   _choice(config, 'model.bev', BEVS)
   _choice(config, 'model.fpn_type', FPN_TYPES)
   _choice(config, 'model.diff_attention', DIFF_ATTENTIONS)
   _choice(config, 'model.dtype', DTYPES)
   _choice(config, 'model.remat', REMAT_POLICIES)
   _choice(config, 'text.dtype', DTYPES)
+  if config.text.freeze is not True:
+    raise ConfigError(f'config.text.freeze={config.text.freeze!r}: the text encoder is always '
+                      'frozen here (prompt embeddings are computed once and cached, as upstream '
+                      'trains with freeze_text_encoder=True); remove the override')
+  if not isinstance(config.name, str) or not config.name.strip():
+    raise ConfigError(f'config.name={config.name!r} must be a non-empty string (it names the '
+                      'run in logs and TensorBoard)')
   _choice(config, 'model.hgnetv2.variant', HGNET_VARIANTS)
   _choice(config, 'data.layout', LAYOUTS)
   _choice(config, 'train.scheduler', SCHEDULERS)

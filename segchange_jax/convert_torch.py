@@ -18,64 +18,50 @@ from absl import flags
 from segchange_jax import atomic
 from segchange_jax import cli
 from segchange_jax import config_lib
+from segchange_jax.interop import upstream
 
-_CONFIG = config_lib.define_config_flag(
-    help_string='configs/*.py describing the checkpoint variant (forward conversion; reverse '
-    'reads config.json from the checkpoint when omitted).')
-_CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'Input: .pth (forward) or our dir (reverse).')
-_OUT = flags.DEFINE_string('out', None, 'Output: a directory (forward) or a .safetensors file.')
-_REVERSE = flags.DEFINE_bool('reverse', False, 'Export our checkpoint to a torch state_dict.')
-_OVERWRITE = flags.DEFINE_bool('overwrite', False, 'Replace an existing --out.')
-
-
-def forward(checkpoint: str, config, out: str) -> None:
-  from segchange_jax import api  # pylint: disable=g-import-not-at-top
-  config, variables = api.load_variables(checkpoint, config)
-  with atomic.atomic_dir(out) as tmp:
-    api.save_variables(tmp, config, variables)
-  n = sum(int(v.size) for v in __import__('jax').tree.leaves(variables['params']))
-  print(f'wrote {out} ({n:,} parameters)')
+def define_flags() -> None:
+  """Command-line flags (defined only when run as a program)."""
+  config_lib.define_config_flag(
+      help_string='configs/*.py describing the checkpoint variant (forward conversion; reverse '
+      'reads config.json from the checkpoint when omitted).')
+  flags.DEFINE_string('checkpoint', None, 'Input: .pth (forward) or our dir (reverse).')
+  flags.DEFINE_string('out', None, 'Output: a directory (forward) or a .safetensors file.')
+  flags.DEFINE_bool('reverse', False, 'Export our checkpoint to a torch state_dict.')
+  flags.DEFINE_bool('overwrite', False, 'Replace an existing --out.')
 
 
-def reverse(checkpoint: str, config, out: str) -> None:
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
-  from segchange_jax import api  # pylint: disable=g-import-not-at-top
-  from segchange_jax.models import segchange  # pylint: disable=g-import-not-at-top
-  config, variables = api.load_variables(checkpoint, config)
-  sd = segchange.export_torch_state_dict(config, variables)
-  with atomic.atomic_path(out) as tmp:
-    save_file({k: np.ascontiguousarray(v) for k, v in sd.items()}, tmp)
-  print(f'wrote {out} ({len(sd)} tensors)')
-
-
-def main(argv):
+def main(argv: list[str]) -> None:
+  f = flags.FLAGS
   if len(argv) > 1:
     raise cli.UsageError(f'unexpected arguments: {argv[1:]}')
-  if not _CHECKPOINT.value or not _OUT.value:
+  if not f.checkpoint or not f.out:
     raise cli.UsageError('--checkpoint and --out are required')
-  atomic.check_output(_OUT.value, [_CHECKPOINT.value], _OVERWRITE.value)
-  ext = os.path.splitext(_OUT.value)[1].lower()
-  if _REVERSE.value and ext != '.safetensors':
-    raise cli.UsageError(f'--out {_OUT.value}: --reverse writes safetensors; name the file '
+  atomic.check_output(f.out, [f.checkpoint], f.overwrite)
+  ext = os.path.splitext(f.out)[1].lower()
+  if f.reverse and ext != '.safetensors':
+    raise cli.UsageError(f'--out {f.out}: --reverse writes safetensors; name the file '
                          '*.safetensors')
-  if not _REVERSE.value and ext in ('.safetensors', '.pth', '.pt', '.bin'):
-    raise cli.UsageError(f'--out {_OUT.value}: a forward conversion writes a directory '
+  if not f.reverse and ext in ('.safetensors', '.pth', '.pt', '.bin'):
+    raise cli.UsageError(f'--out {f.out}: a forward conversion writes a directory '
                          '(variables/ + config.json); give a folder name')
-  if not os.path.exists(_CHECKPOINT.value):
-    raise FileNotFoundError(f'--checkpoint {_CHECKPOINT.value} does not exist')
-  config = _CONFIG.value
+  if not os.path.exists(f.checkpoint):
+    raise FileNotFoundError(f'--checkpoint {f.checkpoint} does not exist')
+  config = f.config
   if config is not None:
     config_lib.validate_config(config)
   cli.quiet_libraries()
-  if _REVERSE.value:
-    reverse(_CHECKPOINT.value, config, _OUT.value)
+  if f.reverse:
+    n = upstream.to_torch(f.checkpoint, config, f.out)
+    print(f'wrote {f.out} ({n} tensors)')
   else:
     if config is None:
       raise cli.UsageError('--config is required to convert a PyTorch checkpoint (it names the '
                            'backbone/bev/neck variant), e.g. --config configs/dvcd.py')
-    forward(_CHECKPOINT.value, config, _OUT.value)
+    n = upstream.to_flax(f.checkpoint, config, f.out)
+    print(f'wrote {f.out} ({n:,} parameters)')
 
 
 if __name__ == '__main__':
+  define_flags()
   cli.run(main)

@@ -13,104 +13,53 @@ encoder's id) and `model` (the --text_model string).
 
 from __future__ import annotations
 
-import os
-import pathlib
-from typing import Sequence
+from absl import flags
 
-import argparse
-
-import numpy as np
-
-def read_prompt_file(path: str | os.PathLike, fmt: str = 'auto') -> list[str]:
-  """Prompts of one file (SegChange `<name>  <prompt>` lines or plain lines), in file order."""
-  path = pathlib.Path(path)
-  if not path.is_file():
-    raise FileNotFoundError(f'--prompts {str(path)!r} does not exist')
-  lines = [ln.rstrip('\r\n') for ln in path.read_text(encoding='utf-8').splitlines()]
-  lines = [ln for ln in lines if ln.strip()]
-  if fmt == 'auto':
-    fmt = 'segchange' if lines and all('  ' in ln for ln in lines) else 'plain'
-  if fmt == 'plain':
-    return [ln.strip() for ln in lines]
-  out = []
-  for i, ln in enumerate(lines, 1):
-    if '  ' not in ln:
-      raise ValueError(f'{path}:{i}: expected "<filename><two spaces><prompt>", got {ln!r} '
-                       '(use --format plain for one prompt a line)')
-    out.append(ln.split('  ', 1)[1].strip())
-  return out
+from segchange_jax import atomic
+from segchange_jax import cli
+from segchange_jax.text import prompts as prompts_lib
 
 
-def write_npz(out: str | os.PathLike, prompts: Sequence[str], embeddings: np.ndarray,
-              identity: str, model: str) -> None:
-  """Atomic write (temp file + rename) so a reader never sees a half-written file."""
-  from segchange_jax import atomic  # pylint: disable=g-import-not-at-top
-  with atomic.atomic_open(os.fspath(out), 'wb') as fh:
-    np.savez(fh, prompts=np.asarray(list(prompts), dtype=str),
-             embeddings=np.asarray(embeddings, np.float32), identity=np.asarray(identity),
-             model=np.asarray(model))
+def define_flags() -> None:
+  """Command-line flags (defined only when run as a program)."""
+  flags.DEFINE_string('text_model', None, 'Hugging Face Hub id, HF model dir, .gguf file or '
+                      'pkg:<package>.')
+  flags.DEFINE_multi_string('prompts', None, 'Prompt file; repeat the flag for more files.')
+  flags.DEFINE_string('out', None, 'Output .npz path.')
+  flags.DEFINE_enum('format', 'auto', ['auto', 'segchange', 'plain'],
+                    'segchange: "<filename>  <prompt>" lines; plain: one prompt a line.')
+  flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'Encoder compute dtype.')
+  flags.DEFINE_integer('max_tokens', 8, 'Tokens kept per prompt (upstream 8).')
+  flags.DEFINE_bool('overwrite', False, 'Replace an existing --out.')
 
 
-class _Parser(argparse.ArgumentParser):
-  """argparse with the project's one-line errors (exit 2)."""
-
-  def error(self, message: str):
-    from segchange_jax import cli  # pylint: disable=g-import-not-at-top
-    cli.fail(f'{message} (see --help)')
-
-
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-  p = _Parser(prog='python -m segchange_jax.embed_prompts',
-                              description=__doc__.split('\n\n', 1)[0],
-                              epilog=__doc__.split('\n\n', 2)[2],
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument('--text_model', required=True, help='Hugging Face Hub id, HF model dir, .gguf file or pkg:<package>')
-  p.add_argument('--prompts', required=True, action='append',
-                 help='prompt file; repeat the flag for more files')
-  p.add_argument('--out', required=True, help='output .npz path')
-  p.add_argument('--format', default='auto', choices=['auto', 'segchange', 'plain'],
-                 help='segchange: "<filename>  <prompt>" lines; plain: one prompt a line')
-  p.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'])
-  p.add_argument('--max_tokens', type=int, default=8, help='tokens kept per prompt (upstream 8)')
-  p.add_argument('--overwrite', action='store_true', help='replace an existing --out')
-  return p.parse_args(argv)
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-  """The command line; user errors exit 2 with one line (segchange_jax.cli)."""
-  from segchange_jax import cli  # pylint: disable=g-import-not-at-top
-  args = parse_args(argv)
-  try:
-    _run(args)
-  except cli.USER_ERRORS as e:
-    if os.environ.get('SEGCHANGE_TRACEBACK'):
-      raise
-    cli.fail(cli.one_line(e))
-
-
-def _run(args: argparse.Namespace) -> None:
-  from segchange_jax import atomic  # pylint: disable=g-import-not-at-top
-  from segchange_jax import cli  # pylint: disable=g-import-not-at-top
-  cli.positive('max_tokens', args.max_tokens)
-  atomic.check_output(args.out, args.prompts, args.overwrite)
-  if not args.out.lower().endswith('.npz'):
-    raise ValueError(f'--out {args.out}: the embeddings file is an .npz; name it *.npz')
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise cli.UsageError(f'unexpected arguments {argv[1:]}; flags take the form --name=value')
+  f = flags.FLAGS
+  missing = [f'--{n}' for n in ('text_model', 'prompts', 'out') if not f[n].value]
+  if missing:
+    raise cli.UsageError(f'{", ".join(missing)} required (see --help)')
+  cli.positive('max_tokens', f.max_tokens)
+  atomic.check_output(f.out, f.prompts, f.overwrite)
+  if not f.out.lower().endswith('.npz'):
+    raise ValueError(f'--out {f.out}: the embeddings file is an .npz; name it *.npz')
   prompts: list[str] = []
-  for f in args.prompts:
-    prompts += read_prompt_file(f, args.format)
+  for path in f.prompts:
+    prompts += prompts_lib.read_prompt_file(path, f.format)
   unique = sorted({p for p in prompts if p})
   if not unique:
-    raise ValueError(f'no non-empty prompts in --prompts {args.prompts}; give a file with one '
+    raise ValueError(f'no non-empty prompts in --prompts {f.prompts}; give a file with one '
                      'prompt a line')
   cli.quiet_libraries()
   from segchange_jax.text import encoder as encoder_lib  # pylint: disable=g-import-not-at-top
-  enc = encoder_lib.TextEncoder.from_pretrained(args.text_model, dtype=args.dtype,
-                                                max_tokens=args.max_tokens)
+  enc = encoder_lib.TextEncoder.from_pretrained(f.text_model, dtype=f.dtype,
+                                                max_tokens=f.max_tokens)
   emb = enc.encode(unique, pad_to_batch=False)
-  write_npz(args.out, unique, emb, enc.identity, args.text_model)
-  print(f'wrote {args.out}: {len(unique)} prompts, embeddings {emb.shape}, '
-        f'encoder {enc.identity}')
+  prompts_lib.write_npz(f.out, unique, emb, enc.identity, f.text_model)
+  print(f'wrote {f.out}: {len(unique)} prompts, embeddings {emb.shape}, encoder {enc.identity}')
 
 
 if __name__ == '__main__':
-  main()
+  define_flags()
+  cli.run(main)

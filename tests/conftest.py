@@ -45,8 +45,8 @@ def dataset(tmp_path_factory) -> pathlib.Path:
   """16 synthetic 64 px scenes converted to shards (12 train / 2 val / 2 test), plus a
   prompt-embedding npz of width 16 (no text model), shared by the trainer and multihost tests."""
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from data_prep import convert  # pylint: disable=g-import-not-at-top
-  from data_prep import synthetic  # pylint: disable=g-import-not-at-top
+  from segchange_jax.data import convert  # pylint: disable=g-import-not-at-top
+  from segchange_jax.data import synthetic  # pylint: disable=g-import-not-at-top
   root = tmp_path_factory.mktemp('trainer_data')
   synthetic.generate(str(root / 'raw'), 16, 64, 0)
   info = convert.convert('segchange-default', str(root / 'raw'), str(root / 'shards'))

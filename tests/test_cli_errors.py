@@ -17,13 +17,17 @@ import pytest
 from absl import flags
 from absl.testing import flagsaver
 
-from segchange_jax import api
+from segchange_jax.inference import predictor
 from segchange_jax import atomic
 from segchange_jax import cli
 from segchange_jax import infer
-from segchange_jax import scene_io
+from segchange_jax.inference import pipeline
+from segchange_jax.inference import raster_io
 from tests.eval import tiny
 from tests.infer import scene_helpers as h
+
+if 'checkpoint' not in flags.FLAGS:  # the command defines its flags only when run as one
+  infer.define_flags()
 
 REPO = tiny.REPO
 
@@ -114,8 +118,8 @@ def test_truncated_raster_names_the_file(capsys, tmp_path):
   data = pathlib.Path(b_path).read_bytes()
   pathlib.Path(b_path).write_bytes(data[:len(data) // 2])
   out = str(tmp_path / 'o.tif')
-  with pytest.raises(scene_io.InputError, match='b.tif: cannot read pixels.*truncated'):
-    infer.run_inference(a_path, b_path, out, h.box_change, window=64, overlap=16, batch=4,
+  with pytest.raises(raster_io.InputError, match='b.tif: cannot read pixels.*truncated'):
+    pipeline.run_inference(a_path, b_path, out, h.box_change, window=64, overlap=16, batch=4,
                         progress=False)
   assert sorted(os.listdir(tmp_path)) == ['a.tif', 'b.tif']
   # Cut inside the header: refused when opened, in one line.
@@ -127,15 +131,15 @@ def test_truncated_raster_names_the_file(capsys, tmp_path):
 def test_window_larger_than_raster_is_clamped_with_a_warning(rasters, tmp_path, capsys):
   a_path, b_path = rasters
   small = str(tmp_path / 'w192.tif')
-  stats = infer.run_inference(a_path, b_path, str(tmp_path / 'w512.tif'), h.box_change,
+  stats = pipeline.run_inference(a_path, b_path, str(tmp_path / 'w512.tif'), h.box_change,
                               window=512, overlap=64, batch=2, probabilities=True,
                               progress=False)
   err = capsys.readouterr().err
   assert 'warning: --window 512 is larger than the 240x200 raster; using --window 192' in err
   assert stats.windows == 4  # 2 x 2 windows of 192 px over 200 x 240, no reflect padding
-  infer.run_inference(a_path, b_path, small, h.box_change, window=192, overlap=48, batch=2,
+  pipeline.run_inference(a_path, b_path, small, h.box_change, window=192, overlap=48, batch=2,
                       probabilities=True, progress=False)
-  with scene_io.rasterio.open(small) as x, scene_io.rasterio.open(tmp_path / 'w512.tif') as y:
+  with raster_io.rasterio.open(small) as x, raster_io.rasterio.open(tmp_path / 'w512.tif') as y:
     np.testing.assert_array_equal(x.read(), y.read())
 
 
@@ -147,8 +151,8 @@ def test_truncated_checkpoint_array_file(tmp_path):
   assert files
   for p in files:  # cut every array data file in half
     p.write_bytes(p.read_bytes()[:p.stat().st_size // 2])
-  with pytest.raises(api.CheckpointError, match='cannot be read.*incomplete or corrupt'):
-    api.load_variables(str(tmp_path / 'ckpt'))
+  with pytest.raises(predictor.CheckpointError, match='cannot be read.*incomplete or corrupt'):
+    predictor.load_variables(str(tmp_path / 'ckpt'))
   proc = _subprocess('segchange_jax.evaluate', '--checkpoint', str(tmp_path / 'ckpt'),
                      '--out', str(tmp_path / 'ev'))
   assert proc.returncode == 2, proc.stderr[-3000:]

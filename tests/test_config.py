@@ -17,7 +17,7 @@ VARIANTS = ['configs/base.py', 'configs/dvcd.py', 'configs/levir.py', 'configs/w
 def test_every_variant_loads_and_validates(repo_root, spec):
   path, _, arg = spec.partition(':')
   config = config_lib.load_config(str(repo_root / path) + (f':{arg}' if arg else ''))
-  assert config.model.backbone in config_lib.BACKBONES
+  assert config.model.backbone in config_lib.backbone_names()
 
 
 def test_base_matches_upstream_defaults(repo_root):
@@ -106,3 +106,12 @@ def test_absl_config_flag_overrides(repo_root, tmp_path):
       [sys.executable, str(script), '--config', str(repo_root / 'configs/dvcd.py'),
        '--config.train.bach_size=8'], capture_output=True, text=True, cwd=tmp_path, env=env)
   assert bad.returncode != 0 and 'bach_size' in bad.stderr
+
+
+@pytest.mark.parametrize('field, value, words', [
+    ('text.freeze', 'false', 'always frozen'),
+    ('name', '  ', 'non-empty string'),
+])
+def test_fields_that_must_keep_their_meaning(field, value, words):
+  with pytest.raises(config_lib.ConfigError, match=words):
+    config_lib.load_config('configs/demo.py', [f'{field}={value}'])

@@ -85,16 +85,16 @@ def test_cli_wrong_variant_is_one_clear_error(tmp_path, demo):
 
 
 def test_pth_needs_config(tmp_path, demo):
-  from segchange_jax import api
+  from segchange_jax.inference import predictor
   _, tmodel = demo
   pth = tmp_path / 'x.pth'
   torch.save(tmodel.state_dict(), pth)
   with pytest.raises(ValueError, match='pass config='):
-    api.load_variables(str(pth))
+    predictor.load_variables(str(pth))
 
 
 def test_package_import_is_lazy():
-  code = ('import sys, segchange_jax, segchange_jax.torch_pickle; '
+  code = ('import sys, segchange_jax, segchange_jax.interop.torch_pickle; '
           'assert "jax" not in sys.modules and "torch" not in sys.modules, sorted(sys.modules)')
   proc = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True,
                         env=dict(os.environ, PYTHONPATH=str(REPO)))

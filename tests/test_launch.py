@@ -5,7 +5,7 @@ import subprocess
 
 import pytest
 
-from segchange_jax import distributed
+from segchange_jax.train import distributed
 
 
 def _run(args, repo_root, env=None):

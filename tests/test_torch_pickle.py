@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from segchange_jax import torch_pickle
-from segchange_jax.models import torch_convert as tc
+from segchange_jax.interop import torch_pickle
+from segchange_jax.interop import torch_rules as tc
 
 
 def _state_dict():

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 from segchange_jax.models import layers
 from segchange_jax.models import remat as remat_lib
-from segchange_jax.models import torch_convert as tc
+from segchange_jax.interop import torch_rules as tc
 
 
 class Linear(nn.Module):

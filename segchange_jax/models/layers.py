@@ -93,7 +93,7 @@ def upsample_bilinear(x: jax.Array, factor: int) -> jax.Array:
 
 def conv1x1_rules(torch_prefix: str, path, bias: bool = True) -> list:
   """torch 1x1 Conv2d -> our Dense over channels."""
-  from segchange_jax.models import torch_convert as tc  # pylint: disable=g-import-not-at-top
+  from segchange_jax.interop import torch_rules as tc  # pylint: disable=g-import-not-at-top
   rules = [tc.Rule(f'{torch_prefix}.weight', ('params', *path, 'kernel'), 'conv1x1_to_dense')]
   if bias:
     rules.append(tc.Rule(f'{torch_prefix}.bias', ('params', *path, 'bias')))

@@ -20,7 +20,7 @@ import numpy as np
 
 from segchange_jax.models import layers
 from segchange_jax.models import remat as remat_lib
-from segchange_jax.models import torch_convert as tc
+from segchange_jax.interop import torch_rules as tc
 
 STRIDES = (4, 8, 16, 32)
 SCHARR_X = np.array([[-3., 0., 3.], [-10., 0., 10.], [-3., 0., 3.]], np.float32)

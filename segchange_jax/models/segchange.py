@@ -6,7 +6,6 @@ Inputs are NHWC ImageNet-normalised images; text embeddings [B, T, L]; output lo
 
 from __future__ import annotations
 
-from typing import Any
 
 import flax.linen as nn
 import jax
@@ -18,7 +17,7 @@ from segchange_jax.models import diff as diff_lib
 from segchange_jax.models import head as head_lib
 from segchange_jax.models import layers
 from segchange_jax.models import neck as neck_lib
-from segchange_jax.models import torch_convert as tc
+from segchange_jax.interop import torch_rules as tc
 from segchange_jax.models import backbones
 
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}

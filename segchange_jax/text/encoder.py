@@ -49,7 +49,7 @@ def resolve_model_path(spec: str) -> pathlib.Path:
     path = pathlib.Path(spec).expanduser()
     if path.exists():
       return path
-    from segchange_jax import hub  # pylint: disable=g-import-not-at-top
+    from segchange_jax.interop import hub  # pylint: disable=g-import-not-at-top
     if not hub.looks_like_repo_id(spec):
       raise FileNotFoundError(f'text model {spec!r} does not exist (give a Hugging Face Hub id, '
                               'a model directory, a .gguf file or pkg:<python package>)')

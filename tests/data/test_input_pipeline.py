@@ -1,4 +1,4 @@
-"""segchange_jax.input_pipeline: determinism, sharding, resume, eval padding, size checks."""
+"""segchange_jax.data.input_pipeline: determinism, sharding, resume, eval padding, size checks."""
 
 import hashlib
 import os
@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 
 from configs import base
-from data_prep import convert
-from data_prep import synthetic
-from segchange_jax import input_pipeline as ip
-from segchange_jax import records
+from segchange_jax.data import convert
+from segchange_jax.data import synthetic
+from segchange_jax.data import input_pipeline as ip
+from segchange_jax.data import imagery
+from segchange_jax.data import records
 
 
 @pytest.fixture(scope='module')
@@ -121,7 +122,7 @@ def test_epochs_are_permutations_and_processes_disjoint(shards):
   from array_record.python import array_record_data_source  # pylint: disable=g-import-not-at-top
   src = array_record_data_source.ArrayRecordDataSource(
       [os.path.join(shards, n) for n in info['splits']['train']['shards']])
-  everything = _hashes([{'image_b': [ip.normalize(records.decode(src[i])['image_b'])
+  everything = _hashes([{'image_b': [imagery.normalize(records.decode(src[i])['image_b'])
                                      for i in range(len(src))]}])
   assert set(seen[0]) | set(seen[1]) == set(everything)
   epoch2 = _hashes(_take(ip.create_train_iterator(c, table, 0, 1)[0], 4)[2:])

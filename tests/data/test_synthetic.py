@@ -6,7 +6,7 @@ import os
 import cv2
 import numpy as np
 
-from data_prep import synthetic
+from segchange_jax.data import synthetic
 
 
 def _digest(root):

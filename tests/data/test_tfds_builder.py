@@ -6,7 +6,7 @@ import sys
 import numpy as np
 
 from array_record.python import array_record_data_source
-from segchange_jax import records
+from segchange_jax.data import records
 
 
 def test_build_and_read_without_tensorflow(tmp, helpers):

@@ -14,10 +14,11 @@ import jax
 import numpy as np
 import pytest
 
-from segchange_jax import api
-from segchange_jax import evaluate
-from segchange_jax import input_pipeline
-from segchange_jax import records
+from segchange_jax.inference import predictor
+from segchange_jax.train import evaluation
+from segchange_jax.data import input_pipeline
+from segchange_jax.data import imagery
+from segchange_jax.data import records
 from tests.eval import tiny
 
 
@@ -28,14 +29,14 @@ def setup(tmp_path_factory):
   config = tiny.tiny_config(shards, npz)
   variables = tiny.save_checkpoint(root / 'ckpt', config)
   out = root / 'out'
-  result = evaluate.evaluate(config, variables, 'test', str(out), num_images=2,
+  result = evaluation.evaluate(config, variables, 'test', str(out), num_images=2,
                              checkpoint=str(root / 'ckpt'))
   return root, config, variables, out, result
 
 
 def _test_examples(config):
   info = input_pipeline.load_dataset_info(config.data.shards_dir)
-  source = evaluate._split_records(config, 'test')  # pylint: disable=protected-access
+  source = evaluation._split_records(config, 'test')  # pylint: disable=protected-access
   return [records.decode(source[i]) for i in range(info['splits']['test']['num_examples'])]
 
 
@@ -54,9 +55,9 @@ def test_metrics_equal_numpy_recomputation(setup):
   examples = _test_examples(config)
   with np.load(config.text.embeddings) as z:
     table = dict(zip(z['prompts'].tolist(), z['embeddings']))
-  det = api.ChangeDetector(config, variables)
-  a = np.stack([input_pipeline.normalize(e['image_a']) for e in examples])
-  b = np.stack([input_pipeline.normalize(e['image_b']) for e in examples])
+  det = predictor.ChangeDetector(config, variables)
+  a = np.stack([imagery.normalize(e['image_a']) for e in examples])
+  b = np.stack([imagery.normalize(e['image_b']) for e in examples])
   t = np.stack([table[e['prompt'] or config.data.prompt] for e in examples])
   logits = det.predict_logits(a, b, t)[..., 0]
   pred = (1 / (1 + np.exp(-logits.astype(np.float64)))) > config.eval.threshold
@@ -98,7 +99,7 @@ def test_comparison_images_layout_and_colours(setup):
   assert float(rows[stem(best0)]['iou']) == pytest.approx(ious[-1], abs=1e-6)
   examples = {e['file_name']: e for e in _test_examples(config)}
   img = cv2.imread(str(out / 'images' / worst0))[..., ::-1]
-  s, g = tiny.SIZE, evaluate.GAP
+  s, g = tiny.SIZE, evaluation.GAP
   assert img.shape == (s, 4 * s + 3 * g, 3)
   ex = examples[stem(worst0)]
   panel = lambda i: img[:, i * (s + g):i * (s + g) + s]
@@ -108,17 +109,17 @@ def test_comparison_images_layout_and_colours(setup):
   overlay = panel(3).reshape(-1, 3)
   true = ex['label'].ravel() > 0
   colours = {tuple(c) for c in overlay[true]}  # change pixels: found (white) or missed (blue)
-  assert colours <= {evaluate.TP_RGB, evaluate.FN_RGB}
+  assert colours <= {evaluation.TP_RGB, evaluation.FN_RGB}
   r = rows[stem(worst0)]
-  assert (overlay == evaluate.TP_RGB).all(-1).sum() == int(r['tp'])
-  assert (overlay == evaluate.FN_RGB).all(-1).sum() == int(r['fn'])
-  assert ((overlay == evaluate.FP_RGB).all(-1) & ~true).sum() == int(r['fp'])
+  assert (overlay == evaluation.TP_RGB).all(-1).sum() == int(r['tp'])
+  assert (overlay == evaluation.FN_RGB).all(-1).sum() == int(r['fn'])
+  assert ((overlay == evaluation.FP_RGB).all(-1) & ~true).sum() == int(r['fp'])
 
 
 def test_per_example_counts_multiclass_and_empty():
   cm = np.array([[[5, 0, 0], [0, 0, 0], [0, 0, 0]],      # nothing changed, nothing predicted
                  [[1, 2, 0], [1, 3, 1], [0, 0, 4]]])
-  c = evaluate.per_example_counts(cm)
+  c = evaluation.per_example_counts(cm)
   assert c['iou'][0] == 1.0 and c['f1'][0] == 1.0
   # tp 7; fp: 2 (0->1) + 1 (1->2 wrong class); fn: 1 (1->0) + 1 (wrong class)
   assert (c['tp'][1], c['fp'][1], c['fn'][1]) == (7, 3, 2)
@@ -127,8 +128,8 @@ def test_per_example_counts_multiclass_and_empty():
 
 def test_wrong_split_is_a_clear_error(setup):
   root, config, variables, _, _ = setup
-  with pytest.raises(evaluate.EvaluationError, match="'nope' is not in"):
-    evaluate.evaluate(config, variables, 'nope', str(root / 'x'))
+  with pytest.raises(evaluation.EvaluationError, match="'nope' is not in"):
+    evaluation.evaluate(config, variables, 'nope', str(root / 'x'))
 
 
 def test_checkpoint_mismatching_config_is_a_clear_error(setup, tmp_path):
@@ -136,14 +137,14 @@ def test_checkpoint_mismatching_config_is_a_clear_error(setup, tmp_path):
   other = tiny.tiny_config(config.data.shards_dir, config.text.embeddings)
   with other.unlocked():
     other.model.fpn_dim = 64
-  with pytest.raises(evaluate.EvaluationError, match='does not fit the config'):
-    evaluate.load_checkpoint(str(root / 'ckpt'), other)
+  with pytest.raises(predictor.CheckpointError, match='does not fit the config'):
+    predictor.load_checkpoint(str(root / 'ckpt'), other)
 
 
 def test_relative_checkpoint_path_loads(setup, monkeypatch):
   root, config, variables, _, _ = setup
   monkeypatch.chdir(root)  # Orbax itself refuses relative paths
-  _, loaded = evaluate.load_checkpoint('ckpt', config)
+  _, loaded = predictor.load_checkpoint('ckpt', config)
   np.testing.assert_array_equal(np.asarray(jax.tree.leaves(loaded)[0]),
                                 np.asarray(jax.tree.leaves(variables)[0]))
 
@@ -161,17 +162,17 @@ def test_cli_bad_checkpoint_path(tmp_path):
 @pytest.mark.slow
 def test_training_checkpoint_scores_as_the_trainer_reported(setup):
   """Train 2 steps, then evaluate the checkpoints dir: the same numbers as eval_<split>.json."""
-  from segchange_jax import trainer  # pylint: disable=g-import-not-at-top
+  from segchange_jax.train import loop  # pylint: disable=g-import-not-at-top
   root, config, _, _, _ = setup
   config = copy.deepcopy(config)
   with config.unlocked():
     config.train.max_steps = 2
     config.train.progress_bar = False
   workdir = root / 'run'
-  trainer.train_and_evaluate(config, str(workdir))
+  loop.train_and_evaluate(config, str(workdir))
   with open(workdir / 'eval_test.json') as f:
     reported = json.load(f)
-  loaded_config, variables = evaluate.load_checkpoint(str(workdir / 'checkpoints'))
-  got = evaluate.evaluate(loaded_config, variables, 'test', str(root / 'ev_run'))
+  loaded_config, variables = predictor.load_checkpoint(str(workdir / 'checkpoints'))
+  got = evaluation.evaluate(loaded_config, variables, 'test', str(root / 'ev_run'))
   for k in ('precision', 'recall', 'f1', 'iou', 'oa', 'loss', 'num_examples'):
     assert got[k] == pytest.approx(reported[k], rel=1e-6), k

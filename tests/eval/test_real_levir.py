@@ -10,7 +10,7 @@ the 256 px records; evaluation the whole 256 px records. Prompt embeddings come 
 (random) so no text model is needed.
 
 The default test scores the real pairs with a random tiny model (no training: one compile);
-the slow one trains 2 steps with trainer.train_and_evaluate and then evaluates that checkpoint
+the slow one trains 2 steps with loop.train_and_evaluate and then evaluates that checkpoint
 (about 3 CPU-minutes, mostly XLA compiles of init, train step and two eval steps).
 """
 
@@ -26,8 +26,9 @@ import numpy as np
 import pytest
 
 from segchange_jax import config_lib
-from segchange_jax import evaluate
-from segchange_jax import trainer
+from segchange_jax.train import evaluation
+from segchange_jax.inference import predictor
+from segchange_jax.train import loop
 from tests.eval import tiny
 
 SPLIT = 'all'  # any name without a list/<name>.txt: the whole flat root
@@ -82,8 +83,8 @@ def _check_eval_outputs(out, root: str) -> dict:
   assert len(images) == 4 and {n.split('_')[0] for n in images} == {'worst', 'best'}
   for image in images:
     row = cv2.imread(str(out / 'images' / image))
-    step = 256 + evaluate.GAP
-    assert row.shape == (256, 4 * 256 + 3 * evaluate.GAP, 3)  # A | B | label | overlay
+    step = 256 + evaluation.GAP
+    assert row.shape == (256, 4 * 256 + 3 * evaluation.GAP, 3)  # A | B | label | overlay
     # The panels are the named pair's real A, B and label (not blanks or resized copies).
     name = image.split('_', 2)[2].rsplit('_iou', 1)[0] + '.png'
     assert name in names, (image, names)
@@ -100,7 +101,7 @@ def test_evaluate_real_pairs_with_a_random_model(levir):
   assert run.returncode == 0, run.stderr
   npz = tiny.write_embeddings(tmp / 'emb_tiny.npz', [tiny.tiny_config().data.prompt])
   config = tiny.tiny_config(str(tmp / 'shards'), npz)  # 64 px crops; eval on whole 256 px pairs
-  result = evaluate.evaluate(config, tiny.random_variables(config), SPLIT, str(tmp / 'eval0'),
+  result = evaluation.evaluate(config, tiny.random_variables(config), SPLIT, str(tmp / 'eval0'),
                              num_images=2)
   saved = _check_eval_outputs(tmp / 'eval0', root)
   assert saved['f1'] == pytest.approx(result['f1'])
@@ -127,12 +128,12 @@ def test_train_then_evaluate_on_real_pairs(repo_root, levir, monkeypatch):
   config = config_lib.load_config(str(repo_root / 'configs/demo.py'),
                                   [f'{k}={v}' for k, v in over.items()])
   workdir = tmp / 'run'
-  trained = trainer.train_and_evaluate(config, str(workdir))
+  trained = loop.train_and_evaluate(config, str(workdir))
   assert trained['num_examples'] == 11
 
   monkeypatch.chdir(tmp)  # a relative --checkpoint path, as users type it
-  config, variables = evaluate.load_checkpoint(os.path.join('run', 'checkpoints'), config)
-  evaluate.evaluate(config, variables, SPLIT, str(tmp / 'eval'), num_images=2,
+  config, variables = predictor.load_checkpoint(os.path.join('run', 'checkpoints'), config)
+  evaluation.evaluate(config, variables, SPLIT, str(tmp / 'eval'), num_images=2,
                     checkpoint=str(workdir / 'checkpoints'))
   saved = _check_eval_outputs(tmp / 'eval', root)
   # The evaluator scores the trained checkpoint exactly as the trainer's final eval did.

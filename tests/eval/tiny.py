@@ -6,13 +6,12 @@ jitted init has to compile, which takes ~15 s on 2 cores).
 
 from __future__ import annotations
 
-import os
 import pathlib
 
 import jax
 import numpy as np
 
-from segchange_jax import api
+from segchange_jax.inference import predictor
 from segchange_jax import config_lib
 from segchange_jax.models import segchange
 
@@ -50,7 +49,7 @@ def random_variables(config, seed: int = 0) -> dict:
 
 def save_checkpoint(directory, config, seed: int = 0) -> dict:
   variables = random_variables(config, seed)
-  api.save_variables(str(directory), config, variables)
+  predictor.save_variables(str(directory), config, variables)
   return variables
 
 
@@ -64,7 +63,7 @@ def write_embeddings(path, prompts, dim: int = TEXT_DIM, tokens: int = 8, seed: 
 
 def make_dataset(root, n: int = 30) -> tuple[str, str, dict]:
   """Synthetic 64 px scenes converted to shards; (shards_dir, embeddings npz, dataset_info)."""
-  from data_prep import convert, synthetic  # pylint: disable=g-import-not-at-top
+  from segchange_jax.data import convert, synthetic  # pylint: disable=g-import-not-at-top
   root = pathlib.Path(root)
   synthetic.generate(str(root / 'raw'), n, SIZE, seed=0)
   info = convert.convert('segchange-default', str(root / 'raw'), str(root / 'shards'))

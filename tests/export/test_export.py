@@ -11,8 +11,8 @@ import jax
 import numpy as np
 import pytest
 
-from segchange_jax import api
-from segchange_jax import export
+from segchange_jax.inference import predictor
+from segchange_jax.inference import export
 from tests.eval import tiny
 
 ENV = {**os.environ, 'PYTHONPATH': str(tiny.REPO), 'JAX_PLATFORMS': 'cpu'}
@@ -36,7 +36,7 @@ def bundle(tmp_path_factory):
   a, b = (rs.randn(3, tiny.SIZE, tiny.SIZE, 3).astype(np.float32) for _ in range(2))
   with np.load(npz) as z:
     text = z['embeddings'][[0, 1, 0]]
-  ref = api.ChangeDetector(config, variables)
+  ref = predictor.ChangeDetector(config, variables)
   return root / 'bundle', config, variables, ref, (a, b, text), ref.predict_logits(a, b, text)
 
 
@@ -87,7 +87,7 @@ def test_exported_runs_with_jax_alone_batch_1(bundle, tmp_path):
 
 def test_bundle_params_reload_through_change_detector(bundle):
   out, config, variables, ref, (a, b, text), want = bundle
-  det = api.ChangeDetector.from_checkpoint(str(out))
+  det = predictor.ChangeDetector.from_checkpoint(str(out))
   assert det.config.to_dict() == config.to_dict()
   same = jax.tree.map(lambda x, y: np.array_equal(np.asarray(x), np.asarray(y)),
                       det.variables, jax.tree.map(np.asarray, variables))

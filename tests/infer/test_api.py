@@ -10,7 +10,7 @@ import pytest
 import rasterio
 from PIL import Image
 
-from segchange_jax import api
+from segchange_jax.inference import predictor
 from tests.eval import tiny
 from tests.infer import scene_helpers as h
 
@@ -24,7 +24,7 @@ def detector(tmp_path_factory):
   # The prompt table is the config's text.embeddings: no text encoder needed.
   config = tiny.tiny_config(embeddings=npz)
   variables = tiny.save_checkpoint(root / 'ckpt', config)
-  return root, api.ChangeDetector.from_checkpoint(str(root / 'ckpt')), variables
+  return root, predictor.ChangeDetector.from_checkpoint(str(root / 'ckpt')), variables
 
 
 def test_predict_arrays_paths_and_the_windowed_engine_agree(detector, tmp_path):
@@ -96,7 +96,7 @@ def test_readme_snippet_runs(detector, tmp_path, monkeypatch):
 def test_training_checkpoint_restores_variables_only(detector, tmp_path):
   """A training checkpoint (state with optimizer moments) yields just params + model state."""
   import jax  # pylint: disable=g-import-not-at-top
-  from segchange_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  from segchange_jax.train import checkpointing  # pylint: disable=g-import-not-at-top
   _, det, variables = detector
   params = variables['params']
   others = {k: v for k, v in variables.items() if k != 'params'}
@@ -106,10 +106,10 @@ def test_training_checkpoint_restores_variables_only(detector, tmp_path):
   ckpt = checkpointing.Checkpointer(str(tmp_path / 'checkpoints'), det.config)
   ckpt.save(7, state)
   ckpt.close()
-  config, loaded = api.load_variables(str(tmp_path / 'checkpoints'))
+  config, loaded = predictor.load_variables(str(tmp_path / 'checkpoints'))
   assert set(loaded) == set(variables)
   for x, y in zip(jax.tree.leaves(loaded), jax.tree.leaves(variables)):
     np.testing.assert_array_equal(x, y)
   assert config.text.dim == det.config.text.dim
   step_dir = tmp_path / 'checkpoints' / 'latest' / '7' / 'state'
-  assert set(api._restore_tree(str(step_dir), keys=('params',))) == {'params'}  # pylint: disable=protected-access
+  assert set(checkpointing.restore_tree(str(step_dir), keys=('params',))) == {'params'}

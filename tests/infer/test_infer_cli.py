@@ -19,9 +19,9 @@ from affine import Affine
 from rasterio.enums import ColorInterp
 from PIL import Image
 
-from segchange_jax import imagery
-from segchange_jax import infer
-from segchange_jax import postprocess
+from segchange_jax.data import imagery
+from segchange_jax.inference import pipeline
+from segchange_jax.inference import postprocess
 from tests.infer import scene_helpers as h
 
 KW = dict(window=64, overlap=16, batch=4, progress=False)
@@ -41,7 +41,7 @@ def _read(path):
 def test_georeferencing_tiling_and_mask(pair, tmp_path):
   a_path, b_path, a, b = pair
   out = str(tmp_path / 'out' / 'change.tif')
-  infer.run_inference(a_path, b_path, out, h.box_change, **KW)
+  pipeline.run_inference(a_path, b_path, out, h.box_change, **KW)
   arr, prof = _read(out)
   with rasterio.open(a_path) as src:
     assert prof['crs'] == src.crs and prof['transform'] == src.transform
@@ -61,20 +61,20 @@ def test_probabilities_and_nodata(tmp_path):
   a_path = h.write_tif(tmp_path / 'a.tif', a, nodata=0)
   b_path = h.write_tif(tmp_path / 'b.tif', b, nodata=0)
   out = str(tmp_path / 'p.tif')
-  infer.run_inference(a_path, b_path, out, h.box_change, probabilities=True, **KW)
+  pipeline.run_inference(a_path, b_path, out, h.box_change, probabilities=True, **KW)
   arr, prof = _read(out)
   assert prof['dtype'] == 'float32' and np.isnan(prof['nodata'])
   nod = np.isnan(arr[0])
   assert nod[:10].all() and nod[:, -7:].all() and not nod[10:, :-7].any()
   assert np.nanmin(arr) >= 0 and np.nanmax(arr) <= 1
   out_m = str(tmp_path / 'm.tif')
-  infer.run_inference(a_path, b_path, out_m, h.box_change, **KW)
+  pipeline.run_inference(a_path, b_path, out_m, h.box_change, **KW)
   m, _ = _read(out_m)
   assert (m[0][:10] == 255).all() and (m[0][:, -7:] == 255).all() and (m[0][10:, :-7] < 2).all()
 
 
 def _probs(a_path, b_path, out, **kw):
-  infer.run_inference(a_path, b_path, out, h.box_change, probabilities=True, **{**KW, **kw})
+  pipeline.run_inference(a_path, b_path, out, h.box_change, probabilities=True, **{**KW, **kw})
   return _read(out)[0]
 
 
@@ -125,10 +125,10 @@ def test_mismatched_grid_refused_then_aligned(tmp_path):
   shifted = h.TRANSFORM * Affine.translation(3, 2)  # 3 px east, 2 px south
   b_path = h.write_tif(tmp_path / 'b.tif', b, transform=shifted)
   out = str(tmp_path / 'o.tif')
-  with pytest.raises(infer.scene_io.GridMismatchError, match='--align'):
-    infer.run_inference(a_path, b_path, out, h.box_change, **KW)
+  with pytest.raises(pipeline.raster_io.GridMismatchError, match='--align'):
+    pipeline.run_inference(a_path, b_path, out, h.box_change, **KW)
   assert not os.path.exists(out) and not os.path.exists(out + '.partial')
-  infer.run_inference(a_path, b_path, out, h.box_change, align=True, probabilities=True, **KW)
+  pipeline.run_inference(a_path, b_path, out, h.box_change, align=True, probabilities=True, **KW)
   arr, prof = _read(out)
   assert prof['transform'] == h.TRANSFORM
   nod = np.isnan(arr[0])
@@ -158,7 +158,7 @@ def test_png_pairs(tmp_path):
   Image.fromarray(a.transpose(1, 2, 0)).save(tmp_path / 'a.png')
   Image.fromarray(b.transpose(1, 2, 0)).save(tmp_path / 'b.png')
   out = str(tmp_path / 'o.png')
-  infer.run_inference(str(tmp_path / 'a.png'), str(tmp_path / 'b.png'), out, h.box_change,
+  pipeline.run_inference(str(tmp_path / 'a.png'), str(tmp_path / 'b.png'), out, h.box_change,
                       preview_path=str(tmp_path / 'preview.png'),
                       polygons_path=str(tmp_path / 'v.gpkg'), **KW)
   preview = np.asarray(Image.open(tmp_path / 'preview.png'))
@@ -171,7 +171,7 @@ def test_png_pairs(tmp_path):
   overlay = preview[:, -90:]
   assert (overlay[m == 255] == (255, 0, 0)).all() and (overlay[m == 0, 0] < 255).all()
   with pytest.raises(ValueError, match='probabilities need a .tif'):
-    infer.run_inference(str(tmp_path / 'a.png'), str(tmp_path / 'b.png'), out, h.box_change,
+    pipeline.run_inference(str(tmp_path / 'a.png'), str(tmp_path / 'b.png'), out, h.box_change,
                         probabilities=True, **KW)
 
 
@@ -184,7 +184,7 @@ def test_failure_leaves_no_output(pair, tmp_path):
     return h.box_change(x, y)
   out = str(tmp_path / 'o.tif')
   with pytest.raises(RuntimeError, match='fell over'):
-    infer.run_inference(pair[0], pair[1], out, flaky, polygons_path=str(tmp_path / 'p.geojson'), **KW)
+    pipeline.run_inference(pair[0], pair[1], out, flaky, polygons_path=str(tmp_path / 'p.geojson'), **KW)
   assert sorted(os.listdir(tmp_path)) == ['a.tif', 'b.tif']
 
 
@@ -200,7 +200,7 @@ def test_postprocess_and_polygons_in_map_units(tmp_path):
   b_path = h.write_tif(tmp_path / 'b.tif', b)
   pointwise = lambda x, y: (np.abs(x.astype(np.float32) - y).mean(-1) > 50).astype(np.float32)
   out, gj, gpkg = (str(tmp_path / n) for n in ('o.tif', 'o.geojson', 'o.gpkg'))
-  infer.run_inference(a_path, b_path, out, pointwise, do_postprocess=True, min_area=100,
+  pipeline.run_inference(a_path, b_path, out, pointwise, do_postprocess=True, min_area=100,
                       polygons_path=[gj, gpkg], **KW)
   m, _ = _read(out)
   assert m[0].sum() == 3600 and m[0][20:80, 30:90].all()
@@ -222,11 +222,11 @@ def test_postprocess_and_polygons_in_map_units(tmp_path):
       'EPSG:32618', 'EPSG:4326', 500300.0, 4000000.0 - 800, 500900.0, 4000000.0 - 200)
   np.testing.assert_allclose(ring.bounds, (west, south, east, north), atol=2e-5)
   # Without the filter, all three regions become polygons (existing outputs need overwrite).
-  with pytest.raises(infer.atomic.OutputError, match='--overwrite'):
-    infer.run_inference(a_path, b_path, str(tmp_path / 'n.tif'), pointwise, polygons_path=gj,
+  with pytest.raises(pipeline.atomic.OutputError, match='--overwrite'):
+    pipeline.run_inference(a_path, b_path, str(tmp_path / 'n.tif'), pointwise, polygons_path=gj,
                         **KW)
   assert not os.path.exists(tmp_path / 'n.tif')
-  infer.run_inference(a_path, b_path, str(tmp_path / 'n.tif'), pointwise, polygons_path=gj,
+  pipeline.run_inference(a_path, b_path, str(tmp_path / 'n.tif'), pointwise, polygons_path=gj,
                       overwrite=True, **KW)
   assert len(json.load(open(gj))['features']) == 3
 
@@ -252,7 +252,7 @@ def test_detector_adapter_normalises_and_activates():
       return np.stack([ia[..., 0] - ib[..., 0], ib[..., 0] - ia[..., 0]], -1)
 
   emb = np.ones((1, 8, 4), np.float32)
-  pred = infer.detector_predictor(Fake(), emb)
+  pred = pipeline.detector_predictor(Fake(), emb)
   x = np.full((2, 4, 4, 3), [124, 116, 104], np.uint8)
   y = x.copy()
   y[..., 0] = 255
@@ -261,4 +261,4 @@ def test_detector_adapter_normalises_and_activates():
   assert seen['emb'].shape == (2, 8, 4)
   z = (255 - 124) / (0.229 * 255)
   np.testing.assert_allclose(p[..., 1], 1 / (1 + np.exp(-2 * z)), rtol=1e-5)
-  np.testing.assert_allclose(infer.logits_to_probs(np.zeros((1, 2, 2, 1))), 0.5)
+  np.testing.assert_allclose(pipeline.logits_to_probs(np.zeros((1, 2, 2, 1))), 0.5)

@@ -16,8 +16,9 @@ import rasterio
 
 import segchange_jax
 
-from segchange_jax import api
-from segchange_jax import infer
+from segchange_jax.inference import predictor
+from segchange_jax.inference import pipeline
+from segchange_jax.text import prompts
 from tests.eval import tiny
 from tests.infer import scene_helpers as h
 
@@ -104,12 +105,12 @@ def test_single_window_equals_model(model, tmp_path):
   _infer(root, npz, '--a', a_path, '--b', b_path, '--out', str(out), '--prompt', PROMPT)
   with rasterio.open(out) as ds:
     mask = ds.read(1)
-  emb = infer.prompt_embedding(config, PROMPT, npz)
+  emb = prompts.embed_one(config, PROMPT, npz=npz)
   with np.load(npz) as z:
     np.testing.assert_array_equal(emb[0], z['embeddings'][1])
-  det = api.ChangeDetector(config, variables)
+  det = predictor.ChangeDetector(config, variables)
   batch = lambda x: np.repeat(x.transpose(1, 2, 0)[None], 2, axis=0)  # the CLI's --batch 2
-  probs = infer.detector_predictor(det, emb)(batch(a), batch(b))[0]
+  probs = pipeline.detector_predictor(det, emb)(batch(a), batch(b))[0]
   want = probs > 0.5
   near = np.abs(probs - 0.5) < 1e-5  # float noise may flip only these
   assert 0 < want.sum() < want.size
@@ -118,8 +119,10 @@ def test_single_window_equals_model(model, tmp_path):
 
 def test_prompt_embedding_errors(model):
   _, config, _, npz = model
-  with pytest.raises(ValueError, match='no entry for --prompt'):
-    infer.prompt_embedding(config, 'unknown', npz)
+  with pytest.raises(prompts.PromptError, match="no entry for 'unknown'"):
+    prompts.embed_one(config, 'unknown', npz=npz)
   bad = tiny.write_embeddings(os.path.join(os.path.dirname(npz), 'bad.npz'), [PROMPT], dim=16)
-  with pytest.raises(ValueError, match=r'\[8, 32\]'):
-    infer.prompt_embedding(config, PROMPT, bad)
+  with pytest.raises(prompts.PromptError, match=r'\[8, 32\]'):
+    prompts.embed_one(config, PROMPT, npz=bad)
+  with pytest.raises(prompts.PromptError, match='does not exist'):
+    prompts.embed_one(config, PROMPT, npz=str(bad) + '.missing')

@@ -7,8 +7,8 @@ import pytest
 import rasterio
 from rasterio.windows import Window
 
-from segchange_jax import infer
-from segchange_jax import scene_io
+from segchange_jax.inference import pipeline
+from segchange_jax.inference import raster_io
 from tests.infer import scene_helpers as h
 
 L8 = 'geotiff/landsat8/LC08_L1TP_224078_20200518_20200518_01_RT.TIF'
@@ -50,7 +50,7 @@ def test_rgb_byte_georef_and_nodata(shared_data, tmp_path):
   a_path = str(shared_data / 'geotiff/RGB.byte.tif')
   b_path = _copy_with_change(a_path, tmp_path / 'b.tif', (300, 360, 350, 410))
   out = str(tmp_path / 'change.tif')
-  infer.run_inference(a_path, b_path, out, h.box_change, **KW)
+  pipeline.run_inference(a_path, b_path, out, h.box_change, **KW)
   mask, prof = _read(out)
   with rasterio.open(a_path) as src:
     assert prof['crs'] == src.crs and prof['transform'] == src.transform
@@ -69,7 +69,7 @@ def test_landsat_uint16_crop(shared_data, tmp_path):
                              window=win)
   out = str(tmp_path / 'change.tif')
   # 224078 holds B2, B3, B4 (blue, green, red): RGB is bands 3, 2, 1; Landsat fill is 0.
-  infer.run_inference(a_path, b_path, out, h.box_change, bands=[3, 2, 1], nodata=0, **KW)
+  pipeline.run_inference(a_path, b_path, out, h.box_change, bands=[3, 2, 1], nodata=0, **KW)
   mask, prof = _read(out)
   assert prof['crs'].to_epsg() == 32621
   # Pixels already above A's 98th percentile clip to 255 in both dates: not all of the box.
@@ -82,10 +82,10 @@ def test_landsat_single_band_stack_needs_align(shared_data, tmp_path):
   # Adjacent WRS row as three single-band files, R,G,B = B4,B3,B2.
   b_stack = ','.join(str(shared_data / L8_77.format(k)) for k in (4, 3, 2))
   out = str(tmp_path / 'change.tif')
-  with pytest.raises(scene_io.GridMismatchError, match='--align'):
-    infer.run_inference(a_path, b_stack, out, h.box_change, bands=[3, 2, 1], nodata=0, **KW)
+  with pytest.raises(raster_io.GridMismatchError, match='--align'):
+    pipeline.run_inference(a_path, b_stack, out, h.box_change, bands=[3, 2, 1], nodata=0, **KW)
   # --bands picks A's R,G,B (224078 holds B2,B3,B4); the stack is already R,G,B.
-  infer.run_inference(a_path, b_stack, out, h.box_change, bands=[3, 2, 1], nodata=0, align=True,
+  pipeline.run_inference(a_path, b_stack, out, h.box_change, bands=[3, 2, 1], nodata=0, align=True,
                       probabilities=True, **KW)
   probs, prof = _read(out)
   assert prof['transform'] == rasterio.open(a_path).transform
@@ -99,7 +99,7 @@ def test_rgbn_drops_nir_or_selects(shared_data, tmp_path):
   a_path = str(shared_data / 'geotiff/rgbn_4band.tif')
   b_path = _copy_with_change(a_path, tmp_path / 'b.tif', (100, 160, 200, 260))
   b_nir = _copy_with_change(a_path, tmp_path / 'bn.tif', (100, 160, 200, 260), bands=[3])
-  run = lambda name, **kw: (infer.run_inference(a_path, b_path, str(tmp_path / name), h.box_change,
+  run = lambda name, **kw: (pipeline.run_inference(a_path, b_path, str(tmp_path / name), h.box_change,
                                                 probabilities=True, **KW, **kw),
                             _read(str(tmp_path / name))[0])[1]
   default = run('d.tif')

@@ -1,11 +1,11 @@
-"""Engine tests (segchange_jax.scene) with in-memory sources and toy predictors."""
+"""Engine tests (segchange_jax.inference.sliding_window) with in-memory sources and toy predictors."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from segchange_jax import scene
+from segchange_jax.inference import sliding_window
 from tests.infer import scene_helpers as h
 
 
@@ -46,7 +46,7 @@ class MemSink:
 def _run(a, b, predict, window, overlap, batch=3, valid=None, channels=1, block_rows=16):
   src = MemPair(a, b, valid)
   sink = MemSink(a.shape[0], a.shape[1], channels, block_rows)
-  stats = scene.run_scene(src, predict, sink, window=window, overlap=overlap, batch_size=batch,
+  stats = sliding_window.run_scene(src, predict, sink, window=window, overlap=overlap, batch_size=batch,
                           channels=channels, progress=False)
   assert sink.next_row == a.shape[0]
   return sink, stats, src
@@ -60,11 +60,11 @@ def _hwc_pair(hh, ww, seed=0):
 @pytest.mark.parametrize('size,window,overlap,expected', [
     (100, 32, 8, [0, 24, 48, 68]), (64, 32, 0, [0, 32]), (20, 32, 8, [0]), (33, 32, 4, [0, 1])])
 def test_window_starts_clamped(size, window, overlap, expected):
-  assert scene.window_starts(size, window, overlap).tolist() == expected
+  assert sliding_window.window_starts(size, window, overlap).tolist() == expected
 
 
 def test_hann_ramps_partition_of_unity():
-  w = scene.ramp(32, 8, True, True)
+  w = sliding_window.ramp(32, 8, True, True)
   assert w.min() > 0 and np.all(w[8:24] == 1)
   # Right ramp of one window + left ramp of the next over the same 8 px sum to 1.
   np.testing.assert_allclose(w[-8:] + w[:8], 1.0, atol=1e-6)
@@ -81,7 +81,7 @@ def test_pointwise_predictor_is_seamless_everywhere(hh, ww):
 def _fit_mask(size, window, overlap, margin):
   """Pixels at >= margin px from every internal edge of every window covering them (1-D)."""
   ok = np.ones(size, bool)
-  for s in scene.window_starts(size, window, overlap):
+  for s in sliding_window.window_starts(size, window, overlap):
     idx = np.arange(s, s + window)
     bad = np.zeros(window, bool)
     if s > 0:
@@ -172,7 +172,7 @@ def test_nodata_is_neutral_for_the_model_and_nodata_in_output():
   by = np.concatenate(ys)[:len(origins)]
   for (y0, x0), wa, wb in zip(origins, ax, by):
     inv = ~valid[y0:y0 + 32, x0:x0 + 32]
-    assert np.all(wa[inv] == scene.NEUTRAL_RGB) and np.all(wb[inv] == scene.NEUTRAL_RGB)
+    assert np.all(wa[inv] == sliding_window.NEUTRAL_RGB) and np.all(wb[inv] == sliding_window.NEUTRAL_RGB)
 
 
 def test_all_nodata_batches_skip_the_model():
@@ -218,10 +218,10 @@ def test_strip_buffers_stay_bounded():
   for size in (2048, 4096):
     sink = CountingSink()
     pointwise = lambda x, y: (x[..., 0] != y[..., 0]).astype(np.float32)
-    stats = scene.run_scene(ProceduralPair(size), pointwise, sink, window=window,
+    stats = sliding_window.run_scene(ProceduralPair(size), pointwise, sink, window=window,
                             overlap=overlap, batch_size=batch, progress=False)
     assert sink.rows == size
-    assert stats.windows == len(scene.window_starts(size, window, overlap)) ** 2
+    assert stats.windows == len(sliding_window.window_starts(size, window, overlap)) ** 2
     # A batch spans at most 2 window rows here (>= 8 windows a row): the strip holds one
     # window, one stride and less than one output block, whatever the scene height.
     assert stats.max_buffer_rows <= window + (window - overlap) + block - 1

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from configs import base
-from segchange_jax.models import torch_convert
+from segchange_jax.interop import torch_rules
 from segchange_jax.models.backbones import backbone_channels, backbone_frozen_param_paths
 from segchange_jax.models.backbones import backbone_torch_mapping, build_backbone
 from segchange_jax.models.backbones import hgnetv2
@@ -69,8 +69,8 @@ def test_torch_ref_keys_match_upstream(torch_ref):
 def test_mapping_matches_upstream_keys_and_shapes():
   cfg = _cfg()
   rules, aliases, _ = backbone_torch_mapping(cfg, flax_prefix=())
-  flat = torch_convert.flatten(_shapes(build_backbone(cfg)))
-  got = {r.torch_key: tuple(torch_convert.to_torch(np.zeros(flat[r.path].shape), r.kind).shape)
+  flat = torch_rules.flatten(_shapes(build_backbone(cfg)))
+  got = {r.torch_key: tuple(torch_rules.to_torch(np.zeros(flat[r.path].shape), r.kind).shape)
          for r in rules}
   assert got == _upstream_keys()
   assert not aliases
@@ -90,7 +90,7 @@ def test_parity_with_torch_reference(torch_ref):
   sd = {PREFIX + k: v.numpy() for k, v in torch_ref.state_dict().items()}
   # Odd-ish, non-square size: exercises the one-sided stem padding and strided rounding.
   x = np.random.default_rng(0).standard_normal((2, 3, 64, 96)).astype(np.float32)
-  variables = torch_convert.convert(sd, rules, expected=_shapes(model, 64, 96), ignore=ignore,
+  variables = torch_rules.convert(sd, rules, expected=_shapes(model, 64, 96), ignore=ignore,
                                     aliases=aliases, source='torch reference')
   with torch.no_grad():
     refs = [r.permute(0, 2, 3, 1).numpy() for r in torch_ref(torch.from_numpy(x))]
@@ -119,14 +119,14 @@ def test_stem_is_frozen(monkeypatch):
                            jax.eval_shape(model.init, jax.random.key(0), x))
   variables['frozen'] = jax.tree.map(lambda a: np.abs(a) + 0.5, variables['frozen'])
   paths = hgnetv2.frozen_param_paths(())
-  flat = torch_convert.flatten(variables)
+  flat = torch_rules.flatten(variables)
   assert len(paths) == 5 and all(p in flat for p in paths)
 
   def loss(params):
     outs = model.apply({**variables, 'params': params}, x)
     return sum(jnp.mean(o**2) for o in outs)
 
-  grads = torch_convert.flatten({'params': jax.jit(jax.grad(loss))(variables['params'])})
+  grads = torch_rules.flatten({'params': jax.jit(jax.grad(loss))(variables['params'])})
   for p in paths:
     assert float(jnp.max(jnp.abs(grads[p]))) == 0.0, p
   # The first trainable conv after the stem does get a gradient.

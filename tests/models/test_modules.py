@@ -6,7 +6,6 @@ through our fast rewrites (neck fusion before upsampling, folded few-query atten
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 import torch

@@ -3,7 +3,7 @@
 Each test builds a model with random, non-trivial weights in timm / torchvision / the torch
 reference, saves it the way the weights are published (timm on the Hub: `model.safetensors` or
 `pytorch_model.bin` of the full classifier; torchvision: `resnet50-<hash>.pth`; D-FINE:
-`PPHGNetV2_B5_stage1.pth`), loads it through `segchange_jax.pretrained` and compares our
+`PPHGNetV2_B5_stage1.pth`), loads it through `segchange_jax.interop.pretrained` and compares our
 backbone's four feature maps with the reference's on the same weights.
 """
 
@@ -16,7 +16,7 @@ import pytest
 
 from configs import base
 from segchange_jax import config_lib
-from segchange_jax import pretrained
+from segchange_jax.interop import pretrained
 from segchange_jax.models.backbones import build_backbone
 
 torch = pytest.importorskip('torch')
@@ -315,10 +315,9 @@ def test_config_values(tmp_path, repo_root):
 
 
 def test_saved_configs_with_the_old_boolean_still_load():
-  from segchange_jax import api  # pylint: disable=g-import-not-at-top
   values = json.loads(base.get_config().to_json())
   values['model']['pretrained'] = True
-  assert api.config_from_dict(values).model.pretrained == ''
+  assert config_lib.config_from_dict(values).model.pretrained == ''
 
 
 def test_backbone_state_dict_is_timm_layout_and_round_trips(tiny_swin_files):

@@ -13,7 +13,7 @@ import torch
 import torchvision
 
 from configs import base
-from segchange_jax.models import torch_convert
+from segchange_jax.interop import torch_rules
 from segchange_jax.models.backbones import backbone_channels, backbone_torch_mapping, build_backbone
 from segchange_jax.models.backbones import resnet
 
@@ -69,7 +69,7 @@ def _to_flax(torch_model, cfg):
   rules, aliases, ignore = backbone_torch_mapping(cfg, flax_prefix=())
   sd = {PREFIX + k: v.numpy() for k, v in torch_model.state_dict().items()}
   model = build_backbone(cfg)
-  variables = torch_convert.convert(sd, rules, expected=_flax_shapes(model), ignore=ignore,
+  variables = torch_rules.convert(sd, rules, expected=_flax_shapes(model), ignore=ignore,
                                     aliases=aliases, source='torchvision resnet50')
   return model, variables
 
@@ -78,10 +78,10 @@ def test_mapping_matches_upstream_keys_and_shapes():
   cfg = _cfg()
   want = _tsv(TSV, 'dual_encoder.encoder.')
   rules, aliases, ignore = backbone_torch_mapping(cfg, flax_prefix=())
-  flat = torch_convert.flatten(_flax_shapes(build_backbone(cfg)))
+  flat = torch_rules.flatten(_flax_shapes(build_backbone(cfg)))
   got = {}
   for r in rules:
-    got[r.torch_key] = tuple(torch_convert.to_torch(np.zeros(flat[r.path].shape), r.kind).shape)
+    got[r.torch_key] = tuple(torch_rules.to_torch(np.zeros(flat[r.path].shape), r.kind).shape)
   for alias, canon in aliases.items():
     got[alias] = got[canon]
   ignored = {k for k in want if any(re.fullmatch(p, k) for p in ignore)}
@@ -101,13 +101,13 @@ def test_aliases_must_agree():
   model = build_backbone(cfg)
   shapes = _flax_shapes(model)
   variables = jax.tree.map(lambda s: np.ones(s.shape, np.float32), shapes)
-  sd = torch_convert.export(variables, rules)
+  sd = torch_rules.export(variables, rules)
   for alias, canon in aliases.items():
     sd[alias] = sd[canon]
-  torch_convert.convert(sd, rules, expected=shapes, ignore=ignore, aliases=aliases)
+  torch_rules.convert(sd, rules, expected=shapes, ignore=ignore, aliases=aliases)
   sd['dual_encoder.encoder.layer0.0.weight'] = sd[PREFIX + 'conv1.weight'] + 1
-  with pytest.raises(torch_convert.ConversionError, match='layer0.0.weight'):
-    torch_convert.convert(sd, rules, expected=shapes, ignore=ignore, aliases=aliases)
+  with pytest.raises(torch_rules.ConversionError, match='layer0.0.weight'):
+    torch_rules.convert(sd, rules, expected=shapes, ignore=ignore, aliases=aliases)
 
 
 def test_parity_with_torchvision_eval(torch_model):
@@ -168,7 +168,7 @@ def test_train_mode_batchnorm_matches_torch(torch_model):
     assert err <= max(1e-4 * scale, 2 * t_err)
   # The updated running stats, exported back to torch names, equal torch's after one step.
   rules, _, _ = backbone_torch_mapping(cfg, flax_prefix=())
-  exported = torch_convert.export(dict(variables, batch_stats=new_state['batch_stats']), rules)
+  exported = torch_rules.export(dict(variables, batch_stats=new_state['batch_stats']), rules)
   n, worst, worst_t = 0, 0.0, 0.0
   for key, value in exported.items():
     if key.endswith(('running_mean', 'running_var')):

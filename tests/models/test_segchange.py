@@ -4,14 +4,13 @@ import ast
 import pathlib
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 
 from configs import base
 from segchange_jax.models import segchange
-from segchange_jax.models import torch_convert as tc
+from segchange_jax.interop import torch_rules as tc
 from tests.torch_ref import segchange as ref
 from tests.torch_ref import util
 

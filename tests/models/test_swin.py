@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from configs import base
-from segchange_jax.models import torch_convert as tc
+from segchange_jax.interop import torch_rules as tc
 from segchange_jax.models.backbones import backbone_torch_mapping, swin
 
 torch = pytest.importorskip('torch')

@@ -1,7 +1,7 @@
 """One process of a cheap multi-process check (no model): `python tests/multihost/worker.py
 SHARDS OUT COORDINATOR NUM_PROCESSES PROCESS_ID`.
 
-Joins the cluster with segchange_jax.distributed, builds this process's training batches at
+Joins the cluster with segchange_jax.train.distributed, builds this process's training batches at
 global steps 0 and 3, assembles them into global jax.Arrays exactly as the trainer does, and
 writes per-example checksums of the global batch (computed by one jitted, sharded program) plus
 the result of the stop agreement (only process 1 asks to stop) to OUT/result_<id>.json.
@@ -16,10 +16,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import base
-from segchange_jax import distributed
-from segchange_jax import input_pipeline
-from segchange_jax import sharding
-from segchange_jax import trainer
+from segchange_jax.train import distributed
+from segchange_jax.data import input_pipeline
+from segchange_jax.train import sharding
+from segchange_jax.train import loop
 
 
 def main(shards: str, out: str, coordinator: str, num_processes: int, process_id: int) -> None:
@@ -40,9 +40,9 @@ def main(shards: str, out: str, coordinator: str, num_processes: int, process_id
   sums = {}
   for step in (0, 3):
     it.set_state({'step': step})
-    batch = trainer._host_batch_to_global(next(it), mesh)   # pylint: disable=protected-access
+    batch = loop._host_batch_to_global(next(it), mesh)   # pylint: disable=protected-access
     sums[step] = np.asarray(jax.device_get(checksum(batch))).tolist()
-  stop = trainer._all_agree_to_stop(process_id == 1)   # pylint: disable=protected-access
+  stop = loop._all_agree_to_stop(process_id == 1)   # pylint: disable=protected-access
   result = {'process': jax.process_index(), 'processes': jax.process_count(),
             'devices': jax.device_count(), 'sums': sums, 'stop': stop}
   with open(os.path.join(out, f'result_{process_id}.json'), 'w') as f:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from configs import base
-from segchange_jax import embed_prompts as cli
+from segchange_jax.text import prompts as prompts_lib
 from segchange_jax.text import cache as cache_lib
 from segchange_jax.text import encoder as encoder_lib
 
@@ -55,14 +55,14 @@ def test_config_dim_mismatch(enc, minilm_dir, tmp_path):
 def test_prompt_file_formats(tmp_path):
   seg = tmp_path / 'prompts.txt'
   seg.write_text('a.png  Buildings with changes.\nb.png  a road  twice\n\n')
-  assert cli.read_prompt_file(seg) == ['Buildings with changes.', 'a road  twice']
+  assert prompts_lib.read_prompt_file(seg) == ['Buildings with changes.', 'a road  twice']
   plain = tmp_path / 'plain.txt'
   plain.write_text('a road\nnew houses\n')
-  assert cli.read_prompt_file(plain) == ['a road', 'new houses']
+  assert prompts_lib.read_prompt_file(plain) == ['a road', 'new houses']
   with pytest.raises(ValueError, match='two spaces'):
-    cli.read_prompt_file(plain, 'segchange')
+    prompts_lib.read_prompt_file(plain, 'segchange')
   with pytest.raises(FileNotFoundError, match='missing.txt'):
-    cli.read_prompt_file(tmp_path / 'missing.txt')
+    prompts_lib.read_prompt_file(tmp_path / 'missing.txt')
 
 
 def _run_cli(repo_root, *args):

@@ -3,7 +3,7 @@
 import jax
 import numpy as np
 
-from segchange_jax import checkpointing, sharding, train_lib
+from segchange_jax.train import checkpointing, sharding, train_step
 from tests.train.test_train_step import _mesh_cfg, make_batches, setup, text_table
 from tests.train.traincore_toy import ToyModel
 
@@ -31,7 +31,7 @@ def test_exact_resume_retention_and_cross_mesh_restore(tmp_path):
   evals = [{'f1': 0.5, 'iou': 0.2}, {'f1': 0.4, 'iou': 0.3}]
   written = []
   for i, b in enumerate(batches):
-    state, _ = step(state, train_lib.shard_batch(b, mesh), table)
+    state, _ = step(state, train_step.shard_batch(b, mesh), table)
     if i < k:
       written.append(ckpt.save(int(state.step), state, {'epoch': 0, 'next': i + 1}, evals[i]))
   ckpt.close()
@@ -43,7 +43,7 @@ def test_exact_resume_retention_and_cross_mesh_restore(tmp_path):
   restored, it_state, at = ckpt2.restore(abstract, shardings)
   assert at == k and it_state == {'epoch': 0, 'next': k}
   for b in batches[k:]:
-    restored, _ = step(restored, train_lib.shard_batch(b, mesh), table)
+    restored, _ = step(restored, train_step.shard_batch(b, mesh), table)
   resumed = jax.device_get(restored)
   assert int(resumed.step) == int(reference.step) == 2 * k
   _assert_identical((reference.params, reference.model_state, reference.opt_state, reference.rng),

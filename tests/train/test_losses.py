@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from configs import base
-from segchange_jax import losses
+from segchange_jax.train import losses
 from tests.torch_ref.losses import torch_binary, torch_multiclass, torch_total
 
 LOSS_CFG = base.get_config().loss

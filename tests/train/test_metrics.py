@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from segchange_jax import metrics
+from segchange_jax.train import metrics
 
 
 def _numpy_scores(true, pred, num_classes):

@@ -5,20 +5,20 @@ import logging
 import jax
 import jax.numpy as jnp
 
-from segchange_jax import trainer
+from segchange_jax.train import loop
 
 
 def test_log_model_cost_reports_params_and_flops_per_example(caplog):
   compiled = jax.jit(lambda x: x @ x).lower(jnp.ones((8, 8))).compile()
   with caplog.at_level(logging.INFO):
-    flops = trainer.log_model_cost(compiled, 1234, examples_per_device=2)
+    flops = loop.log_model_cost(compiled, 1234, examples_per_device=2)
   assert flops == 2 * 8 * 8 * 8 / 2  # XLA counts a multiply-add as 2 FLOPs
   assert '1234 parameters' in caplog.text and 'GFLOP per example' in caplog.text
 
 
 def test_compile_then_align_calls_on_compiled_once():
   seen = []
-  step = trainer._compile_then_align(jax.jit(lambda x: x + 1), 'step', 10,  # pylint: disable=protected-access
+  step = loop._compile_then_align(jax.jit(lambda x: x + 1), 'step', 10,  # pylint: disable=protected-access
                                      on_compiled=seen.append)
   assert float(step(jnp.float32(1))) == 2.0 and float(step(jnp.float32(2))) == 3.0
   assert len(seen) == 1 and hasattr(seen[0], 'cost_analysis')

@@ -9,7 +9,7 @@ import optax
 import pytest
 import torch
 
-from segchange_jax import optim
+from segchange_jax.train import optim
 from tests.train.traincore_toy import toy_config
 
 SHAPES = {'backbone': {'stage': {'w': (3, 4)}}, 'neck': {'w': (4, 2), 'b': (2,)},

@@ -7,10 +7,10 @@ import jax
 import numpy as np
 import pytest
 
-from segchange_jax import checkpointing
+from segchange_jax.train import checkpointing
 from segchange_jax import config_lib
-from segchange_jax import pretrained
-from segchange_jax import trainer
+from segchange_jax.interop import pretrained
+from segchange_jax.train import loop
 from tests.train.conftest import tiny_overrides
 
 torch = pytest.importorskip('torch')
@@ -33,7 +33,7 @@ def _pretrained_run(repo_root, dataset, tmp_path):
             str(tmp_path / 'model.safetensors'))
   config = config_lib.load_config(str(repo_root / 'configs/demo.py'), tiny_overrides(
       dataset, **{'train.max_steps': 1, 'model.pretrained': str(tmp_path / 'model.safetensors')}))
-  trainer.train_and_evaluate(config, str(tmp_path / 'run'))
+  loop.train_and_evaluate(config, str(tmp_path / 'run'))
 
 
 @pytest.mark.slow
@@ -62,6 +62,6 @@ def test_init_from_wins_over_pretrained(repo_root, dataset, tmp_path):
   tuned = config_lib.load_config(str(repo_root / 'configs/demo.py'), tiny_overrides(
       dataset, **{'train.max_steps': 1, 'model.pretrained': str(tmp_path / 'nowhere.pth'),
                   'init_from': str(tmp_path / 'run' / 'checkpoints')}))
-  trainer.train_and_evaluate(tuned, str(tmp_path / 'tuned'))
+  loop.train_and_evaluate(tuned, str(tmp_path / 'tuned'))
   assert os.path.isfile(tmp_path / 'tuned' / 'init_from_report.json')
   assert not os.path.exists(tmp_path / 'tuned' / 'pretrained_report.json')

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from segchange_jax import config_lib
-from segchange_jax import sharding
-from segchange_jax import train_lib
-from segchange_jax.models import param_groups
+from segchange_jax.train import sharding
+from segchange_jax.train import train_step
+from segchange_jax.train import param_groups
 from segchange_jax.models import segchange
 
 B, S, STEPS, TEXT_DIM = 8, 64, 3, 16
@@ -45,16 +45,16 @@ def _train(config, devices=None):
   mesh = sharding.create_mesh(config, devices=devices)
   model = segchange.build_model(config)
   shapes = {k: jax.ShapeDtypeStruct((B, S, S, 3), jnp.float32) for k in ('image_a', 'image_b')}
-  state, shardings = train_lib.create_train_state(
+  state, shardings = train_step.create_train_state(
       model, config, jax.random.PRNGKey(0), shapes, mesh, steps_per_epoch=10,
       label_fn=param_groups.lr_label_fn(config), frozen_mask_fn=param_groups.frozen_mask_fn(config))
-  step = train_lib.make_train_step(model, config, mesh, shardings)
+  step = train_step.make_train_step(model, config, mesh, shardings)
   table = jax.device_put(
       jnp.asarray(np.random.default_rng(1).normal(size=(1, 8, TEXT_DIM)), jnp.float32),
       sharding.replicated(mesh))
   losses, first_stats = [], None
   for b in _batches():
-    state, out = step(state, train_lib.shard_batch(b, mesh), table)
+    state, out = step(state, train_step.shard_batch(b, mesh), table)
     losses.append(float(out['loss']))
     if first_stats is None:  # BatchNorm running stats after one step from identical params
       first_stats = jax.tree.map(np.asarray, state.model_state)

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from segchange_jax import sharding
+from segchange_jax.train import sharding
 from tests.train.traincore_toy import toy_config
 
 

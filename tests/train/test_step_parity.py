@@ -30,9 +30,9 @@ import optax
 import pytest
 import torch
 
-from segchange_jax import optim, train_lib
-from segchange_jax.models import param_groups, segchange
-from segchange_jax.models import torch_convert as tc
+from segchange_jax.train import optim, train_step
+from segchange_jax.train import param_groups, segchange
+from segchange_jax.interop import torch_rules as tc
 from tests.models.test_segchange import small_config, upstream_config
 from tests.torch_ref import losses as ref_losses
 from tests.torch_ref import segchange as ref
@@ -134,7 +134,7 @@ def step_parity(config, size: int, batch: int = 2, seed: int = 0) -> dict:
   params = jax.tree.map(jnp.asarray, variables['params'])
   tx = optim.make_optimizer(config, params, 1, frozen_mask(params) if frozen_mask else None,
                             param_groups.lr_label_fn(config))
-  state = train_lib.TrainState(
+  state = train_step.TrainState(
       step=jnp.array(0, jnp.int32), params=params, opt_state=tx.init(params),
       model_state={k: jax.tree.map(jnp.asarray, v) for k, v in variables.items() if k != 'params'},
       rng=jax.random.PRNGKey(seed), plateau=optim.init_plateau(), tx=tx)
@@ -143,7 +143,7 @@ def step_parity(config, size: int, batch: int = 2, seed: int = 0) -> dict:
 
   @jax.jit
   def ours(state, batch_d, table):
-    grads, total, _, model_state, _ = train_lib._grads(model, config, state, batch_d, table)  # pylint: disable=protected-access
+    grads, total, _, model_state, _ = train_step._grads(model, config, state, batch_d, table)  # pylint: disable=protected-access
     updates, _ = state.tx.update(grads, state.opt_state, state.params)
     return grads, total, model_state, optax.apply_updates(state.params, updates)
 

@@ -5,7 +5,7 @@ import csv
 import pytest
 
 from segchange_jax import paths
-from segchange_jax import summary
+from segchange_jax.train import summary
 
 
 def _rows(workdir):

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from segchange_jax import metrics, sharding, train_lib
+from segchange_jax.train import metrics, sharding, train_step
 from tests.train.traincore_toy import ToyModel, toy_config
 
 B, S, P_TEXT = 8, 16, 3
@@ -30,9 +30,9 @@ def text_table(seed=1):
 def setup(config, model, devices=None, seed=0):
   mesh = sharding.create_mesh(config, devices=devices)
   shapes = {k: jax.ShapeDtypeStruct((B, S, S, 3), jnp.float32) for k in ('image_a', 'image_b')}
-  state, shardings = train_lib.create_train_state(model, config, jax.random.PRNGKey(seed), shapes,
+  state, shardings = train_step.create_train_state(model, config, jax.random.PRNGKey(seed), shapes,
                                                   mesh, steps_per_epoch=4)
-  step = train_lib.make_train_step(model, config, mesh, shardings)
+  step = train_step.make_train_step(model, config, mesh, shardings)
   return mesh, state, shardings, step
 
 
@@ -41,7 +41,7 @@ def run(config, model, batches, devices=None):
   table = jax.device_put(text_table(), sharding.replicated(mesh))
   losses = []
   for b in batches:
-    state, out = step(state, train_lib.shard_batch(b, mesh), table)
+    state, out = step(state, train_step.shard_batch(b, mesh), table)
     losses.append(float(out['loss']))
   return state, np.array(losses)
 
@@ -97,19 +97,19 @@ def test_eval_step_sums_and_padding():
   config = _mesh_cfg(-1, 1)
   model = ToyModel(use_bn=True)
   mesh, state, shardings, _ = setup(config, model)
-  eval_step = train_lib.make_eval_step(model, config, mesh, shardings)
+  eval_step = train_step.make_eval_step(model, config, mesh, shardings)
   table = jax.device_put(text_table(), sharding.replicated(mesh))
   (b,) = make_batches(1, seed=5)
-  full = jax.device_get(eval_step(state, train_lib.shard_batch(b, mesh), table))
+  full = jax.device_get(eval_step(state, train_step.shard_batch(b, mesh), table))
   padded = dict(b, mask=np.array([1, 1, 1, 1, 1, 1, 0, 0], np.float32))
-  part = jax.device_get(eval_step(state, train_lib.shard_batch(padded, mesh), table))
+  part = jax.device_get(eval_step(state, train_step.shard_batch(padded, mesh), table))
   assert full['cm'].sum() == B * S * S and part['cm'].sum() == 6 * S * S
   assert float(full['n']) == 8 and float(part['n']) == 6
   assert metrics.compute_metrics(full['cm'])['oa'] > 0
   # Eval uses running BatchNorm stats, so the 6 real examples score the same as a batch of 6.
   six = {k: v[:6] for k, v in b.items()}
   mesh1 = sharding.create_mesh(_mesh_cfg(-1, 1), devices=jax.devices()[:1])
-  eval1 = train_lib.make_eval_step(model, config, mesh1, jax.tree.map(
+  eval1 = train_step.make_eval_step(model, config, mesh1, jax.tree.map(
       lambda _: sharding.replicated(mesh1), shardings))
   state1 = jax.device_put(state, sharding.replicated(mesh1))
   ref = jax.device_get(eval1(state1, {k: jnp.asarray(v) for k, v in six.items()},
@@ -123,4 +123,4 @@ def test_shard_batch_names_missing_keys():
   (b,) = make_batches(1)
   del b['mask']
   with pytest.raises(KeyError, match='mask'):
-    train_lib.shard_batch(b, mesh)
+    train_step.shard_batch(b, mesh)

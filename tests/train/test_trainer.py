@@ -8,10 +8,10 @@ import jax
 import numpy as np
 import pytest
 
-from segchange_jax import checkpointing
+from segchange_jax.train import checkpointing
 from segchange_jax import config_lib
-from segchange_jax import data_setup
-from segchange_jax import trainer
+from segchange_jax.data import shards
+from segchange_jax.train import loop
 from tests.train.conftest import tiny_overrides
 
 
@@ -38,7 +38,7 @@ def full_run(repo_root, dataset, tmp_path_factory):
   """One uninterrupted 4-step run (4 epochs of 1 step, eval after each)."""
   config = _config(repo_root, dataset, **{'train.max_steps': 4})
   workdir = str(tmp_path_factory.mktemp('full'))
-  return config, workdir, trainer.train_and_evaluate(config, workdir)
+  return config, workdir, loop.train_and_evaluate(config, workdir)
 
 
 def test_training_writes_logs_checkpoints_and_test_metrics(full_run):
@@ -85,7 +85,7 @@ def test_same_command_twice_gives_identical_metrics_and_checkpoints(full_run, tm
   """Reproducibility: a second run of the same config repeats metrics.csv and params exactly."""
   config, full, _ = full_run
   again = str(tmp_path / 'again')
-  trainer.train_and_evaluate(config, again)
+  loop.train_and_evaluate(config, again)
   _assert_same_run(full, again, config)
 
 
@@ -96,7 +96,7 @@ def test_same_command_twice_with_augmentation_and_reader_threads(repo_root, data
                                           'data.num_workers': 2})
   runs = [str(tmp_path / f'run{i}') for i in range(2)]
   for workdir in runs:
-    trainer.train_and_evaluate(config, workdir)
+    loop.train_and_evaluate(config, workdir)
   _assert_same_run(*runs, config)
 
 
@@ -109,10 +109,10 @@ def test_preempted_and_resumed_run_equals_uninterrupted_run(full_run, tmp_path):
   def stop_after_two():  # polled once after every step
     calls['n'] += 1
     return calls['n'] >= 2
-  out = trainer.train_and_evaluate(config, resumed, should_stop=stop_after_two)
+  out = loop.train_and_evaluate(config, resumed, should_stop=stop_after_two)
   assert out == {'stopped_at_step': 2}
   assert _params(resumed, config)[0] == 2
-  trainer.train_and_evaluate(config, resumed)
+  loop.train_and_evaluate(config, resumed)
 
   step_full, p_full = _params(full, config)
   step_res, p_res = _params(resumed, config)
@@ -126,7 +126,7 @@ def test_preempted_and_resumed_run_equals_uninterrupted_run(full_run, tmp_path):
 @pytest.mark.slow
 def test_init_from_our_checkpoint_reports_what_it_loaded(repo_root, dataset, tmp_path):
   base = _config(repo_root, dataset, **{'train.max_steps': 1})
-  trainer.train_and_evaluate(base, str(tmp_path / 'pre'))
+  loop.train_and_evaluate(base, str(tmp_path / 'pre'))
   # Fine-tune with another text dimension: everything but the text projection loads.
   rng = np.random.default_rng(1)
   with np.load(dataset / 'emb.npz') as z:
@@ -136,7 +136,7 @@ def test_init_from_our_checkpoint_reports_what_it_loaded(repo_root, dataset, tmp
   tuned = _config(repo_root, dataset, **{
       'train.max_steps': 1, 'init_from': str(tmp_path / 'pre' / 'checkpoints'),
       'text.dim': 24, 'text.embeddings': str(tmp_path / 'emb24.npz')})
-  trainer.train_and_evaluate(tuned, str(tmp_path / 'tuned'))
+  loop.train_and_evaluate(tuned, str(tmp_path / 'tuned'))
   with open(tmp_path / 'tuned' / 'init_from_report.json') as f:
     report = json.load(f)
   assert report['loaded'] > 50
@@ -145,20 +145,20 @@ def test_init_from_our_checkpoint_reports_what_it_loaded(repo_root, dataset, tmp
 
 def test_batch_not_divisible_by_devices_is_a_clear_error(repo_root, dataset, tmp_path):
   config = _config(repo_root, dataset, **{'train.batch_size': 4})
-  with pytest.raises(trainer.TrainingError, match='train.batch_size=4 must be a multiple of the 8'):
-    trainer.train_and_evaluate(config, str(tmp_path / 'run'))
+  with pytest.raises(loop.TrainingError, match='train.batch_size=4 must be a multiple of the 8'):
+    loop.train_and_evaluate(config, str(tmp_path / 'run'))
 
 
 def test_missing_data_is_a_clear_error(repo_root, dataset, tmp_path):
   config = _config(repo_root, dataset, **{'data.shards_dir': str(tmp_path / 'nope')})
-  with pytest.raises(data_setup.DataSetupError, match='data_prep.convert'):
-    trainer.train_and_evaluate(config, str(tmp_path / 'run'))
+  with pytest.raises(shards.DataSetupError, match='data_prep.convert'):
+    loop.train_and_evaluate(config, str(tmp_path / 'run'))
 
 
 def test_text_dim_mismatch_is_a_clear_error(repo_root, dataset, tmp_path):
   config = _config(repo_root, dataset, **{'text.dim': 32})
   with pytest.raises(ValueError, match='text.dim'):
-    trainer.train_and_evaluate(config, str(tmp_path / 'run'))
+    loop.train_and_evaluate(config, str(tmp_path / 'run'))
 
 
 def test_reverse_export_of_a_trained_checkpoint_gives_torch_the_same_logits(full_run, tmp_path):

@@ -16,8 +16,9 @@ import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
 
-# config name -> (module, class, upstream torch prefix of its weights)
-_REGISTRY = {
+# config name (`model.backbone`) -> (module, class, upstream torch prefix of its weights).
+# The one list of backbones: config validation reads its keys.
+REGISTRY = {
     'swin_base_patch4_window7_224': ('swin', 'SwinTransformer', 'dual_encoder.encoder.backbone.'),
     'resnet50': ('resnet', 'ResNet', 'dual_encoder.encoder.backbone.'),
     'hgnetv2': ('hgnetv2', 'HGNetv2', 'dual_encoder.encoder.'),
@@ -25,9 +26,9 @@ _REGISTRY = {
 
 
 def _module(name: str):
-  if name not in _REGISTRY:
-    raise ValueError(f'unknown backbone {name!r}; choices: {sorted(_REGISTRY)}')
-  return importlib.import_module(f'segchange_jax.models.backbones.{_REGISTRY[name][0]}')
+  if name not in REGISTRY:
+    raise ValueError(f'unknown backbone {name!r}; choices: {sorted(REGISTRY)}')
+  return importlib.import_module(f'segchange_jax.models.backbones.{REGISTRY[name][0]}')
 
 
 def build_backbone(model_cfg: ml_collections.ConfigDict, dtype: Any = jnp.float32,
@@ -47,10 +48,10 @@ def backbone_torch_mapping(model_cfg: ml_collections.ConfigDict, flax_prefix=('b
   """(rules, aliases, ignore) for the backbone's weights under upstream key names.
 
   `torch_prefix` defaults to where upstream's model keeps the backbone; '' gives the key names
-  of the stand-alone backbone (timm / torchvision / D-FINE files, see `segchange_jax.pretrained`).
+  of the stand-alone backbone (timm / torchvision / D-FINE files, see `segchange_jax.interop.pretrained`).
   """
   if torch_prefix is None:
-    torch_prefix = _REGISTRY[model_cfg.backbone][2]
+    torch_prefix = REGISTRY[model_cfg.backbone][2]
   return _module(model_cfg.backbone).torch_mapping(torch_prefix, tuple(flax_prefix), model_cfg)
 
 

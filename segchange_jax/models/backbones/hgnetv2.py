@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from segchange_jax.models import torch_convert
+from segchange_jax.interop import torch_rules
 from segchange_jax.models.backbones.norms import FrozenBatchNorm
 
 
@@ -203,9 +203,9 @@ def frozen_param_paths(flax_prefix: Sequence[str] = ('backbone',)) -> list[tuple
   return [('params', *flax_prefix, 'stem', n, 'conv', 'kernel') for n in STEM_CONVS]
 
 
-def _conv_bn(torch_prefix: str, path: tuple[str, ...]) -> list[torch_convert.Rule]:
-  return (torch_convert.conv(f'{torch_prefix}.conv', (*path, 'conv'), bias=False)
-          + torch_convert.batchnorm(f'{torch_prefix}.bn', (*path, 'bn'), collection='frozen'))
+def _conv_bn(torch_prefix: str, path: tuple[str, ...]) -> list[torch_rules.Rule]:
+  return (torch_rules.conv(f'{torch_prefix}.conv', (*path, 'conv'), bias=False)
+          + torch_rules.batchnorm(f'{torch_prefix}.bn', (*path, 'bn'), collection='frozen'))
 
 
 def torch_mapping(torch_prefix: str, flax_prefix: Sequence[str],

@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
 
-from segchange_jax.models import torch_convert
+from segchange_jax.interop import torch_rules
 from segchange_jax.models.backbones.norms import BatchNorm
 
 EXPANSION = 4
@@ -91,9 +91,9 @@ def channels(model_cfg: ml_collections.ConfigDict) -> tuple[int, int, int, int]:
 
 
 def _conv_bn(torch_conv: str, torch_bn: str, path: tuple[str, ...], conv_name: str,
-             bn_name: str) -> list[torch_convert.Rule]:
-  return (torch_convert.conv(torch_conv, (*path, conv_name), bias=False)
-          + torch_convert.batchnorm(torch_bn, (*path, bn_name)))
+             bn_name: str) -> list[torch_rules.Rule]:
+  return (torch_rules.conv(torch_conv, (*path, conv_name), bias=False)
+          + torch_rules.batchnorm(torch_bn, (*path, bn_name)))
 
 
 def torch_mapping(torch_prefix: str, flax_prefix: Sequence[str],

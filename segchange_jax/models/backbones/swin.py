@@ -22,7 +22,7 @@ import ml_collections
 import numpy as np
 
 from segchange_jax.models import remat as remat_lib
-from segchange_jax.models import torch_convert as tc
+from segchange_jax.interop import torch_rules as tc
 
 _LN_EPS = 1e-5
 _dense_init = nn.initializers.truncated_normal(0.02)  # timm's ViT-style Linear init

@@ -26,7 +26,7 @@ def _prepare(config) -> None:
   if os.path.isfile(info_path):
     return
   if d.synthetic.n > 0 and d.source_root and not os.path.isdir(d.source_root):
-    from data_prep import synthetic  # pylint: disable=g-import-not-at-top
+    from segchange_jax.data import synthetic  # pylint: disable=g-import-not-at-top
     logging.info('generating %d synthetic scenes of %d px into %s', d.synthetic.n,
                  d.synthetic.size, d.source_root)
     synthetic.generate(d.source_root, d.synthetic.n, d.synthetic.size, d.synthetic.seed)
@@ -38,7 +38,7 @@ def _prepare(config) -> None:
         '--config.data.shards_dir=SHARDS (or set --config.data.source_root=RAW to convert now)')
   if not os.path.isdir(d.source_root):
     raise DataSetupError(f'config.data.source_root={d.source_root!r} does not exist')
-  from data_prep import convert  # pylint: disable=g-import-not-at-top
+  from segchange_jax.data import convert  # pylint: disable=g-import-not-at-top
   splits = [s for s in (d.train_split, d.val_split, d.test_split) if s]
   logging.info('converting %s (%s layout) into %s', d.source_root, d.layout, d.shards_dir)
   convert.convert(d.layout, d.source_root, d.shards_dir, splits=tuple(dict.fromkeys(splits)),

@@ -4,7 +4,7 @@ Values:
 - `''`: random initialisation.
 - `'imagenet'`: the weights upstream starts from, by Hub id (`IMAGENET`).
 - a Hub id (`timm/resnet50.tv_in1k`, optionally `@revision`): its `model.safetensors` (or
-  `pytorch_model.bin`), fetched once into the Hugging Face cache (`segchange_jax.hub`).
+  `pytorch_model.bin`), fetched once into the Hugging Face cache (`segchange_jax.interop.hub`).
 - a local file: timm `model.safetensors` / `pytorch_model.bin`, torchvision `resnet50-*.pth`,
   D-FINE's `PPHGNetV2_B5_stage1.pth` (or a folder holding one of them).
 
@@ -24,10 +24,10 @@ from typing import Any
 
 import numpy as np
 
-from segchange_jax import hub
-from segchange_jax import torch_pickle
+from segchange_jax.interop import hub
+from segchange_jax.interop import torch_pickle
 from segchange_jax.models import backbones
-from segchange_jax.models import torch_convert as tc
+from segchange_jax.interop import torch_rules as tc
 
 FIELD = 'config.model.pretrained'
 # Hub ids of the weights upstream loads: timm's default Swin-B tag, torchvision's
@@ -213,7 +213,7 @@ def convert(sd: dict[str, np.ndarray], model_cfg, expected: dict[tuple[str, ...]
 
 def load(config, params: Any, model_state: dict) -> tuple[Any, dict, dict[str, Any]]:
   """(params, model_state, report) with the backbone taken from `config.model.pretrained`."""
-  from segchange_jax import init_from  # pylint: disable=g-import-not-at-top
+  from segchange_jax.train import init_from  # pylint: disable=g-import-not-at-top
   spec = config.model.pretrained
   path = resolve(spec, config.model.backbone)
   target = {'params': params, **model_state}

@@ -1,7 +1,7 @@
-"""Scene inputs and outputs for `segchange_jax.scene`: GeoTIFF (windowed) and plain images.
+"""Scene inputs and outputs for `segchange_jax.inference.sliding_window`: GeoTIFF (windowed) and plain images.
 
 Inputs. One date is a raster path, or three single-band rasters 'R.TIF,G.TIF,B.TIF' stacked in
-that order (e.g. Landsat B4,B3,B2 files; `bands=` then applies only to a single-file date); bands and bit depth follow `segchange_jax.imagery`
+that order (e.g. Landsat B4,B3,B2 files; `bands=` then applies only to a single-file date); bands and bit depth follow `segchange_jax.data.imagery`
 (16-bit: per-band 2-98 % stretch with statistics from a decimated read of the whole raster,
 so every window uses the same mapping). Validity follows GDAL's dataset mask (nodata value,
 alpha band or internal mask; for a stack, valid where any file is valid); `nodata=` overrides
@@ -27,7 +27,7 @@ from rasterio.enums import Resampling
 from rasterio.vrt import WarpedVRT
 from rasterio.windows import Window
 
-from segchange_jax import imagery
+from segchange_jax.data import imagery
 
 PLAIN_SUFFIXES = ('.png', '.jpg', '.jpeg', '.bmp')
 STATS_MAX_SIDE = 1024  # decimated read for the 16-bit stretch statistics

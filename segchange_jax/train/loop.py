@@ -17,17 +17,19 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from segchange_jax import atomic
-from segchange_jax import checkpointing
-from segchange_jax import data_setup
-from segchange_jax import init_from
-from segchange_jax import input_pipeline
-from segchange_jax import metrics as metrics_lib
-from segchange_jax import optim
+from segchange_jax import jax_compat
+from segchange_jax.train import checkpointing
+from segchange_jax.data import shards
+from segchange_jax.train import init_from
+from segchange_jax.data import input_pipeline
+from segchange_jax.train import metrics as metrics_lib
+from segchange_jax.train import optim
 from segchange_jax import paths
-from segchange_jax import sharding
-from segchange_jax import summary
-from segchange_jax import train_lib
-from segchange_jax.models import param_groups
+from segchange_jax.train import sharding
+from segchange_jax.train import summary
+from segchange_jax.train import train_step
+from segchange_jax.text import prompts
+from segchange_jax.train import param_groups
 from segchange_jax.models import segchange
 
 
@@ -39,22 +41,7 @@ def _host_batch_to_global(batch: dict, mesh) -> dict:
   """Per-process numpy batch -> global jax.Arrays sharded over ('data', 'fsdp')."""
   spec = sharding.batch_sharding(mesh)
   return {k: jax.make_array_from_process_local_data(spec, np.asarray(batch[k]))
-          for k in train_lib.BATCH_KEYS}
-
-
-def prompt_table(config, info: dict) -> tuple[np.ndarray, dict[str, int]]:
-  """Embeddings [P, T, L] for every prompt of the dataset (computed once, cached on disk)."""
-  from segchange_jax.text import cache  # pylint: disable=g-import-not-at-top
-  prompts = list(info.get('prompts') or [])
-  if config.data.prompt not in prompts:
-    prompts.append(config.data.prompt)
-  table = np.asarray(cache.embed_prompts(config.text, prompts), np.float32)
-  if table.shape[1:] != (config.text.max_tokens, config.text.dim):
-    raise TrainingError(
-        f'text model {config.text.model!r} gives embeddings of shape {table.shape[1:]}, but '
-        f'config.text.max_tokens/dim say ({config.text.max_tokens}, {config.text.dim}); set '
-        f'--config.text.dim={table.shape[2]}')
-  return table, {p: i for i, p in enumerate(prompts)}
+          for k in train_step.BATCH_KEYS}
 
 
 def evaluate_split(eval_step, state, config, split: str, prompt_to_index, text_table, mesh,
@@ -100,14 +87,6 @@ def _all_agree_to_stop(local: bool) -> bool:
   return bool(np.any(flags))
 
 
-def _barrier(name: str, timeout_s: int) -> None:
-  """Waits for every process at the coordination service (no device collective involved)."""
-  from jax._src import distributed as jax_distributed  # pylint: disable=g-import-not-at-top
-  client = jax_distributed.global_state.client
-  if client is not None:
-    client.wait_at_barrier(name, timeout_in_ms=int(timeout_s) * 1000)
-
-
 def _compile_then_align(step_fn: Callable, name: str, timeout_s: int,
                         on_compiled: Callable[[Any], None] | None = None) -> Callable:
   """Compile `step_fn` at its first call; multi-process: wait for all processes, then run.
@@ -127,7 +106,7 @@ def _compile_then_align(step_fn: Callable, name: str, timeout_s: int,
       if on_compiled is not None:
         on_compiled(compiled['fn'])
       if jax.process_count() > 1:
-        _barrier(f'segchange_{name}_compiled', timeout_s)
+        jax_compat.wait_at_barrier(f'segchange_{name}_compiled', timeout_s)
     return compiled['fn'](*args)
   return call
 
@@ -160,17 +139,18 @@ def train_and_evaluate(config, workdir: str,
     workdir.mkdir(parents=True, exist_ok=True)
     atomic.write_text(workdir / 'config.json', config.to_json_best_effort(indent=2))
 
-  shards_dir = data_setup.ensure_dataset(config)
+  logging.info('run %r (config.name) in %s', config.name, workdir)
+  shards_dir = shards.ensure_dataset(config)
   info = input_pipeline.load_dataset_info(shards_dir)
-  data_setup.check_dataset_matches_config(info, config, shards_dir)
-  table_np, prompt_to_index = prompt_table(config, info)
+  shards.check_dataset_matches_config(info, config, shards_dir)
+  table_np, prompt_to_index = prompts.dataset_table(config, info)
 
   mesh = sharding.create_mesh(config)
-  shards = mesh.shape['data'] * mesh.shape['fsdp']
+  n_shards = mesh.shape['data'] * mesh.shape['fsdp']
   for field in ('train.batch_size', 'eval.batch_size'):
     size = config.train.batch_size if field == 'train.batch_size' else config.eval.batch_size
-    if size % shards:
-      raise TrainingError(f'config.{field}={size} must be a multiple of the {shards} devices '
+    if size % n_shards:
+      raise TrainingError(f'config.{field}={size} must be a multiple of the {n_shards} devices '
                           "the batch is split over (mesh.data x mesh.fsdp); change the batch size")
   model = segchange.build_model(config)
   train_iter, steps_per_epoch = input_pipeline.create_train_iterator(config, prompt_to_index)
@@ -182,18 +162,18 @@ def train_and_evaluate(config, workdir: str,
   size = config.data.image_size
   sample = {k: jax.ShapeDtypeStruct((config.train.batch_size, size, size, 3), jnp.float32)
             for k in ('image_a', 'image_b')}
-  state, state_shardings = train_lib.create_train_state(
+  state, state_shardings = train_step.create_train_state(
       model, config, jax.random.PRNGKey(config.seed), sample, mesh,
       steps_per_epoch=steps_per_epoch, label_fn=param_groups.lr_label_fn(config),
       frozen_mask_fn=param_groups.frozen_mask_fn(config))
   text_table = jax.device_put(jnp.asarray(table_np), sharding.replicated(mesh))
   timeout = config.distributed.initialization_timeout
   n_params = int(sum(x.size for x in jax.tree.leaves(state.params)))
-  train_step = _compile_then_align(
-      train_lib.make_train_step(model, config, mesh, state_shardings), 'train_step', timeout,
-      on_compiled=lambda c: log_model_cost(c, n_params, config.train.batch_size // shards))
+  step_fn = _compile_then_align(
+      train_step.make_train_step(model, config, mesh, state_shardings), 'train_step', timeout,
+      on_compiled=lambda c: log_model_cost(c, n_params, config.train.batch_size // n_shards))
   eval_step = _compile_then_align(
-      train_lib.make_eval_step(model, config, mesh, state_shardings), 'eval_step', timeout)
+      train_step.make_eval_step(model, config, mesh, state_shardings), 'eval_step', timeout)
 
   ckpt = checkpointing.Checkpointer(workdir / 'checkpoints', config)
   restored = ckpt.restore(state, state_shardings)
@@ -215,7 +195,7 @@ def train_and_evaluate(config, workdir: str,
       logging.info('config.init_from is set: config.model.pretrained=%r is not used',
                    config.model.pretrained)
   elif config.model.pretrained:
-    from segchange_jax import pretrained  # pylint: disable=g-import-not-at-top
+    from segchange_jax.interop import pretrained  # pylint: disable=g-import-not-at-top
     params, model_state, report = pretrained.load(config, state.params, state.model_state)
     state = state.replace(params=params, model_state=model_state)
     logging.info('pretrained %s (%s, %s): loaded %d backbone tensors, skipped %d, %d unused: %s',
@@ -237,7 +217,7 @@ def train_and_evaluate(config, workdir: str,
   val_result: dict[str, Any] = {}
   while step < total_steps:
     batch = _host_batch_to_global(next(train_iter), mesh)
-    state, out = train_step(state, batch, text_table)
+    state, out = step_fn(state, batch, text_table)
     step += 1
     window_loss += float(out['loss'])
     window_n += 1

@@ -21,15 +21,6 @@ from absl import logging
 from segchange_jax import cli
 from segchange_jax import config_lib
 
-_CONFIG = config_lib.define_config_flag()
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and metrics.')
-_COORDINATOR = flags.DEFINE_string(
-    'coordinator_address', None, 'host:port of process 0 for multi-process runs '
-    '(overrides config.distributed.coordinator_address).')
-_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Number of processes.')
-_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'Index of this process.')
-flags.mark_flags_as_required(['config', 'workdir'])
-
 
 class _Preemption:
   """Remembers a SIGTERM so the loop can save a checkpoint and exit cleanly."""
@@ -50,24 +41,37 @@ class _DropLibraryChatter(pylogging.Filter):
     return record.levelno >= pylogging.WARNING or '/orbax/' not in record.pathname
 
 
+def define_flags() -> None:
+  """Command-line flags (defined only when run as a program)."""
+  config_lib.define_config_flag()
+  flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and metrics.')
+  flags.DEFINE_string(
+      'coordinator_address', None, 'host:port of process 0 for multi-process runs '
+      '(overrides config.distributed.coordinator_address).')
+  flags.DEFINE_integer('num_processes', None, 'Number of processes.')
+  flags.DEFINE_integer('process_id', None, 'Index of this process.')
+  flags.mark_flags_as_required(['config', 'workdir'])
+
+
 def main(argv: Sequence[str]) -> None:
+  f = flags.FLAGS
   if len(argv) > 1:
     raise cli.UsageError(f'unexpected arguments: {argv[1:]}')
   logging.get_absl_handler().addFilter(_DropLibraryChatter())
-  config = config_lib.validate_config(_CONFIG.value)
+  config = config_lib.validate_config(f.config)
   d = config.distributed
-  from segchange_jax import distributed  # pylint: disable=g-import-not-at-top
+  from segchange_jax.train import distributed  # pylint: disable=g-import-not-at-top
   distributed.maybe_initialize(
-      _COORDINATOR.value if _COORDINATOR.value is not None else d.coordinator_address,
-      _NUM_PROCESSES.value if _NUM_PROCESSES.value is not None else d.num_processes,
-      _PROCESS_ID.value if _PROCESS_ID.value is not None else d.process_id,
+      f.coordinator_address if f.coordinator_address is not None else d.coordinator_address,
+      f.num_processes if f.num_processes is not None else d.num_processes,
+      f.process_id if f.process_id is not None else d.process_id,
       initialization_timeout=d.initialization_timeout, heartbeat_timeout=d.heartbeat_timeout)
-  from segchange_jax import trainer  # pylint: disable=g-import-not-at-top
+  from segchange_jax.train import loop  # pylint: disable=g-import-not-at-top
   preemption = _Preemption()
   try:
-    result = trainer.train_and_evaluate(config, _WORKDIR.value,
+    result = loop.train_and_evaluate(config, f.workdir,
                                         should_stop=lambda: preemption.requested)
-  except trainer.TrainingError as e:  # data or config unusable: the message says what to change
+  except loop.TrainingError as e:  # data or config unusable: the message says what to change
     raise cli.UsageError(str(e)) from e
   if preemption.requested:
     sys.exit(0)
@@ -75,6 +79,7 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == '__main__':
+  define_flags()
   # Only config and usage errors are reported in one line: an error deep in training keeps its
   # traceback.
   cli.run(main, errors=(config_lib.ConfigError, cli.UsageError, flags.Error))

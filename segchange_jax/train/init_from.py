@@ -14,17 +14,17 @@ from typing import Any
 import jax
 import numpy as np
 
-from segchange_jax import api
-from segchange_jax import optim
-from segchange_jax import torch_pickle
+from segchange_jax.inference import predictor
+from segchange_jax.train import optim
+from segchange_jax.interop import torch_pickle
 from segchange_jax.models import segchange
-from segchange_jax.models import torch_convert
+from segchange_jax.interop import torch_rules
 
 
 def _source_variables(path: str, config) -> dict:
   if os.path.isfile(path):
     # An upstream checkpoint: map every tensor by name, leave shape checks to the merge.
-    state_dict = torch_convert.strip_prefixes(torch_pickle.load(path))
+    state_dict = torch_rules.strip_prefixes(torch_pickle.load(path))
     rules, aliases, ignore = segchange.torch_mapping(config)
     have = [r for r in rules if r.torch_key in state_dict]
     if not have:
@@ -32,8 +32,8 @@ def _source_variables(path: str, config) -> dict:
                        'is it a SegChange-R1 checkpoint?')
     sd = {k: v for k, v in state_dict.items()
           if k in {r.torch_key for r in have} or k in aliases}
-    return torch_convert.convert(sd, have, aliases=aliases, ignore=ignore, source=path)
-  return api.load_variables(path)[1]
+    return torch_rules.convert(sd, have, aliases=aliases, ignore=ignore, source=path)
+  return predictor.load_variables(path)[1]
 
 
 def merge(target: dict, source: dict) -> tuple[dict, dict[str, Any]]:
@@ -46,7 +46,7 @@ def merge(target: dict, source: dict) -> tuple[dict, dict[str, Any]]:
   Returns:
     (merged variables placed like `target`, report with 'loaded', 'skipped', 'unused').
   """
-  src = torch_convert.flatten(source)
+  src = torch_rules.flatten(source)
   loaded, skipped = [], []
 
   def take(path, leaf):

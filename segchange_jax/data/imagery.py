@@ -22,6 +22,17 @@ import numpy as np
 STRETCH_PERCENTILES = (2.0, 98.0)
 
 
+# The ImageNet statistics every backbone was pretrained with; the model always sees
+# (RGB / 255 - mean) / std, in training (input_pipeline), inference (pipeline) and export.
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+
+
+def normalize(image: np.ndarray) -> np.ndarray:
+  """uint8 RGB (any leading dims, channels last) -> float32 ImageNet-normalised."""
+  return (image.astype(np.float32) * (1.0 / 255.0) - IMAGENET_MEAN) / IMAGENET_STD
+
+
 class ImageryError(ValueError):
   """An image cannot be turned into 3-band RGB; the message names the file and the fix."""
 

@@ -31,41 +31,16 @@ import ml_collections
 import numpy as np
 
 from segchange_jax import config_lib
-from segchange_jax import torch_pickle
+from segchange_jax.interop import torch_pickle
 from segchange_jax.models import segchange
+from segchange_jax.train import checkpointing
+from segchange_jax.train.checkpointing import CheckpointError
 
 VARIABLES_DIR = 'variables'
 CONFIG_FILE = 'config.json'
 
 
 # ---------------------------------------------------------------------------- config I/O
-
-
-def config_from_dict(values: dict) -> ml_collections.ConfigDict:
-  """Base config updated with `values` (e.g. a saved config.json); validated."""
-  from configs import base  # pylint: disable=g-import-not-at-top
-  config = base.get_config()
-
-  def update(node, vals, prefix):
-    for key, value in vals.items():
-      dotted = f'{prefix}{key}'
-      if key not in node:
-        raise config_lib.ConfigError(f'saved config has field {dotted!r}, which this version of '
-                                     'segchange_jax does not know; update segchange_jax')
-      if isinstance(node[key], ml_collections.ConfigDict):
-        update(node[key], value, dotted + '.')
-      else:
-        if isinstance(node[key], tuple) and isinstance(value, list):
-          value = tuple(value)
-        if dotted == 'model.pretrained' and isinstance(value, bool):
-          # Runs saved before `pretrained` was implemented: the flag was read by nothing and
-          # every backbone started from random weights.
-          value = ''
-        with node.unlocked():
-          node[key] = value
-
-  update(config, values, '')
-  return config_lib.validate_config(config)
 
 
 def save_variables(directory: str, config: ml_collections.ConfigDict, variables: dict) -> None:
@@ -81,51 +56,6 @@ def save_variables(directory: str, config: ml_collections.ConfigDict, variables:
   ckptr.wait_until_finished()
   with open(os.path.join(directory, CONFIG_FILE), 'w') as f:
     f.write(config.to_json_best_effort(indent=2))
-
-
-class CheckpointError(ValueError):
-  """A checkpoint cannot be read; the message names the path and what to do."""
-
-
-def _restore_tree(path: str, keys: tuple[str, ...] | None = None) -> dict:
-  """Host arrays of the Orbax tree at `path`; only its top-level `keys` when given.
-
-  Restoring only `params` (+ model state) of a training checkpoint skips the optimizer
-  state, which is twice the size of the parameters for AdamW.
-  """
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  path = os.path.abspath(path)  # Orbax refuses relative paths (`--checkpoint runs/x/checkpoints`)
-  try:
-    ckptr = ocp.PyTreeCheckpointer()
-    meta = ckptr.metadata(path)
-    meta = getattr(meta, 'item_metadata', meta)
-    meta = getattr(meta, 'tree', meta)
-    if keys is not None:
-      meta = {k: meta[k] for k in keys if k in meta and meta[k] is not None}
-    # jax.devices()[0] belongs to process 0; in a multi-process run use one of ours.
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                            meta, is_leaf=lambda x: hasattr(x, 'shape'))
-    args = ocp.args.PyTreeRestore(
-        item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
-        partial_restore=keys is not None)
-    return jax.tree.map(np.asarray, ckptr.restore(path, args=args))
-  except Exception as e:  # Orbax / TensorStore raise many types for a damaged checkpoint
-    first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-    raise CheckpointError(f'checkpoint {path} cannot be read ({first}); it is incomplete or '
-                          'corrupt: copy it again or use another step') from e
-
-
-def _training_step_dir(path: str) -> str | None:
-  if os.path.isdir(os.path.join(path, 'state')):
-    return path
-  for sub in ('best_iou', 'best_f1', 'latest'):
-    if os.path.isdir(os.path.join(path, sub)):
-      found = _training_step_dir(os.path.join(path, sub))
-      if found is not None:  # best_* stay empty until the first evaluation
-        return found
-  steps = [int(d) for d in os.listdir(path) if d.isdigit()]
-  return os.path.join(path, str(max(steps))) if steps else None
 
 
 def _read_json_item(directory: str) -> dict:
@@ -155,17 +85,39 @@ def load_variables(path: str, config: ml_collections.ConfigDict | None = None
   if os.path.isdir(os.path.join(path, VARIABLES_DIR)):
     if config is None:
       with open(os.path.join(path, CONFIG_FILE)) as f:
-        config = config_from_dict(json.load(f))
-    return config, _restore_tree(os.path.join(path, VARIABLES_DIR))
-  step_dir = _training_step_dir(path)
+        config = config_lib.config_from_dict(json.load(f))
+    return config, checkpointing.restore_tree(os.path.join(path, VARIABLES_DIR))
+  step_dir = checkpointing.find_step_dir(path)
   if step_dir is None:
     raise FileNotFoundError(
         f'{path} is not a checkpoint: expected a .pth file, a directory with {VARIABLES_DIR}/ and '
         f'{CONFIG_FILE} (convert_torch output) or a training checkpoints directory')
   if config is None:
-    config = config_from_dict(_read_json_item(os.path.join(step_dir, 'config')))
-  state = _restore_tree(os.path.join(step_dir, 'state'), keys=('params', 'model_state'))
+    config = config_lib.config_from_dict(_read_json_item(os.path.join(step_dir, 'config')))
+  state = checkpointing.restore_tree(step_dir / 'state', keys=('params', 'model_state'))
   variables = {'params': state['params'], **dict(state.get('model_state') or {})}
+  return config, variables
+
+
+def load_checkpoint(path: str, config=None):
+  """(config, variables), checking the variables fit the config's model."""
+  import jax  # pylint: disable=g-import-not-at-top
+  if not path or not os.path.exists(path):
+    raise CheckpointError(f'--checkpoint {path!r} does not exist')
+  try:
+    config, variables = load_variables(path, config)
+  except (FileNotFoundError, ValueError) as e:
+    raise CheckpointError(f'--checkpoint {path}: {e}') from e
+  want = segchange.variable_shapes(segchange.build_model(config))
+  got_paths = {jax.tree_util.keystr(k): np.shape(v)
+               for k, v in jax.tree_util.tree_leaves_with_path(variables)}
+  want_paths = {jax.tree_util.keystr(k): tuple(v.shape)
+                for k, v in jax.tree_util.tree_leaves_with_path(want)}
+  if got_paths != want_paths:
+    diff = sorted(set(got_paths.items()) ^ set(want_paths.items()))[:3]
+    raise CheckpointError(f'--checkpoint {path} does not fit the config\'s model (first '
+                          f'differences (path, shape): {diff}); pass the --config it was trained '
+                          'with')
   return config, variables
 
 
@@ -237,16 +189,16 @@ class ChangeDetector:
 
   def embed(self, prompt: str | None = None) -> np.ndarray:
     """[1, T, L] embedding of `prompt` (default config.data.prompt), computed once per prompt."""
-    from segchange_jax import infer  # pylint: disable=g-import-not-at-top
+    from segchange_jax.text import prompts  # pylint: disable=g-import-not-at-top
     prompt = self.config.data.prompt if prompt is None else prompt
     if prompt not in self._prompts:
-      self._prompts[prompt] = infer.prompt_embedding(self.config, prompt, self.embeddings)
+      self._prompts[prompt] = prompts.embed_one(self.config, prompt, npz=self.embeddings)
     return self._prompts[prompt]
 
   def predictor(self, prompt: str | None = None):
     """(uint8 a, uint8 b) -> probabilities, the engine's PredictFn for `prompt`."""
-    from segchange_jax import infer  # pylint: disable=g-import-not-at-top
-    return infer.detector_predictor(self, self.embed(prompt))
+    from segchange_jax.inference import pipeline  # pylint: disable=g-import-not-at-top
+    return pipeline.detector_predictor(self, self.embed(prompt))
 
   def predict(self, image_a: Any, image_b: Any, prompt: str | None = None,
               threshold: float | None = None) -> Prediction:
@@ -254,32 +206,32 @@ class ChangeDetector:
 
     Windows, overlap, batch and threshold default to the config's infer.* values.
     """
-    from segchange_jax import infer  # pylint: disable=g-import-not-at-top
-    from segchange_jax import scene  # pylint: disable=g-import-not-at-top
-    from segchange_jax import scene_io  # pylint: disable=g-import-not-at-top
+    from segchange_jax.inference import pipeline  # pylint: disable=g-import-not-at-top
+    from segchange_jax.inference import sliding_window  # pylint: disable=g-import-not-at-top
+    from segchange_jax.inference import raster_io  # pylint: disable=g-import-not-at-top
     threshold = float(self.config.infer.threshold if threshold is None else threshold)
-    infer.check_settings(threshold=threshold)
+    pipeline.check_settings(threshold=threshold)
     raster = [x for x in (image_a, image_b)
-              if isinstance(x, (str, os.PathLike)) and not scene_io.is_plain(os.fspath(x))]
+              if isinstance(x, (str, os.PathLike)) and not raster_io.is_plain(os.fspath(x))]
     if raster:
       if len(raster) != 2:
         raise ValueError('give two GeoTIFF paths, or two arrays / plain image paths')
-      source = scene_io.RasterPair(os.fspath(image_a), os.fspath(image_b))
+      source = raster_io.RasterPair(os.fspath(image_a), os.fspath(image_b))
     else:
-      source = scene_io.ArrayPair(image_a, image_b)
+      source = raster_io.ArrayPair(image_a, image_b)
     try:
-      window, overlap = infer.clamp_window(int(self.config.infer.window),
+      window, overlap = pipeline.clamp_window(int(self.config.infer.window),
                                            int(self.config.infer.overlap), source.height,
                                            source.width, quiet=True)
       channels = 1 if self.config.model.num_classes == 1 else int(self.config.model.num_classes)
       sink = _ArraySink(source.height, source.width, channels)
       # The batch of `infer` (not fewer for small images): one compiled shape, same numbers.
-      scene.run_scene(source, self.predictor(prompt), sink, window=window, overlap=overlap,
+      sliding_window.run_scene(source, self.predictor(prompt), sink, window=window, overlap=overlap,
                       batch_size=int(self.config.infer.batch_size), channels=channels,
                       progress=False)
     finally:
       source.close()
-    mask = scene_io.encode(sink.probs, sink.valid, False, threshold)[0]
+    mask = raster_io.encode(sink.probs, sink.valid, False, threshold)[0]
     probs = np.where(sink.valid[..., None], sink.probs, np.nan)
     return Prediction(probs[..., 0] if channels == 1 else probs, mask)
 
@@ -291,10 +243,10 @@ class ChangeDetector:
     probs_path, polygons_path, preview_path, overwrite, align, bands, nodata, progress, ...);
     settings left out come from the config. Returns the engine's SceneStats.
     """
-    from segchange_jax import infer  # pylint: disable=g-import-not-at-top
+    from segchange_jax.inference import pipeline  # pylint: disable=g-import-not-at-top
     prompt = self.config.data.prompt if prompt is None else prompt
     tags = dict(CHECKPOINT=self.checkpoint, PROMPT=prompt)
-    factory = lambda: infer.Model(self.predictor(prompt), self.config, tags)
+    factory = lambda: pipeline.Model(self.predictor(prompt), self.config, tags)
     kwargs.setdefault('progress', False)
-    return infer.run_inference(os.fspath(a_path), os.fspath(b_path), os.fspath(out), None,
+    return pipeline.run_inference(os.fspath(a_path), os.fspath(b_path), os.fspath(out), None,
                                predictor_factory=factory, **kwargs)

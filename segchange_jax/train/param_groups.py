@@ -13,9 +13,9 @@ from typing import Any, Callable
 import jax
 import ml_collections
 
-from segchange_jax import optim
+from segchange_jax.train import optim
 from segchange_jax.models import segchange
-from segchange_jax.models.backbones import hgnetv2
+from segchange_jax.models.backbones import backbone_frozen_param_paths
 
 
 def lr_label_fn(config: ml_collections.ConfigDict) -> optim.LabelFn:
@@ -32,10 +32,11 @@ def lr_label_fn(config: ml_collections.ConfigDict) -> optim.LabelFn:
 
 
 def frozen_mask_fn(config: ml_collections.ConfigDict) -> Callable[[Any], Any] | None:
-  """params -> bool pytree, True where upstream sets requires_grad=False (HGNetv2 stem)."""
-  if config.model.backbone != 'hgnetv2':
+  """params -> bool pytree, True where upstream sets requires_grad=False (the backbone's
+  `frozen_param_paths`, e.g. the HGNetv2 stem); None when nothing is frozen."""
+  frozen = {tuple(p[1:]) for p in backbone_frozen_param_paths(config.model)}  # drop 'params'
+  if not frozen:
     return None
-  frozen = {p[1:] for p in hgnetv2.frozen_param_paths(('backbone',))}
 
   def mask(params):
     return jax.tree_util.tree_map_with_path(

@@ -1,7 +1,7 @@
 """Reading one pair from disk into checked uint8 arrays (RGB images, single-band label).
 
 Images: GeoTIFFs through rasterio, other formats through OpenCV (16-bit kept). Bands and bit
-depth follow `segchange_jax.imagery` (RGBA/RGB+NIR drop the 4th band; non-uint8 data is
+depth follow `segchange_jax.data.imagery` (RGBA/RGB+NIR drop the 4th band; non-uint8 data is
 stretched 2-98 percentile per band). Labels must be one band; a label stored with 3 or 4
 identical bands (a grey PNG saved as RGB) is accepted because collapsing it loses nothing.
 Every failure raises `PairError` with a message that names the file.
@@ -15,7 +15,7 @@ import warnings
 import cv2
 import numpy as np
 
-from segchange_jax import imagery
+from segchange_jax.data import imagery
 
 cv2.setNumThreads(1)  # one conversion process per core; no nested thread pools
 

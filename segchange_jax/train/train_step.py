@@ -24,7 +24,7 @@ import optax
 from flax import struct
 from jax.sharding import Mesh
 
-from segchange_jax import losses, metrics, optim, sharding
+from segchange_jax.train import losses, metrics, optim, sharding
 
 Batch = Mapping[str, jax.Array]
 BATCH_KEYS = ('image_a', 'image_b', 'label', 'prompt_index', 'mask')

@@ -7,7 +7,7 @@ import os
 
 import numpy as np
 
-from segchange_jax import scene_io
+from segchange_jax.inference import raster_io
 
 PREVIEW_SIDE = 512  # longest side of each preview panel (px)
 
@@ -15,15 +15,15 @@ PREVIEW_SIDE = 512  # longest side of each preview panel (px)
 def whole_mask(sink, probabilities: bool, threshold: float) -> tuple[np.ndarray, int | None]:
   """The finished class mask (uint8) and its nodata value, for the whole-scene passes."""
   import rasterio  # pylint: disable=g-import-not-at-top
-  if isinstance(sink, scene_io.PlainSink):
+  if isinstance(sink, raster_io.PlainSink):
     return (sink.mask > 0).astype(np.uint8) if sink.mask.max() <= 1 else sink.mask.copy(), None
   with rasterio.open(sink.path) as ds:
     if probabilities:  # shapes come from the thresholded first band
       p = ds.read(1)
-      mask = np.where(np.isnan(p), scene_io.MASK_NODATA, p > threshold).astype(np.uint8)
+      mask = np.where(np.isnan(p), raster_io.MASK_NODATA, p > threshold).astype(np.uint8)
     else:
       mask = ds.read(1)
-  return mask, scene_io.MASK_NODATA
+  return mask, raster_io.MASK_NODATA
 
 
 def rewrite_mask(path: str, mask: np.ndarray) -> None:

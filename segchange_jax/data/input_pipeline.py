@@ -28,11 +28,10 @@ from typing import Callable, Iterable
 import grain.python as grain
 import numpy as np
 
-from segchange_jax import augment
-from segchange_jax import records
+from segchange_jax.data import augment
+from segchange_jax.data import imagery
+from segchange_jax.data import records
 
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 # Separate random streams for the epoch permutations and the per-example augmentations.
 _PERMUTATION_STREAM, _AUGMENT_STREAM = 0, 1
 _ENDLESS = 2**40   # training steps; MapDataset.range needs an end
@@ -54,11 +53,6 @@ def load_dataset_info(shards_dir: str) -> dict:
                      + _CONVERT_HINT)
   with open(path, encoding='utf-8') as f:
     return json.load(f)
-
-
-def normalize(image: np.ndarray) -> np.ndarray:
-  """uint8 RGB -> float32 ImageNet-normalised."""
-  return (image.astype(np.float32) * (1.0 / 255.0) - IMAGENET_MEAN) / IMAGENET_STD
 
 
 def _split_info(config, split: str) -> tuple[dict, list[str]]:
@@ -107,7 +101,7 @@ def _prompt_index(prompt: str, prompt_to_index: dict[str, int], default: str) ->
 
 def _to_example(a, b, label, prompt, binary, prompt_to_index, default, mask=1.0) -> dict:
   label = (label > 0) if binary else label
-  return {'image_a': normalize(a), 'image_b': normalize(b), 'label': label.astype(np.int32),
+  return {'image_a': imagery.normalize(a), 'image_b': imagery.normalize(b), 'label': label.astype(np.int32),
           'prompt_index': np.int32(_prompt_index(prompt, prompt_to_index, default)),
           'mask': np.float32(mask)}
 
@@ -275,7 +269,7 @@ def create_eval_iterator(config, split: str, prompt_to_index: dict[str, int], ba
     g = step * batch_size + process_index * b + j
     if g >= n:
       zero = np.zeros((h, w, 3), np.uint8)
-      pad = {'image_a': normalize(zero), 'image_b': normalize(zero),
+      pad = {'image_a': imagery.normalize(zero), 'image_b': imagery.normalize(zero),
              'label': np.zeros((h, w), np.int32), 'prompt_index': np.int32(0),
              'mask': np.float32(0.0)}
       return pad

@@ -1,0 +1,278 @@
+"""Change detection on a pair of scenes: checks, model, sliding window, outputs.
+
+The library behind `python -m segchange_jax.infer` (its docstring lists the outputs and input
+forms): `run_inference` validates the settings and output paths, opens the pair
+(`raster_io`), runs the windowed engine (`sliding_window`) with a predict function, and writes
+the mask, probabilities, polygons and preview together (`atomic.Outputs`). `load_model` turns
+any checkpoint into such a predict function.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from typing import Callable, Sequence
+
+import ml_collections
+import numpy as np
+
+from segchange_jax import atomic
+from segchange_jax import cli
+from segchange_jax.data import imagery
+from segchange_jax.inference import postprocess
+from segchange_jax.inference import sliding_window
+from segchange_jax.inference import raster_io
+from segchange_jax.inference import scene_outputs
+from segchange_jax.inference import vectors
+
+PredictFn = sliding_window.PredictFn
+RASTER_SUFFIXES = ('.tif', '.tiff')
+DEFAULTS = dict(window=512, overlap=64, batch=8, threshold=0.5)
+
+
+@dataclasses.dataclass
+class Model:
+  """What `predictor_factory` returns: the predictor, its config and tags for the outputs."""
+  predict: PredictFn
+  config: ml_collections.ConfigDict | None = None
+  tags: dict = dataclasses.field(default_factory=dict)
+
+
+def logits_to_probs(logits: np.ndarray) -> np.ndarray:
+  """[B, H, W, K] logits -> [B, H, W] sigmoid (K = 1) or [B, H, W, K] softmax."""
+  logits = np.asarray(logits, np.float32)
+  if logits.shape[-1] == 1:
+    return 1.0 / (1.0 + np.exp(-logits[..., 0]))
+  z = np.exp(logits - logits.max(-1, keepdims=True))
+  return z / z.sum(-1, keepdims=True)
+
+
+def detector_predictor(detector, text_embeddings: np.ndarray) -> PredictFn:
+  """Adapts a ChangeDetector-like object (predict_logits(a, b, emb)) to the engine's PredictFn."""
+  emb = np.asarray(text_embeddings, np.float32)
+  if emb.ndim == 2:
+    emb = emb[None]
+
+  def predict(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    batch_emb = np.broadcast_to(emb[:1], (a.shape[0],) + emb.shape[1:])
+    return logits_to_probs(detector.predict_logits(imagery.normalize(a), imagery.normalize(b), batch_emb))
+  return predict
+
+
+def check_settings(window: int | None = None, overlap: int | None = None,
+                   batch: int | None = None, threshold: float | None = None) -> None:
+  """Refuses flag values the engine cannot use (None = not given)."""
+  cli.positive('batch', batch)
+  cli.in_open_unit_interval('threshold', threshold)
+  if window is not None and (window < 32 or window % 32):
+    raise cli.UsageError(f'--window={window} must be a positive multiple of 32 (the model '
+                         'stride), e.g. 512')
+  if overlap is not None and overlap < 0:
+    raise cli.UsageError(f'--overlap={overlap} must be >= 0')
+  if window is not None and overlap is not None and overlap >= window:
+    raise cli.UsageError(f'--overlap={overlap} must be smaller than --window={window}')
+
+
+def clamp_window(window: int, overlap: int, height: int, width: int,
+                 quiet: bool = False) -> tuple[int, int]:
+  """(window, overlap) fitted to a raster smaller than the window (multiple of 32, with a
+  warning), so no window is padded by reflection: padding would change the prediction."""
+  side = min(height, width)
+  if window <= side or side < 32:
+    return window, overlap
+  new = side // 32 * 32
+  new_overlap = min(overlap, new // 4)
+  if not quiet:
+    print(f'warning: --window {window} is larger than the {width}x{height} raster; using '
+          f'--window {new} --overlap {new_overlap}', file=sys.stderr)
+  return new, new_overlap
+
+
+def _check_outputs(a: str, b: str, out: str, probabilities: bool, probs_path: str | None,
+                   polygons: Sequence[str], preview: str | None, overwrite: bool) -> None:
+  """Formats by extension and the never-destroy rules, before any input is opened."""
+  ext = os.path.splitext(out)[1].lower()
+  if ext not in RASTER_SUFFIXES + ('.png',):
+    raise atomic.OutputError(f'--out {out}: unsupported output format {ext!r}; use .tif '
+                             '(GeoTIFF) or .png (inputs without georeferencing only)')
+  if ext == '.png' and probabilities:
+    raise atomic.OutputError(f'--out {out}: probabilities need a .tif output')
+  if probs_path and os.path.splitext(probs_path)[1].lower() not in RASTER_SUFFIXES:
+    raise atomic.OutputError(f'--probability_out {probs_path}: use a .tif (GeoTIFF) path')
+  if preview and os.path.splitext(preview)[1].lower() != '.png':
+    raise atomic.OutputError(f'--preview {preview}: use a .png path')
+  outputs = {'--out': out, '--probability_out': probs_path, '--preview': preview}
+  for i, p in enumerate(polygons):
+    outputs['--polygons' + ('' if i == 0 else f' #{i + 1}')] = p
+  atomic.check_distinct(outputs)
+  inputs = [p.strip() for spec in (a, b) for p in spec.split(',') if p.strip()]
+  for flag, p in outputs.items():
+    if p:
+      atomic.check_output(p, inputs, overwrite, flag.split(' ')[0])
+
+
+def run_inference(a: str, b: str, out: str, predict_probs: PredictFn | None, *,
+                  channels: int = 1, window: int | None = None, overlap: int | None = None,
+                  batch: int | None = None, threshold: float | None = None,
+                  probabilities: bool = False, do_postprocess: bool = False,
+                  min_area: int = 2500, max_perimeter_ratio: float = 10.0,
+                  min_convexity: float = 0.8, polygons_path: str | Sequence[str] | None = None,
+                  probs_path: str | None = None, preview_path: str | None = None,
+                  overwrite: bool = False, align: bool = False, bands=None,
+                  nodata: float | None = None, progress: bool = True, gdal_cache_mb: int = 256,
+                  tags: dict | None = None,
+                  predictor_factory: Callable[[], Model] | None = None) -> sliding_window.SceneStats:
+  """Runs the whole pipeline (module docstring); returns what the engine did.
+
+  Settings left at None come from the factory's config (config.infer.*), else DEFAULTS.
+  `predictor_factory` (if given) builds the model after the inputs and outputs were checked.
+  """
+  import rasterio  # pylint: disable=g-import-not-at-top
+  polygons = [polygons_path] if isinstance(polygons_path, str) else list(polygons_path or [])
+  check_settings(window, overlap, batch, threshold)
+  _check_outputs(a, b, out, probabilities, probs_path, polygons, preview_path, overwrite)
+  # Bounded GDAL block cache: windows overlap, so a few tile rows of cache avoid re-decoding,
+  # but GDAL's default (5 % of RAM) would grow with the scene.
+  with rasterio.Env(GDAL_CACHEMAX=int(gdal_cache_mb)):
+    return _run_inference(
+        a, b, out, predict_probs, channels=channels,
+        settings=dict(window=window, overlap=overlap, batch=batch, threshold=threshold),
+        probabilities=probabilities, do_postprocess=do_postprocess, min_area=min_area,
+        max_perimeter_ratio=max_perimeter_ratio, min_convexity=min_convexity, polygons=polygons,
+        probs_path=probs_path, preview_path=preview_path, align=align, bands=bands,
+        nodata=nodata, progress=progress, tags=dict(tags or {}),
+        predictor_factory=predictor_factory)
+
+
+def _open_source(a, b, bands, nodata, align):
+  if raster_io.is_plain(a) != raster_io.is_plain(b):
+    raise ValueError(f'--a {a} and --b {b}: give two rasters or two plain images, not one of each')
+  if raster_io.is_plain(a):
+    return raster_io.ArrayPair(a, b)
+  return raster_io.RasterPair(a, b, bands, nodata, align)
+
+
+def _resolve(settings: dict, config) -> dict:
+  """Flag values where given, else the checkpoint config's infer.*, else DEFAULTS."""
+  from_config = {}
+  if config is not None:
+    from_config = dict(window=int(config.infer.window), overlap=int(config.infer.overlap),
+                       batch=int(config.infer.batch_size),
+                       threshold=float(config.infer.threshold))
+  out = {k: v if v is not None else from_config.get(k, DEFAULTS[k]) for k, v in settings.items()}
+  if out['overlap'] >= out['window']:
+    raise cli.UsageError(f'overlap {out["overlap"]} must be smaller than window {out["window"]} '
+                         '(--overlap / --window or the checkpoint config)')
+  return out
+
+
+def _run_inference(a, b, out, predict_probs, *, channels, settings, probabilities,
+                   do_postprocess, min_area, max_perimeter_ratio, min_convexity, polygons,
+                   probs_path, preview_path, align, bands, nodata, progress, tags,
+                   predictor_factory):
+  import tqdm  # pylint: disable=g-import-not-at-top
+  plain_out = os.path.splitext(out)[1].lower() == '.png'
+  source = _open_source(a, b, bands, nodata, align)
+  scratch: list[str] = []
+  bar = None
+  try:
+    if plain_out and source.georeferenced:
+      raise atomic.OutputError(f'--out {out}: PNG would drop the georeferencing of the inputs; '
+                               'use a .tif output')
+    for p in polygons:
+      vectors.check_path(p, source.georeferenced)
+    # The bar starts before the slow steps (loading, compiling) so the first seconds say so.
+    bar = tqdm.tqdm(total=None, desc='loading model', unit='win', disable=not progress,
+                    mininterval=0.5, dynamic_ncols=True)
+    config = None
+    if predictor_factory is not None:
+      model = predictor_factory()
+      predict_probs, config = model.predict, model.config
+      tags.update(model.tags)
+    s = _resolve(settings, config)
+    window, overlap = clamp_window(s['window'], s['overlap'], source.height, source.width)
+    batch, threshold = s['batch'], s['threshold']
+    tags.update(THRESHOLD=threshold, WINDOW=window, OVERLAP=overlap,
+                SEGCHANGE_JAX_VERSION=_version())
+    if predictor_factory is not None:
+      # One call on a dummy batch compiles the model and tells the number of classes.
+      bar.set_description('compiling')
+      dummy = np.zeros((batch, window, window, 3), np.uint8)
+      probe = np.asarray(predict_probs(dummy, dummy))
+      channels = 1 if probe.ndim == 3 else probe.shape[-1]
+    # reset() also restarts the clock, so the rate shown is windows/s, not load + compile.
+    bar.reset(total=len(sliding_window.Grid(source.height, source.width, window, overlap).windows()))
+    sinks = []
+    if plain_out:
+      mask_sink = raster_io.PlainSink(None, source.height, source.width, threshold)
+    else:
+      scratch.append(atomic.temp_name(out))
+      mask_sink = raster_io.GeoTiffSink(scratch[-1], source.height, source.width, source.crs,
+                                       source.transform, channels, probabilities, threshold,
+                                       tags)
+    sinks.append(mask_sink)
+    probs_sink = None
+    if probs_path:
+      scratch.append(atomic.temp_name(probs_path))
+      probs_sink = raster_io.GeoTiffSink(scratch[-1], source.height, source.width, source.crs,
+                                        source.transform, channels, True, threshold, tags)
+      sinks.append(probs_sink)
+    try:
+      stats = sliding_window.run_scene(source, predict_probs, raster_io.TeeSink(sinks), window=window,
+                              overlap=overlap, batch_size=batch, channels=channels,
+                              progress=progress, bar=bar)
+    finally:
+      for sink in sinks:
+        if isinstance(sink, raster_io.GeoTiffSink):
+          sink.close()
+    bar.set_description('writing outputs')
+    with atomic.Outputs() as outs:
+      mask, nodata_value = None, None
+      if do_postprocess or polygons or preview_path:
+        mask, nodata_value = scene_outputs.whole_mask(mask_sink, probabilities, threshold)
+        if do_postprocess:
+          mask = postprocess.filter_components(mask, min_area, max_perimeter_ratio,
+                                               min_convexity, nodata_value)
+          if plain_out:
+            mask_sink.mask = mask
+          elif not probabilities:  # rewrite the scratch mask in one go
+            scene_outputs.rewrite_mask(mask_sink.path, mask)
+      if plain_out:
+        mask_sink.path = outs.path(out)
+        mask_sink.close()
+      else:
+        raster_io.write_cog(mask_sink.path, outs.path(out), probabilities)
+      if probs_sink is not None:
+        raster_io.write_cog(probs_sink.path, outs.path(probs_path), True)
+      for p in polygons:
+        vectors.write(outs.path(p), vectors.iter_features(mask, source.transform, nodata_value),
+                      source.crs)
+      if preview_path:
+        scene_outputs.write_preview(outs.path(preview_path), source, mask, nodata_value)
+    return stats
+  finally:
+    if bar is not None:
+      bar.close()
+    source.close()
+    for p in scratch:
+      if os.path.exists(p):
+        os.remove(p)
+
+
+def _version() -> str:
+  import segchange_jax  # pylint: disable=g-import-not-at-top
+  return segchange_jax.__version__
+
+
+def load_model(checkpoint: str, config=None, prompt: str | None = None,
+               embeddings: str | None = None, text_model: str | None = None) -> Model:
+  """Loads the checkpoint (variables only, checked against its config) and embeds the prompt
+  (default the config's data.prompt)."""
+  from segchange_jax.inference import predictor  # pylint: disable=g-import-not-at-top
+  from segchange_jax.text import prompts  # pylint: disable=g-import-not-at-top
+  config, variables = predictor.load_checkpoint(checkpoint, config)
+  prompt = prompt if prompt is not None else config.data.prompt
+  emb = prompts.embed_one(config, prompt, npz=embeddings, text_model=text_model)
+  tags = dict(CHECKPOINT=os.path.abspath(checkpoint), PROMPT=prompt)
+  return Model(detector_predictor(predictor.ChangeDetector(config, variables), emb), config, tags)

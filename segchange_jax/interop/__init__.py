@@ -1,0 +1,10 @@
+"""Interop: weights from and to the PyTorch world and the Hugging Face Hub.
+
+`torch_rules` (the rule engine mapping torch state_dict keys onto Flax variables and back; a
+leaf module: models/ import it to declare their `torch_rules`), `torch_pickle` (reads .pth
+files without torch and without running pickled code), `upstream` (whole upstream SegChange
+checkpoints, both directions: `python -m segchange_jax.convert_torch`), `pretrained`
+(`config.model.pretrained`: timm / torchvision / D-FINE backbone files), `hub` (Hub ids into
+the HF cache, checksum-verified). May import: base modules and models/ (except torch_rules,
+which imports nothing of ours).
+"""

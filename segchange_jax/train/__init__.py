@@ -1,0 +1,12 @@
+"""Training: the jitted step, the loop around it, and what the loop needs.
+
+`train_step` (TrainState, sharded init, the one jitted train / eval step), `loop` (data,
+prompt table, steps, evaluation, checkpoints, logs: `train_and_evaluate`), `losses`,
+`metrics`, `optim` (AdamW with two learning rates, schedules, freezing), `sharding` (the
+data x fsdp mesh), `checkpointing` (Orbax managers, exact resume, and the one place that
+finds and reads a checkpoint folder), `summary` (metrics.csv + TensorBoard), `distributed`
+(multi-process start-up), `init_from`, `evaluation` (scoring a checkpoint on a split).
+`python -m segchange_jax.train` runs `__main__.py`. May import: base modules, models/,
+text/, data/, interop/; never inference/ (inference imports checkpointing from here).
+This file imports nothing, so `python -m segchange_jax.train` starts fast.
+"""

@@ -1,0 +1,197 @@
+"""Scoring a checkpoint on a dataset split: metrics, per-example scores, comparison images.
+
+The library behind `python -m segchange_jax.evaluate` (its docstring lists the outputs).
+Metrics come from the training loop's own code (`train_step.eval_outputs`,
+`metrics.confusion_matrix` / `compute_metrics` via `loop.evaluate_split`), so they equal what
+training reports for the same checkpoint and split.
+"""
+
+from __future__ import annotations
+
+import csv
+import heapq
+import json
+import os
+from typing import Any
+
+import numpy as np
+
+from segchange_jax import atomic
+from segchange_jax.data import input_pipeline
+
+GAP = 4
+GAP_GREY = 128
+TP_RGB, FP_RGB, FN_RGB = (255, 255, 255), (255, 0, 0), (0, 0, 255)
+
+
+class EvaluationError(ValueError):
+  """The checkpoint, the config or the split cannot be evaluated; the message says why."""
+
+
+def per_example_counts(cm: np.ndarray) -> dict[str, np.ndarray]:
+  """[N, C, C] per-example confusion matrices -> tp, fp, fn of change (class != 0), iou, f1.
+
+  Empty examples (no change in label or prediction) score 1: ranking should put them with the
+  perfect ones, not with the failures (the split-level metrics keep sklearn's 0 convention).
+  """
+  cm = np.asarray(cm, np.int64)
+  changed = cm[:, 1:, 1:]
+  tp = np.trace(changed, axis1=1, axis2=2)
+  wrong_class = changed.sum((1, 2)) - tp  # changed in both, wrong class: a miss and a false alarm
+  fp = cm[:, 0, 1:].sum(-1) + wrong_class
+  fn = cm[:, 1:, 0].sum(-1) + wrong_class
+  den_iou, den_f1 = tp + fp + fn, 2 * tp + fp + fn
+  iou = np.where(den_iou > 0, tp / np.maximum(den_iou, 1), 1.0)
+  f1 = np.where(den_f1 > 0, 2 * tp / np.maximum(den_f1, 1), 1.0)
+  return {'tp': tp, 'fp': fp, 'fn': fn, 'iou': iou, 'f1': f1}
+
+
+def comparison_row(a: np.ndarray, b: np.ndarray, label: np.ndarray, pred: np.ndarray,
+                   binary: bool = True) -> np.ndarray:
+  """uint8 [H, 4W + 3 GAP, 3]: A | B | label | prediction overlay (colours in the docstring).
+
+  `label` as stored (binary: any non-zero = change), `pred` the predicted class map.
+  """
+  true, hit = label > 0, pred > 0
+  if binary:
+    label, pred = true.astype(np.int32), hit.astype(np.int32)
+  label_rgb = np.repeat((true * 255).astype(np.uint8)[..., None], 3, axis=-1)
+  overlay = (b.astype(np.float32) * 0.4).astype(np.uint8)
+  overlay[true & hit & (label == pred)] = TP_RGB
+  overlay[hit & ~(true & (label == pred))] = FP_RGB
+  overlay[true & ~hit] = FN_RGB
+  h = a.shape[0]
+  gap = np.full((h, GAP, 3), GAP_GREY, np.uint8)
+  return np.concatenate([a, gap, b, gap, label_rgb, gap, overlay], axis=1)
+
+
+class _Ranker:
+  """Keeps the N lowest and N highest scoring examples (with their predictions)."""
+
+  def __init__(self, n: int):
+    self.n = n
+    self.worst: list = []  # max-heap by score via negation: (-score, -index, index, pred)
+    self.best: list = []   # min-heap: (score, -index, index, pred)
+
+  def add(self, score: float, index: int, pred: np.ndarray) -> None:
+    for heap, key in ((self.worst, -score), (self.best, score)):
+      item = (key, -index, index, pred)
+      if len(heap) < self.n:
+        heapq.heappush(heap, item)
+      elif item[:2] > heap[0][:2]:
+        heapq.heapreplace(heap, item)
+
+  def ranked(self) -> dict[str, list[tuple[int, np.ndarray]]]:
+    worst = sorted(self.worst, key=lambda t: (-t[0], t[2]))
+    best = sorted(self.best, key=lambda t: (-t[0], t[2]))
+    return {'worst': [(t[2], t[3]) for t in worst], 'best': [(t[2], t[3]) for t in best]}
+
+
+def _split_records(config, split: str):
+  """grain ArrayRecordDataSource of `split`, for reading examples by index."""
+  import grain.python as grain  # pylint: disable=g-import-not-at-top
+  info = input_pipeline.load_dataset_info(config.data.shards_dir)
+  paths = [os.path.join(config.data.shards_dir, n) for n in info['splits'][split]['shards']]
+  return grain.ArrayRecordDataSource(paths)
+
+
+def evaluate(config, variables: dict, split: str, out_dir: str, num_images: int = 0,
+             rank_by: str = 'iou', batch_size: int | None = None,
+             checkpoint: str = '') -> dict[str, Any]:
+  """Scores `split`, writes metrics JSON, per-example CSV and images; returns the metrics."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from segchange_jax.train import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
+  from segchange_jax.train import sharding  # pylint: disable=g-import-not-at-top
+  from segchange_jax.train import train_step  # pylint: disable=g-import-not-at-top
+  from segchange_jax.train import loop  # pylint: disable=g-import-not-at-top
+  from segchange_jax.text import prompts  # pylint: disable=g-import-not-at-top
+  from segchange_jax.models import segchange  # pylint: disable=g-import-not-at-top
+
+  info = input_pipeline.load_dataset_info(config.data.shards_dir)
+  if split not in info['splits']:
+    raise EvaluationError(f'--split {split!r} is not in {config.data.shards_dir} (it has '
+                          f'{sorted(info["splits"])})')
+  # Per-example outputs pair the global step outputs with this process's host batch, which
+  # only coincide on one process; multi-process runs write the split metrics only.
+  single = jax.process_count() == 1
+  if num_images and not single:
+    raise EvaluationError('comparison images need a single process; pass --num_images=0')
+  batch_size = batch_size or config.eval.batch_size
+  table_np, prompt_to_index = prompts.dataset_table(config, info)
+  mesh = sharding.create_mesh(config)
+  model = segchange.build_model(config)
+  var_shardings = sharding.param_shardings(variables, mesh, config)
+  variables = jax.device_put(dict(variables), var_shardings)
+  rep = sharding.replicated(mesh)
+  text_table = jax.device_put(table_np, rep)
+  threshold = config.eval.threshold
+
+  def step(variables, batch, text_table):
+    out, logits = train_step.eval_outputs(model, config, variables, batch, text_table)
+    if not single:
+      return out
+    per_cm = jax.vmap(lambda z, y, m: metrics_lib.confusion_matrix(
+        z[None], y[None], m[None], threshold=threshold))(logits, batch['label'], batch['mask'])
+    out['per_example'] = {'cm': per_cm}
+    if num_images:
+      out['per_example']['pred'] = metrics_lib.predictions(logits, threshold).astype('uint8')
+    return out
+
+  step = jax.jit(step, in_shardings=(var_shardings, sharding.batch_sharding(mesh), rep),
+                 out_shardings=rep)
+  cms, ranker = [], _Ranker(num_images)
+
+  def on_batch(batch, per_example):
+    valid = np.asarray(batch['mask']) > 0
+    cm = np.asarray(per_example['cm'])[valid]
+    scores = per_example_counts(cm)[rank_by]
+    if num_images:
+      preds = np.asarray(per_example['pred'])[valid]
+      for k, (score, pred) in enumerate(zip(scores, preds)):  # examples, not pixels
+        ranker.add(float(score), len(cms) + k, pred)
+    cms.extend(cm)
+
+  result = loop.evaluate_split(step, variables, config, split, prompt_to_index, text_table,
+                                  mesh, batch_size, on_batch=on_batch if single else None)
+  result.update({'checkpoint': checkpoint, 'split': split, 'threshold': float(threshold)})
+  if jax.process_index() != 0:
+    return result
+  os.makedirs(out_dir, exist_ok=True)
+  with atomic.atomic_open(os.path.join(out_dir, f'metrics_{split}.json')) as f:
+    json.dump(result, f, indent=2, default=float)
+  if not single:
+    return result
+  source = _split_records(config, split)
+  _write_per_example(os.path.join(out_dir, f'per_example_{split}.csv'), np.stack(cms), source)
+  if num_images:
+    _write_images(os.path.join(out_dir, 'images'), ranker.ranked(), source, rank_by,
+                  per_example_counts(np.stack(cms))[rank_by], config.model.num_classes == 1)
+  return result
+
+
+def _write_per_example(path: str, cms: np.ndarray, source) -> None:
+  from segchange_jax.data import records  # pylint: disable=g-import-not-at-top
+  counts = per_example_counts(cms)
+  with atomic.atomic_open(path, 'w', newline='') as f:
+    w = csv.writer(f)
+    w.writerow(['index', 'file_name', 'tp', 'fp', 'fn', 'iou', 'f1'])
+    for i in range(len(cms)):
+      name = records.parse(source[i])['file_name']
+      w.writerow([i, name, *(int(counts[k][i]) for k in ('tp', 'fp', 'fn')),
+                  f'{counts["iou"][i]:.6f}', f'{counts["f1"][i]:.6f}'])
+
+
+def _write_images(folder: str, ranked: dict, source, rank_by: str, scores: np.ndarray,
+                  binary: bool) -> None:
+  import cv2  # pylint: disable=g-import-not-at-top
+  from segchange_jax.data import records  # pylint: disable=g-import-not-at-top
+  os.makedirs(folder, exist_ok=True)
+  for kind, items in ranked.items():
+    for rank, (index, pred) in enumerate(items):
+      ex = records.decode(source[index])
+      row = comparison_row(ex['image_a'], ex['image_b'], ex['label'], pred, binary)
+      stem = os.path.splitext(os.path.basename(ex['file_name']))[0]
+      name = f'{kind}_{rank:02d}_{stem}_{rank_by}{scores[index]:.3f}.png'
+      with atomic.atomic_path(os.path.join(folder, name)) as tmp:
+        if not cv2.imwrite(tmp, row[..., ::-1]):
+          raise OSError(f'could not write {os.path.join(folder, name)}')
