@@ -6,7 +6,7 @@ r"""Train-step time: our jitted step vs the PyTorch reference (same model, losse
   python bench/train_step.py --all --iters 2          # every README row (one compile per row: long)
   python bench/train_step.py --sizes 512 --impls ours --remat none dots block --compile_only
 
-One optimizer step = forward of A and B through the siamese model, the four SPEC losses
+One optimizer step = forward of A and B through the siamese model, the four losses (train/losses.py)
 (BCE + Dice + focal + BCL, config.loss weights), backward, gradient-norm clipping when
 config.train.grad_clip_norm > 0, and AdamW with the backbone / head learning rates. Ours is
 segchange_jax.train.train_step.make_train_step (jit, donated state, mesh shardings); the reference is

@@ -1,6 +1,6 @@
 """Data: raw change-detection layouts -> ArrayRecord shards -> the Grain training pipeline.
 
-`layouts` (the raw folder layouts of SPEC's datasets) and `reading` (decoding, band and size
+`layouts` (the raw folder layouts of the public datasets) and `reading` (decoding, band and size
 checks) feed `convert` (shards + dataset_info.json; `python -m data_prep.convert` is its
 command line); `synthetic` makes the demo scenes; `shards` makes sure the shards a config names
 exist and fit the model before training; `records` is the record format both sides share;

@@ -1,6 +1,6 @@
 """Shape post-processing of change masks and their export as polygons.
 
-Filter (SPEC "Inference on large rasters"): keep an 8-connected change component when
+Filter (upstream's large-raster post-processing): keep an 8-connected change component when
   area >= min_area px, perimeter / area <= max_perimeter_ratio, area / convex-hull area >= min_convexity.
 Perimeter is the number of exposed pixel edges (outer boundary and holes, px); the convex hull is
 taken over pixel corners, so a filled rectangle has convexity exactly 1.

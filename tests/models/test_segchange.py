@@ -15,27 +15,21 @@ from tests.torch_ref import segchange as ref
 from tests.torch_ref import util
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
+UPSTREAM_KEYS = pathlib.Path(__file__).resolve().parents[1] / 'upstream_keys'  # tests/upstream_keys/README.md
 TSV = {'swin_base_patch4_window7_224': 'state_dict_v1_swin.tsv',
        'resnet50': 'state_dict_v2_resnet50.tsv', 'hgnetv2': 'state_dict_v3_hgnetv2.tsv'}
 
 
-def _upstream_dir() -> pathlib.Path:
-  for root in (REPO.parent, REPO.parent.parent):
-    if (root / 'shared' / 'upstream').is_dir():
-      return root / 'shared' / 'upstream'
-  pytest.skip('shared/upstream key lists are absent (only present beside the dev checkout)')
-
-
 def _tsv(backbone) -> dict:
   out = {}
-  for line in (_upstream_dir() / TSV[backbone]).read_text().splitlines()[1:]:
+  for line in (UPSTREAM_KEYS / TSV[backbone]).read_text().splitlines()[1:]:
     key, shape = line.split('\t')[:2]
     out[key] = tuple(ast.literal_eval(shape))
   return out
 
 
 def upstream_config(variant: str):
-  """The three upstream variants of shared/upstream/README.md at full size."""
+  """The three upstream variants (tests/upstream_keys/README.md) at full size."""
   c = base.get_config()
   m = c.model
   if variant == 'resnet50':

@@ -17,16 +17,9 @@ torch = pytest.importorskip('torch')
 timm = pytest.importorskip('timm')
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
+UPSTREAM_KEYS = pathlib.Path(__file__).resolve().parents[1] / 'upstream_keys'  # tests/upstream_keys/README.md
 UPSTREAM_PREFIX = 'dual_encoder.encoder.backbone.'
 SMALL = dict(embed_dim=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8))
-
-
-def _upstream_dir() -> pathlib.Path:
-  # ../shared beside the main checkout; a worktree under wt/<name> sits one level deeper.
-  for root in (REPO.parent, REPO.parent.parent):
-    if (root / 'shared' / 'upstream').is_dir():
-      return root / 'shared' / 'upstream'
-  pytest.skip('shared/upstream key lists are absent (only present beside the dev checkout)')
 
 
 def _cfg(**swin_fields):
@@ -76,7 +69,7 @@ def _parity(tmodel, cfg, height, width, batch=2):
 
 def test_torch_mapping_covers_upstream_state_dict():
   """Our rules name exactly the upstream backbone keys, with the same torch shapes."""
-  tsv = _upstream_dir() / 'state_dict_v1_swin.tsv'
+  tsv = UPSTREAM_KEYS / 'state_dict_v1_swin.tsv'
   upstream = {}
   for line in tsv.read_text().splitlines()[1:]:
     key, shape = line.split('\t')[:2]

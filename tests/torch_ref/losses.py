@@ -1,4 +1,5 @@
-"""Torch versions of the SPEC.md loss formulas (written from SPEC.md, not from upstream code).
+"""Torch versions of the loss formulas (docs/architecture.md, "Losses"; written from the
+formulas, not from upstream code).
 
 Used by the loss parity tests and by bench/train_step.py as the reference training objective.
 """

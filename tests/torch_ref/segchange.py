@@ -1,7 +1,8 @@
-"""Clean-room PyTorch reference of SegChange-R1's non-backbone parts, written from SPEC.md.
+"""Clean-room PyTorch reference of SegChange-R1's non-backbone parts, written from
+docs/architecture.md.
 
-Attribute names are chosen so that `state_dict()` keys equal upstream's (shared/upstream/*.tsv);
-the computations follow SPEC.md sections 2-6 literally (no fast rewrites), NCHW.
+Attribute names are chosen so that `state_dict()` keys equal upstream's (tests/upstream_keys/*.tsv);
+the computations follow the stage descriptions of docs/architecture.md literally (no fast rewrites), NCHW.
 """
 
 from __future__ import annotations

@@ -66,7 +66,7 @@ def _step_config(config, batch):
 
 
 def _torch_step(tmodel, config, frozen_keys, a, b, text, label, dtype):
-  """Forward (train mode), SPEC losses, backward; (loss, grads sd, stats sd) in numpy."""
+  """Forward (train mode), the four losses, backward; (loss, grads sd, stats sd) in numpy."""
   model = copy.deepcopy(tmodel).to(dtype).train()
   for k, p in model.state_dict(keep_vars=True).items():
     if k in frozen_keys:
