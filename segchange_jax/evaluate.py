@@ -35,7 +35,7 @@ from absl import flags
 from segchange_jax import atomic
 from segchange_jax import cli
 from segchange_jax import config_lib
-from segchange_jax.inference.predictor import load_checkpoint
+from segchange_jax.interop.checkpoints import load_checkpoint
 from segchange_jax.train.evaluation import evaluate
 
 

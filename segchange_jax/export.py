@@ -37,7 +37,7 @@ from segchange_jax import atomic
 from segchange_jax import cli
 from segchange_jax import config_lib
 from segchange_jax.inference.export import MODEL_FILE, ExportError, write_bundle
-from segchange_jax.inference.predictor import load_checkpoint
+from segchange_jax.interop.checkpoints import load_checkpoint
 
 
 def define_flags() -> None:

@@ -17,7 +17,6 @@ import pytest
 from absl import flags
 from absl.testing import flagsaver
 
-from segchange_jax.inference import predictor
 from segchange_jax import atomic
 from segchange_jax import cli
 from segchange_jax import infer
@@ -25,6 +24,7 @@ from segchange_jax.inference import pipeline
 from segchange_jax.inference import raster_io
 from tests.eval import tiny
 from tests.infer import scene_helpers as h
+from segchange_jax.interop import checkpoints
 
 if 'checkpoint' not in flags.FLAGS:  # the command defines its flags only when run as one
   infer.define_flags()
@@ -151,8 +151,8 @@ def test_truncated_checkpoint_array_file(tmp_path):
   assert files
   for p in files:  # cut every array data file in half
     p.write_bytes(p.read_bytes()[:p.stat().st_size // 2])
-  with pytest.raises(predictor.CheckpointError, match='cannot be read.*incomplete or corrupt'):
-    predictor.load_variables(str(tmp_path / 'ckpt'))
+  with pytest.raises(checkpoints.CheckpointError, match='cannot be read.*incomplete or corrupt'):
+    checkpoints.load_variables(str(tmp_path / 'ckpt'))
   proc = _subprocess('segchange_jax.evaluate', '--checkpoint', str(tmp_path / 'ckpt'),
                      '--out', str(tmp_path / 'ev'))
   assert proc.returncode == 2, proc.stderr[-3000:]

@@ -12,6 +12,7 @@ import torch
 from segchange_jax import config_lib
 from tests.torch_ref import segchange as ref
 from tests.torch_ref import util
+from segchange_jax.interop import checkpoints
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -85,12 +86,11 @@ def test_cli_wrong_variant_is_one_clear_error(tmp_path, demo):
 
 
 def test_pth_needs_config(tmp_path, demo):
-  from segchange_jax.inference import predictor
   _, tmodel = demo
   pth = tmp_path / 'x.pth'
   torch.save(tmodel.state_dict(), pth)
   with pytest.raises(ValueError, match='pass config='):
-    predictor.load_variables(str(pth))
+    checkpoints.load_variables(str(pth))
 
 
 def test_package_import_is_lazy():

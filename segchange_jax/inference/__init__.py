@@ -5,6 +5,6 @@
 (GeoTIFF / plain-image pairs, grids, nodata, COG writing), `scene_outputs` (whole-scene passes
 after the engine), `postprocess` and `vectors` (shape filtering, polygons as GeoJSON / GPKG /
 FGB), `pipeline` (what `python -m segchange_jax.infer` runs), `export` (StableHLO bundle).
-May import: base modules, models/, text/, data/ (imagery), interop/, and
-train.checkpointing (reading checkpoints); nothing else from train/.
+May import: base modules, models/, text/, data/ (imagery) and interop/ (checkpoints are
+read through interop/checkpoints.py); never train/.
 """

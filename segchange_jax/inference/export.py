@@ -13,6 +13,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from segchange_jax import atomic
+from segchange_jax.interop import checkpoints
 
 MODEL_FILE = 'model.stablehlo'
 PROMPTS_FILE = 'prompts.npz'
@@ -91,9 +92,8 @@ def write_bundle(out: str, config, variables: dict, prompts: Sequence[str] | Non
 def _write_files(out, config, variables, names, emb, exported, size) -> dict[str, Any]:
   import jax  # pylint: disable=g-import-not-at-top
   from segchange_jax.data import imagery  # pylint: disable=g-import-not-at-top
-  from segchange_jax.inference import predictor  # pylint: disable=g-import-not-at-top
   from segchange_jax.text import prompts  # pylint: disable=g-import-not-at-top
-  predictor.save_variables(out, config, variables)
+  checkpoints.save_variables(out, config, variables)
   prompts.write_npz(os.path.join(out, PROMPTS_FILE), names, emb, '', config.text.model)
   with open(os.path.join(out, MODEL_FILE), 'wb') as f:
     f.write(exported.serialize())

@@ -25,6 +25,7 @@ from segchange_jax.inference import sliding_window
 from segchange_jax.inference import raster_io
 from segchange_jax.inference import scene_outputs
 from segchange_jax.inference import vectors
+from segchange_jax.interop import checkpoints
 
 PredictFn = sliding_window.PredictFn
 RASTER_SUFFIXES = ('.tif', '.tiff')
@@ -271,7 +272,7 @@ def load_model(checkpoint: str, config=None, prompt: str | None = None,
   (default the config's data.prompt)."""
   from segchange_jax.inference import predictor  # pylint: disable=g-import-not-at-top
   from segchange_jax.text import prompts  # pylint: disable=g-import-not-at-top
-  config, variables = predictor.load_checkpoint(checkpoint, config)
+  config, variables = checkpoints.load_checkpoint(checkpoint, config)
   prompt = prompt if prompt is not None else config.data.prompt
   emb = prompts.embed_one(config, prompt, npz=embeddings, text_model=text_model)
   tags = dict(CHECKPOINT=os.path.abspath(checkpoint), PROMPT=prompt)

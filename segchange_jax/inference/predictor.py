@@ -19,8 +19,6 @@ checkpoint directory of `segchange_jax.train` (`state/` + `config/` under a step
 
 from __future__ import annotations
 
-import glob
-import json
 import os
 import dataclasses
 from typing import Any
@@ -30,96 +28,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from segchange_jax import config_lib
-from segchange_jax.interop import torch_pickle
 from segchange_jax.models import segchange
-from segchange_jax.train import checkpointing
-from segchange_jax.train.checkpointing import CheckpointError
-
-VARIABLES_DIR = 'variables'
-CONFIG_FILE = 'config.json'
-
-
-# ---------------------------------------------------------------------------- config I/O
-
-
-def save_variables(directory: str, config: ml_collections.ConfigDict, variables: dict) -> None:
-  """Writes `variables/` (Orbax) and `config.json` under `directory`."""
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  directory = os.path.abspath(directory)
-  os.makedirs(directory, exist_ok=True)
-  target = os.path.join(directory, VARIABLES_DIR)
-  if os.path.exists(target):
-    raise FileExistsError(f'{target} already exists; choose another --out or delete it')
-  ckptr = ocp.StandardCheckpointer()
-  ckptr.save(target, jax.tree.map(np.asarray, dict(variables)))
-  ckptr.wait_until_finished()
-  with open(os.path.join(directory, CONFIG_FILE), 'w') as f:
-    f.write(config.to_json_best_effort(indent=2))
-
-
-def _read_json_item(directory: str) -> dict:
-  files = [f for f in glob.glob(os.path.join(directory, '**', '*'), recursive=True)
-           if os.path.isfile(f)]
-  for f in files:
-    try:
-      with open(f) as fh:
-        return json.load(fh)
-    except (ValueError, UnicodeDecodeError):
-      continue
-  raise FileNotFoundError(f'no JSON config found under {directory}')
-
-
-def load_variables(path: str, config: ml_collections.ConfigDict | None = None
-                   ) -> tuple[ml_collections.ConfigDict, dict]:
-  """(config, variables) from an upstream .pth, a converted dir or a training checkpoint."""
-  path = os.fspath(path)
-  if os.path.isfile(path):
-    if config is None:
-      raise ValueError(f'{path} is a PyTorch checkpoint: pass config= (e.g. '
-                       "config_lib.load_config('configs/dvcd.py')) describing its variant")
-    sd = torch_pickle.load(path)
-    return config, segchange.load_torch_state_dict(config, sd, source=path)
-  if not os.path.isdir(path):
-    raise FileNotFoundError(f'checkpoint {path!r} does not exist')
-  if os.path.isdir(os.path.join(path, VARIABLES_DIR)):
-    if config is None:
-      with open(os.path.join(path, CONFIG_FILE)) as f:
-        config = config_lib.config_from_dict(json.load(f))
-    return config, checkpointing.restore_tree(os.path.join(path, VARIABLES_DIR))
-  step_dir = checkpointing.find_step_dir(path)
-  if step_dir is None:
-    raise FileNotFoundError(
-        f'{path} is not a checkpoint: expected a .pth file, a directory with {VARIABLES_DIR}/ and '
-        f'{CONFIG_FILE} (convert_torch output) or a training checkpoints directory')
-  if config is None:
-    config = config_lib.config_from_dict(_read_json_item(os.path.join(step_dir, 'config')))
-  state = checkpointing.restore_tree(step_dir / 'state', keys=('params', 'model_state'))
-  variables = {'params': state['params'], **dict(state.get('model_state') or {})}
-  return config, variables
-
-
-def load_checkpoint(path: str, config=None):
-  """(config, variables), checking the variables fit the config's model."""
-  import jax  # pylint: disable=g-import-not-at-top
-  if not path or not os.path.exists(path):
-    raise CheckpointError(f'--checkpoint {path!r} does not exist')
-  try:
-    config, variables = load_variables(path, config)
-  except (FileNotFoundError, ValueError) as e:
-    raise CheckpointError(f'--checkpoint {path}: {e}') from e
-  want = segchange.variable_shapes(segchange.build_model(config))
-  got_paths = {jax.tree_util.keystr(k): np.shape(v)
-               for k, v in jax.tree_util.tree_leaves_with_path(variables)}
-  want_paths = {jax.tree_util.keystr(k): tuple(v.shape)
-                for k, v in jax.tree_util.tree_leaves_with_path(want)}
-  if got_paths != want_paths:
-    diff = sorted(set(got_paths.items()) ^ set(want_paths.items()))[:3]
-    raise CheckpointError(f'--checkpoint {path} does not fit the config\'s model (first '
-                          f'differences (path, shape): {diff}); pass the --config it was trained '
-                          'with')
-  return config, variables
-
+from segchange_jax.interop import checkpoints
 
 # ------------------------------------------------------------------------------- predictor
 
@@ -162,7 +72,7 @@ class ChangeDetector:
   def from_checkpoint(cls, path: str, config: ml_collections.ConfigDict | None = None,
                       embeddings: str | None = None) -> 'ChangeDetector':
     """Loads `path` (see load_variables); `embeddings`: optional embed_prompts .npz."""
-    return cls(*load_variables(path, config), embeddings=embeddings,
+    return cls(*checkpoints.load_variables(path, config), embeddings=embeddings,
                checkpoint=os.path.abspath(os.fspath(path)))
 
   def predict_logits(self, image_a: Any, image_b: Any, text_embeddings: Any) -> np.ndarray:

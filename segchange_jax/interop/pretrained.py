@@ -213,14 +213,14 @@ def convert(sd: dict[str, np.ndarray], model_cfg, expected: dict[tuple[str, ...]
 
 def load(config, params: Any, model_state: dict) -> tuple[Any, dict, dict[str, Any]]:
   """(params, model_state, report) with the backbone taken from `config.model.pretrained`."""
-  from segchange_jax.train import init_from  # pylint: disable=g-import-not-at-top
+  from segchange_jax.interop import checkpoints  # pylint: disable=g-import-not-at-top
   spec = config.model.pretrained
   path = resolve(spec, config.model.backbone)
   target = {'params': params, **model_state}
   expected = {k: tuple(v.shape) for k, v in tc.flatten(target).items()
               if len(k) > 1 and k[1] == 'backbone'}
   source, report = convert(read_state_dict(path), config.model, expected, path)
-  merged, merge_report = init_from.merge(target, source)
+  merged, merge_report = checkpoints.merge(target, source)
   if merge_report['loaded'] != report['loaded'] or merge_report['unused']:
     raise AssertionError(f'pretrained merge disagrees with the conversion: {merge_report}')
   params = merged.pop('params')

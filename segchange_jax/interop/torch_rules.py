@@ -115,6 +115,19 @@ def batchnorm(torch_prefix: str, path: Sequence[str], collection: str = 'batch_s
 # Conversion ------------------------------------------------------------------------------
 
 
+def path_names(path: Sequence[Any]) -> tuple[str, ...]:
+  """jax key path -> tuple of names ('params', 'backbone', 'conv', 'kernel')."""
+  names = []
+  for key in path:
+    for attr in ('key', 'name', 'idx'):
+      if hasattr(key, attr):
+        names.append(str(getattr(key, attr)))
+        break
+    else:
+      names.append(str(key))
+  return tuple(names)
+
+
 class ConversionError(ValueError):
   """A state_dict does not fit the model; the message lists every offending key."""
 

@@ -12,23 +12,22 @@ import jax
 import numpy as np
 
 from segchange_jax import atomic
+from segchange_jax.interop import checkpoints
 
 
 def to_flax(checkpoint: str, config, out: str) -> int:
   """Upstream .pth (or any checkpoint) -> `out`/{variables/, config.json}; returns #params."""
-  from segchange_jax.inference import predictor  # pylint: disable=g-import-not-at-top
-  config, variables = predictor.load_variables(checkpoint, config)
+  config, variables = checkpoints.load_variables(checkpoint, config)
   with atomic.atomic_dir(out) as tmp:
-    predictor.save_variables(tmp, config, variables)
+    checkpoints.save_variables(tmp, config, variables)
   return sum(int(v.size) for v in jax.tree.leaves(variables['params']))
 
 
 def to_torch(checkpoint: str, config, out: str) -> int:
   """Our checkpoint -> upstream state_dict in `out` (.safetensors); returns #tensors."""
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
-  from segchange_jax.inference import predictor  # pylint: disable=g-import-not-at-top
   from segchange_jax.models import segchange  # pylint: disable=g-import-not-at-top
-  config, variables = predictor.load_variables(checkpoint, config)
+  config, variables = checkpoints.load_variables(checkpoint, config)
   sd = segchange.export_torch_state_dict(config, variables)
   with atomic.atomic_path(out) as tmp:
     save_file({k: np.ascontiguousarray(v) for k, v in sd.items()}, tmp)

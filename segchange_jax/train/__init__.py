@@ -2,11 +2,11 @@
 
 `train_step` (TrainState, sharded init, the one jitted train / eval step), `loop` (data,
 prompt table, steps, evaluation, checkpoints, logs: `train_and_evaluate`), `losses`,
-`metrics`, `optim` (AdamW with two learning rates, schedules, freezing), `sharding` (the
-data x fsdp mesh), `checkpointing` (Orbax managers, exact resume, and the one place that
-finds and reads a checkpoint folder), `summary` (metrics.csv + TensorBoard), `distributed`
+`metrics`, `optim` (AdamW with two learning rates, schedules, freezing), `param_groups`,
+`sharding` (the data x fsdp mesh), `checkpointing` (Orbax managers, exact resume; reading any
+checkpoint is interop/checkpoints.py), `summary` (metrics.csv + TensorBoard), `distributed`
 (multi-process start-up), `init_from`, `evaluation` (scoring a checkpoint on a split).
 `python -m segchange_jax.train` runs `__main__.py`. May import: base modules, models/,
-text/, data/, interop/; never inference/ (inference imports checkpointing from here).
+text/, data/, interop/; never inference/.
 This file imports nothing, so `python -m segchange_jax.train` starts fast.
 """

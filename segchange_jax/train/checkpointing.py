@@ -22,9 +22,9 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from etils import epath
 
 from segchange_jax import paths
+from segchange_jax.interop import checkpoints
 
 KINDS = ('latest', 'best_f1', 'best_iou')
 _BEST_METRIC = {'best_f1': 'f1', 'best_iou': 'iou'}
@@ -155,69 +155,13 @@ class Checkpointer:
       mgr.close()
 
 
-class CheckpointError(ValueError):
-  """A checkpoint cannot be read; the message names the path and what to do."""
-
-
-def find_step_dir(path: str | os.PathLike) -> epath.Path | None:
-  """The step directory (the one holding `state/`) that `path` designates, or None.
-
-  `path`: a checkpoints root (prefers best_iou, then best_f1, then latest; a best_* folder
-  stays empty until the first evaluation and is skipped), one of those folders (its highest
-  step), or a step directory itself.
-  """
-  path = paths.resolve(path)
-  if (path / 'state').is_dir():
-    return path
-  for sub in ('best_iou', 'best_f1', 'latest'):
-    if (path / sub).is_dir():
-      found = find_step_dir(path / sub)
-      if found is not None:
-        return found
-  steps = [int(d.name) for d in path.iterdir() if d.name.isdigit()] if path.is_dir() else []
-  return path / str(max(steps)) if steps else None
-
-
-def _metadata_tree(ckptr, path) -> Any:
-  # Orbax returns the tree under .item_metadata.tree or .tree depending on its version.
-  meta = ckptr.metadata(path)
-  meta = getattr(meta, 'item_metadata', meta)
-  return getattr(meta, 'tree', meta)
-
-
-def restore_tree(path: str | os.PathLike, keys: tuple[str, ...] | None = None) -> dict:
-  """Host numpy arrays of the Orbax tree at `path`; only its top-level `keys` when given.
-
-  Restoring only `params` (+ model state) of a training checkpoint skips the optimizer
-  state, which is twice the size of the parameters for AdamW.
-  """
-  path = os.path.abspath(os.fspath(path)) if not paths.is_remote(path) else os.fspath(path)
-  try:
-    ckptr = ocp.PyTreeCheckpointer()
-    meta = _metadata_tree(ckptr, path)
-    if keys is not None:
-      meta = {k: meta[k] for k in keys if k in meta and meta[k] is not None}
-    # jax.devices()[0] belongs to process 0; in a multi-process run use one of ours.
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                            meta, is_leaf=lambda x: hasattr(x, 'shape'))
-    args = ocp.args.PyTreeRestore(
-        item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
-        partial_restore=keys is not None)
-    return jax.tree.map(np.asarray, ckptr.restore(path, args=args))
-  except Exception as e:  # Orbax / TensorStore raise many types for a damaged checkpoint
-    first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-    raise CheckpointError(f'checkpoint {path} cannot be read ({first}); it is incomplete or '
-                          'corrupt: copy it again or use another step') from e
-
-
 def restore_params(path: str, target_params: Any = None) -> Any:
   """The 'params' of a saved TrainState (for config.init_from).
 
-  `path`: anything `find_step_dir` accepts. With `target_params` the arrays take its shapes
+  `path`: anything `interop.checkpoints.find_step_dir` accepts. With `target_params` the arrays take its shapes
   and shardings; without, they come back as host numpy arrays.
   """
-  step_dir = find_step_dir(path)
+  step_dir = checkpoints.find_step_dir(path)
   if step_dir is None:
     raise FileNotFoundError(
         f'init_from={os.fspath(path)!r} is not a segchange_jax checkpoint: expected a '
@@ -225,10 +169,10 @@ def restore_params(path: str, target_params: Any = None) -> Any:
         'holding state/')
   state_dir = step_dir / 'state'
   if target_params is None:
-    return restore_tree(state_dir, keys=('params',))['params']
+    return checkpoints.restore_tree(state_dir, keys=('params',))['params']
   ckptr = ocp.StandardCheckpointer()
   abstract = dict(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-                               _metadata_tree(ckptr, state_dir),
+                               checkpoints.metadata_tree(ckptr, state_dir),
                                is_leaf=lambda x: hasattr(x, 'shape')))
   abstract['params'] = _abstract(target_params)
   return ckptr.restore(state_dir, abstract)['params']

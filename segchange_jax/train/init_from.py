@@ -11,11 +11,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import jax
-import numpy as np
 
-from segchange_jax.inference import predictor
-from segchange_jax.train import optim
+from segchange_jax.interop import checkpoints
 from segchange_jax.interop import torch_pickle
 from segchange_jax.models import segchange
 from segchange_jax.interop import torch_rules
@@ -33,39 +30,7 @@ def _source_variables(path: str, config) -> dict:
     sd = {k: v for k, v in state_dict.items()
           if k in {r.torch_key for r in have} or k in aliases}
     return torch_rules.convert(sd, have, aliases=aliases, ignore=ignore, source=path)
-  return predictor.load_variables(path)[1]
-
-
-def merge(target: dict, source: dict) -> tuple[dict, dict[str, Any]]:
-  """Takes each target leaf from `source` where path and shape agree.
-
-  Args:
-    target: {collection: tree} of jax arrays (possibly sharded).
-    source: {collection: tree} of numpy arrays.
-
-  Returns:
-    (merged variables placed like `target`, report with 'loaded', 'skipped', 'unused').
-  """
-  src = torch_rules.flatten(source)
-  loaded, skipped = [], []
-
-  def take(path, leaf):
-    key = optim.path_names(path)
-    name = '/'.join(key)
-    if key not in src:
-      skipped.append(f'{name}: not in the checkpoint')
-      return leaf
-    value = np.asarray(src[key])
-    if value.shape != leaf.shape:
-      skipped.append(f'{name}: checkpoint {value.shape} vs model {tuple(leaf.shape)}')
-      return leaf
-    loaded.append(name)
-    return jax.device_put(value.astype(leaf.dtype), leaf.sharding)
-
-  merged = jax.tree_util.tree_map_with_path(take, target)
-  used = {tuple(n.split('/')) for n in loaded}
-  unused = ['/'.join(k) for k in src if k not in used and k[0] in target]
-  return merged, {'loaded': len(loaded), 'skipped': skipped, 'unused': unused}
+  return checkpoints.load_variables(path)[1]
 
 
 def load(config, params: Any, model_state: dict) -> tuple[Any, dict, dict[str, Any]]:
@@ -75,7 +40,7 @@ def load(config, params: Any, model_state: dict) -> tuple[Any, dict, dict[str, A
     raise FileNotFoundError(f'config.init_from={path!r} does not exist')
   source = {k: dict(v) for k, v in _source_variables(path, config).items()}
   target = {'params': params, **model_state}
-  merged, report = merge(target, source)
+  merged, report = checkpoints.merge(target, source)
   params = merged.pop('params')
   report['path'] = os.path.abspath(path)
   return params, merged, report

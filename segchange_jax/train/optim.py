@@ -18,28 +18,17 @@ reduction that changes a group's lr by less than 1e-8; we always apply it.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from segchange_jax.interop import torch_rules
+
 LabelFn = Callable[[tuple[str, ...]], str]
 
 HEAD, BACKBONE, FROZEN = 'head', 'backbone', 'frozen'
-
-
-def path_names(path: Sequence[Any]) -> tuple[str, ...]:
-  """jax key path -> tuple of names ('params', 'backbone', 'conv', 'kernel')."""
-  names = []
-  for key in path:
-    for attr in ('key', 'name', 'idx'):
-      if hasattr(key, attr):
-        names.append(str(getattr(key, attr)))
-        break
-    else:
-      names.append(str(key))
-  return tuple(names)
 
 
 def default_label_fn(names: tuple[str, ...]) -> str:
@@ -54,7 +43,7 @@ def default_label_fn(names: tuple[str, ...]) -> str:
 def param_labels(params: Any, label_fn: LabelFn = default_label_fn,
                  frozen_mask: Any = None) -> Any:
   """Pytree of 'head' / 'backbone' / 'frozen' labels matching `params`."""
-  labels = jax.tree_util.tree_map_with_path(lambda p, _: label_fn(path_names(p)), params)
+  labels = jax.tree_util.tree_map_with_path(lambda p, _: label_fn(torch_rules.path_names(p)), params)
   if frozen_mask is not None:
     labels = jax.tree.map(lambda l, f: FROZEN if f else l, labels, frozen_mask)
   return labels

@@ -16,6 +16,7 @@ import ml_collections
 from segchange_jax.train import optim
 from segchange_jax.models import segchange
 from segchange_jax.models.backbones import backbone_frozen_param_paths
+from segchange_jax.interop import torch_rules
 
 
 def lr_label_fn(config: ml_collections.ConfigDict) -> optim.LabelFn:
@@ -40,5 +41,5 @@ def frozen_mask_fn(config: ml_collections.ConfigDict) -> Callable[[Any], Any] | 
 
   def mask(params):
     return jax.tree_util.tree_map_with_path(
-        lambda path, _: optim.path_names(path) in frozen, params)
+        lambda path, _: torch_rules.path_names(path) in frozen, params)
   return mask

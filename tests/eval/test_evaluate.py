@@ -20,6 +20,7 @@ from segchange_jax.data import input_pipeline
 from segchange_jax.data import imagery
 from segchange_jax.data import records
 from tests.eval import tiny
+from segchange_jax.interop import checkpoints
 
 
 @pytest.fixture(scope='module')
@@ -137,14 +138,14 @@ def test_checkpoint_mismatching_config_is_a_clear_error(setup, tmp_path):
   other = tiny.tiny_config(config.data.shards_dir, config.text.embeddings)
   with other.unlocked():
     other.model.fpn_dim = 64
-  with pytest.raises(predictor.CheckpointError, match='does not fit the config'):
-    predictor.load_checkpoint(str(root / 'ckpt'), other)
+  with pytest.raises(checkpoints.CheckpointError, match='does not fit the config'):
+    checkpoints.load_checkpoint(str(root / 'ckpt'), other)
 
 
 def test_relative_checkpoint_path_loads(setup, monkeypatch):
   root, config, variables, _, _ = setup
   monkeypatch.chdir(root)  # Orbax itself refuses relative paths
-  _, loaded = predictor.load_checkpoint('ckpt', config)
+  _, loaded = checkpoints.load_checkpoint('ckpt', config)
   np.testing.assert_array_equal(np.asarray(jax.tree.leaves(loaded)[0]),
                                 np.asarray(jax.tree.leaves(variables)[0]))
 
@@ -172,7 +173,7 @@ def test_training_checkpoint_scores_as_the_trainer_reported(setup):
   loop.train_and_evaluate(config, str(workdir))
   with open(workdir / 'eval_test.json') as f:
     reported = json.load(f)
-  loaded_config, variables = predictor.load_checkpoint(str(workdir / 'checkpoints'))
+  loaded_config, variables = checkpoints.load_checkpoint(str(workdir / 'checkpoints'))
   got = evaluation.evaluate(loaded_config, variables, 'test', str(root / 'ev_run'))
   for k in ('precision', 'recall', 'f1', 'iou', 'oa', 'loss', 'num_examples'):
     assert got[k] == pytest.approx(reported[k], rel=1e-6), k

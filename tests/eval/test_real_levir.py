@@ -27,9 +27,9 @@ import pytest
 
 from segchange_jax import config_lib
 from segchange_jax.train import evaluation
-from segchange_jax.inference import predictor
 from segchange_jax.train import loop
 from tests.eval import tiny
+from segchange_jax.interop import checkpoints
 
 SPLIT = 'all'  # any name without a list/<name>.txt: the whole flat root
 MISSING = 'test_113_0256.png'
@@ -132,7 +132,7 @@ def test_train_then_evaluate_on_real_pairs(repo_root, levir, monkeypatch):
   assert trained['num_examples'] == 11
 
   monkeypatch.chdir(tmp)  # a relative --checkpoint path, as users type it
-  config, variables = predictor.load_checkpoint(os.path.join('run', 'checkpoints'), config)
+  config, variables = checkpoints.load_checkpoint(os.path.join('run', 'checkpoints'), config)
   evaluation.evaluate(config, variables, SPLIT, str(tmp / 'eval'), num_images=2,
                     checkpoint=str(workdir / 'checkpoints'))
   saved = _check_eval_outputs(tmp / 'eval', root)

@@ -11,9 +11,9 @@ import pathlib
 import jax
 import numpy as np
 
-from segchange_jax.inference import predictor
 from segchange_jax import config_lib
 from segchange_jax.models import segchange
+from segchange_jax.interop import checkpoints
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 SIZE = 64
@@ -49,7 +49,7 @@ def random_variables(config, seed: int = 0) -> dict:
 
 def save_checkpoint(directory, config, seed: int = 0) -> dict:
   variables = random_variables(config, seed)
-  predictor.save_variables(str(directory), config, variables)
+  checkpoints.save_variables(str(directory), config, variables)
   return variables
 
 

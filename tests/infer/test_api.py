@@ -13,6 +13,7 @@ from PIL import Image
 from segchange_jax.inference import predictor
 from tests.eval import tiny
 from tests.infer import scene_helpers as h
+from segchange_jax.interop import checkpoints
 
 PROMPT = 'Buildings appearing or vanishing.'
 
@@ -106,10 +107,10 @@ def test_training_checkpoint_restores_variables_only(detector, tmp_path):
   ckpt = checkpointing.Checkpointer(str(tmp_path / 'checkpoints'), det.config)
   ckpt.save(7, state)
   ckpt.close()
-  config, loaded = predictor.load_variables(str(tmp_path / 'checkpoints'))
+  config, loaded = checkpoints.load_variables(str(tmp_path / 'checkpoints'))
   assert set(loaded) == set(variables)
   for x, y in zip(jax.tree.leaves(loaded), jax.tree.leaves(variables)):
     np.testing.assert_array_equal(x, y)
   assert config.text.dim == det.config.text.dim
   step_dir = tmp_path / 'checkpoints' / 'latest' / '7' / 'state'
-  assert set(checkpointing.restore_tree(str(step_dir), keys=('params',))) == {'params'}
+  assert set(checkpoints.restore_tree(str(step_dir), keys=('params',))) == {'params'}

@@ -1,0 +1,204 @@
+"""Reading and writing SegChange checkpoints of every kind, in one place.
+
+- our training checkpoints (`train/checkpointing.Checkpointer`: `<dir>/{latest,best_f1,
+  best_iou}/<step>/{state,config,...}`): `find_step_dir` picks the step folder, `restore_tree`
+  restores all or some top-level entries (params + model state, not the optimizer);
+- variables folders (`variables/` + `config.json`, written by `save_variables`: convert_torch
+  output, export bundles);
+- upstream `.pth` files (through `torch_pickle` and the model's torch rules).
+`load_variables` takes any of them; `load_checkpoint` also checks the variables fit the
+config's model; `merge` places loaded arrays onto a (sharded) target tree by path and shape
+(config.init_from, config.model.pretrained).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+
+from segchange_jax import config_lib
+from segchange_jax import paths
+from segchange_jax.interop import torch_pickle
+from segchange_jax.interop import torch_rules
+from segchange_jax.models import segchange
+
+
+class CheckpointError(ValueError):
+  """A checkpoint cannot be read; the message names the path and what to do."""
+
+
+def find_step_dir(path: str | os.PathLike) -> epath.Path | None:
+  """The step directory (the one holding `state/`) that `path` designates, or None.
+
+  `path`: a checkpoints root (prefers best_iou, then best_f1, then latest; a best_* folder
+  stays empty until the first evaluation and is skipped), one of those folders (its highest
+  step), or a step directory itself.
+  """
+  path = paths.resolve(path)
+  if (path / 'state').is_dir():
+    return path
+  for sub in ('best_iou', 'best_f1', 'latest'):
+    if (path / sub).is_dir():
+      found = find_step_dir(path / sub)
+      if found is not None:
+        return found
+  steps = [int(d.name) for d in path.iterdir() if d.name.isdigit()] if path.is_dir() else []
+  return path / str(max(steps)) if steps else None
+
+
+def metadata_tree(ckptr, path) -> Any:
+  # Orbax returns the tree under .item_metadata.tree or .tree depending on its version.
+  meta = ckptr.metadata(path)
+  meta = getattr(meta, 'item_metadata', meta)
+  return getattr(meta, 'tree', meta)
+
+
+def restore_tree(path: str | os.PathLike, keys: tuple[str, ...] | None = None) -> dict:
+  """Host numpy arrays of the Orbax tree at `path`; only its top-level `keys` when given.
+
+  Restoring only `params` (+ model state) of a training checkpoint skips the optimizer
+  state, which is twice the size of the parameters for AdamW.
+  """
+  path = os.path.abspath(os.fspath(path)) if not paths.is_remote(path) else os.fspath(path)
+  try:
+    ckptr = ocp.PyTreeCheckpointer()
+    meta = metadata_tree(ckptr, path)
+    if keys is not None:
+      meta = {k: meta[k] for k in keys if k in meta and meta[k] is not None}
+    # jax.devices()[0] belongs to process 0; in a multi-process run use one of ours.
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                            meta, is_leaf=lambda x: hasattr(x, 'shape'))
+    args = ocp.args.PyTreeRestore(
+        item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+        partial_restore=keys is not None)
+    return jax.tree.map(np.asarray, ckptr.restore(path, args=args))
+  except Exception as e:  # Orbax / TensorStore raise many types for a damaged checkpoint
+    first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+    raise CheckpointError(f'checkpoint {path} cannot be read ({first}); it is incomplete or '
+                          'corrupt: copy it again or use another step') from e
+
+
+VARIABLES_DIR = 'variables'
+CONFIG_FILE = 'config.json'
+
+
+# ---------------------------------------------------------------------------- config I/O
+
+
+def save_variables(directory: str, config: ml_collections.ConfigDict, variables: dict) -> None:
+  """Writes `variables/` (Orbax) and `config.json` under `directory`."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  directory = os.path.abspath(directory)
+  os.makedirs(directory, exist_ok=True)
+  target = os.path.join(directory, VARIABLES_DIR)
+  if os.path.exists(target):
+    raise FileExistsError(f'{target} already exists; choose another --out or delete it')
+  ckptr = ocp.StandardCheckpointer()
+  ckptr.save(target, jax.tree.map(np.asarray, dict(variables)))
+  ckptr.wait_until_finished()
+  with open(os.path.join(directory, CONFIG_FILE), 'w') as f:
+    f.write(config.to_json_best_effort(indent=2))
+
+
+def _read_json_item(directory: str) -> dict:
+  files = [f for f in glob.glob(os.path.join(directory, '**', '*'), recursive=True)
+           if os.path.isfile(f)]
+  for f in files:
+    try:
+      with open(f) as fh:
+        return json.load(fh)
+    except (ValueError, UnicodeDecodeError):
+      continue
+  raise FileNotFoundError(f'no JSON config found under {directory}')
+
+
+def load_variables(path: str, config: ml_collections.ConfigDict | None = None
+                   ) -> tuple[ml_collections.ConfigDict, dict]:
+  """(config, variables) from an upstream .pth, a converted dir or a training checkpoint."""
+  path = os.fspath(path)
+  if os.path.isfile(path):
+    if config is None:
+      raise ValueError(f'{path} is a PyTorch checkpoint: pass config= (e.g. '
+                       "config_lib.load_config('configs/dvcd.py')) describing its variant")
+    sd = torch_pickle.load(path)
+    return config, segchange.load_torch_state_dict(config, sd, source=path)
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f'checkpoint {path!r} does not exist')
+  if os.path.isdir(os.path.join(path, VARIABLES_DIR)):
+    if config is None:
+      with open(os.path.join(path, CONFIG_FILE)) as f:
+        config = config_lib.config_from_dict(json.load(f))
+    return config, restore_tree(os.path.join(path, VARIABLES_DIR))
+  step_dir = find_step_dir(path)
+  if step_dir is None:
+    raise FileNotFoundError(
+        f'{path} is not a checkpoint: expected a .pth file, a directory with {VARIABLES_DIR}/ and '
+        f'{CONFIG_FILE} (convert_torch output) or a training checkpoints directory')
+  if config is None:
+    config = config_lib.config_from_dict(_read_json_item(os.path.join(step_dir, 'config')))
+  state = restore_tree(step_dir / 'state', keys=('params', 'model_state'))
+  variables = {'params': state['params'], **dict(state.get('model_state') or {})}
+  return config, variables
+
+
+def load_checkpoint(path: str, config=None):
+  """(config, variables), checking the variables fit the config's model."""
+  import jax  # pylint: disable=g-import-not-at-top
+  if not path or not os.path.exists(path):
+    raise CheckpointError(f'--checkpoint {path!r} does not exist')
+  try:
+    config, variables = load_variables(path, config)
+  except (FileNotFoundError, ValueError) as e:
+    raise CheckpointError(f'--checkpoint {path}: {e}') from e
+  want = segchange.variable_shapes(segchange.build_model(config))
+  got_paths = {jax.tree_util.keystr(k): np.shape(v)
+               for k, v in jax.tree_util.tree_leaves_with_path(variables)}
+  want_paths = {jax.tree_util.keystr(k): tuple(v.shape)
+                for k, v in jax.tree_util.tree_leaves_with_path(want)}
+  if got_paths != want_paths:
+    diff = sorted(set(got_paths.items()) ^ set(want_paths.items()))[:3]
+    raise CheckpointError(f'--checkpoint {path} does not fit the config\'s model (first '
+                          f'differences (path, shape): {diff}); pass the --config it was trained '
+                          'with')
+  return config, variables
+
+
+def merge(target: dict, source: dict) -> tuple[dict, dict[str, Any]]:
+  """Takes each target leaf from `source` where path and shape agree.
+
+  Args:
+    target: {collection: tree} of jax arrays (possibly sharded).
+    source: {collection: tree} of numpy arrays.
+
+  Returns:
+    (merged variables placed like `target`, report with 'loaded', 'skipped', 'unused').
+  """
+  src = torch_rules.flatten(source)
+  loaded, skipped = [], []
+
+  def take(path, leaf):
+    key = torch_rules.path_names(path)
+    name = '/'.join(key)
+    if key not in src:
+      skipped.append(f'{name}: not in the checkpoint')
+      return leaf
+    value = np.asarray(src[key])
+    if value.shape != leaf.shape:
+      skipped.append(f'{name}: checkpoint {value.shape} vs model {tuple(leaf.shape)}')
+      return leaf
+    loaded.append(name)
+    return jax.device_put(value.astype(leaf.dtype), leaf.sharding)
+
+  merged = jax.tree_util.tree_map_with_path(take, target)
+  used = {tuple(n.split('/')) for n in loaded}
+  unused = ['/'.join(k) for k in src if k not in used and k[0] in target]
+  return merged, {'loaded': len(loaded), 'skipped': skipped, 'unused': unused}
