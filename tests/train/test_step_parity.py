@@ -31,7 +31,8 @@ import pytest
 import torch
 
 from segchange_jax.train import optim, train_step
-from segchange_jax.train import param_groups, segchange
+from segchange_jax.models import segchange
+from segchange_jax.train import param_groups
 from segchange_jax.interop import torch_rules as tc
 from tests.models.test_segchange import small_config, upstream_config
 from tests.torch_ref import losses as ref_losses
