@@ -1,0 +1,102 @@
+"""Drives the app in headless Chromium (Debian's package, through Playwright); used by
+test_browser.py and to take docs/images/app.png:
+
+    python -m tests.app.browser --checkpoint runs/demo/checkpoints --out docs/images/app.png
+
+Playwright's own browser downloads are never used: Chromium is /usr/bin/chromium
+(`apt-get install chromium`; .ci/run installs it).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import sys
+import tempfile
+
+CHROMIUM_PATHS = ('/usr/bin/chromium', '/usr/lib/chromium/chromium')
+
+
+def chromium() -> str | None:
+  """Debian's Chromium executable, or None where it is not installed."""
+  found = shutil.which('chromium')
+  return found or next((p for p in CHROMIUM_PATHS if os.access(p, os.X_OK)), None)
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def serve(detector, workroot: str) -> tuple[str, object]:
+  """Starts the app for `detector` on a free localhost port; (url, page). page.close() stops."""
+  from segchange_jax.app import ui  # pylint: disable=g-import-not-at-top
+  page = ui.build(detector, workroot)
+  port = free_port()
+  ui.launch(page, '127.0.0.1', port, block=False)
+  return f'http://127.0.0.1:{port}/', page
+
+
+def run_sample(url: str, screenshot: str | None = None, timeout_s: float = 300) -> dict:
+  """Loads the page, runs the default sample pair, waits for the result; what arrived.
+
+  Returns the area text, the overlay image's natural size (0 if it did not load) and the
+  download list's text.
+  """
+  from playwright.sync_api import sync_playwright  # pylint: disable=g-import-not-at-top
+  with sync_playwright() as p:
+    browser = p.chromium.launch(executable_path=chromium(), headless=True,
+                                args=['--no-sandbox', '--disable-dev-shm-usage'])
+    try:
+      tab = browser.new_page(viewport={'width': 1400, 'height': 900})
+      tab.goto(url, wait_until='load', timeout=60_000)
+      tab.wait_for_selector('#run', timeout=60_000)
+      tab.click('#run', timeout=60_000)
+      tab.wait_for_function(
+          "() => (document.querySelector('#area')?.innerText || '').includes('Changed area')",
+          timeout=timeout_s * 1000)
+      tab.wait_for_function(
+          "() => { const i = document.querySelector('#overlay img');"
+          " return i && i.complete && i.naturalWidth > 0; }", timeout=60_000)
+      tab.wait_for_function(
+          "() => (document.querySelector('#downloads')?.innerText || '').includes('change_mask')",
+          timeout=60_000)
+      got = dict(area=tab.inner_text('#area'),
+                 overlay_size=tab.evaluate("() => { const i = document.querySelector("
+                                           "'#overlay img'); return [i.naturalWidth, "
+                                           "i.naturalHeight]; }"),
+                 downloads=tab.inner_text('#downloads'),
+                 errors=tab.evaluate("() => Array.from(document.querySelectorAll("
+                                     "'.toast-body')).map(e => e.innerText)"))
+      if screenshot:
+        tab.wait_for_timeout(500)  # let the progress bar fade
+        tab.screenshot(path=screenshot, full_page=True)
+      return got
+    finally:
+      browser.close()
+
+
+def main() -> None:
+  import argparse  # pylint: disable=g-import-not-at-top
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--checkpoint', required=True)
+  parser.add_argument('--embeddings', default=None)
+  parser.add_argument('--out', required=True, help='screenshot PNG')
+  args = parser.parse_args()
+  if chromium() is None:
+    sys.exit('error: Chromium is not installed: apt-get install -y chromium')
+  from segchange_jax import api  # pylint: disable=g-import-not-at-top
+  detector = api.ChangeDetector.from_checkpoint(args.checkpoint, embeddings=args.embeddings)
+  with tempfile.TemporaryDirectory() as workroot:
+    url, page = serve(detector, workroot)
+    try:
+      got = run_sample(url, screenshot=args.out)
+    finally:
+      page.close()
+  print(got)
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,51 @@
+"""The app in a real browser: headless Debian Chromium loads the page, runs the default sample
+pair (the bundled GeoTIFF) on a tiny checkpoint, and the overlay, area and downloads arrive with
+the numbers the app's own functions give."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from segchange_jax import api
+from segchange_jax.app import samples
+from segchange_jax.app import ui
+from tests.app import browser
+from tests.eval import tiny
+
+PROMPT = 'Buildings appearing or vanishing.'
+
+
+@pytest.fixture(scope='module')
+def detector(tmp_path_factory):
+  root = tmp_path_factory.mktemp('app')
+  npz = tiny.write_embeddings(root / 'p.npz', [PROMPT])
+  config = tiny.tiny_config(embeddings=npz)
+  config.infer.batch_size = 1  # one compiled shape of batch 1 compiles fastest
+  tiny.save_checkpoint(root / 'ckpt', config)
+  return api.ChangeDetector.from_checkpoint(str(root / 'ckpt'))
+
+
+def test_sample_pair_in_chromium(detector, tmp_path):
+  if browser.chromium() is None:
+    pytest.skip('Chromium is not installed (apt-get install -y chromium chromium-driver; '
+                '.ci/run installs it)')
+  url, page = browser.serve(detector, str(tmp_path))
+  try:
+    got = browser.run_sample(url, screenshot=str(tmp_path / 'app.png'))
+  finally:
+    page.close()
+  assert not got['errors'], got['errors']
+  assert got['overlay_size'] == [256, 256]  # the GeoTIFF sample, shown at full size
+  # The same run through the app's functions (already compiled): the page shows its figures.
+  run = ui.detect(detector, *samples.SAMPLES[0].paths, PROMPT, str(tmp_path / 'ref'))
+  ref = ui.render(run, 0.5, str(tmp_path / 'ref' / 'out'))
+  px = int(re.search(r'Changed area: ([\d,]+) px', got['area']).group(1).replace(',', ''))
+  assert px == ref.changed_px
+  m2 = float(re.search(r'([\d,.]+) m²', got['area']).group(1).replace(',', ''))
+  assert m2 == pytest.approx(ref.changed_px * samples.GEO_PIXEL ** 2, abs=0.05)
+  listed = ''.join(got['downloads'].split())  # the page breaks names before the extension
+  for name in ('change_mask.tif', 'change_polygons.gpkg', 'change_polygons.geojson'):
+    assert name in listed, got['downloads']
+  assert (tmp_path / 'app.png').stat().st_size > 10_000
