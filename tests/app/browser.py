@@ -39,18 +39,25 @@ def serve(detector, workroot: str) -> tuple[str, object]:
   return f'http://127.0.0.1:{port}/', page
 
 
-def run_sample(url: str, screenshot: str | None = None, timeout_s: float = 300) -> dict:
+def run_sample(url: str, screenshot: str | None = None, timeout_s: float = 300,
+               check_error: bool = False) -> dict:
   """Loads the page, runs the default sample pair, waits for the result; what arrived.
 
-  Returns the area text, the overlay image's natural size (0 if it did not load) and the
-  download list's text.
+  Returns the area text, the overlay image's natural size (0 if it did not load), the
+  download list's text, error toasts and the URLs requested from anywhere but the app; with
+  `check_error`, also the message shown when "Upload" is run without files.
   """
   from playwright.sync_api import sync_playwright  # pylint: disable=g-import-not-at-top
+  from segchange_jax.app import ui  # pylint: disable=g-import-not-at-top
   with sync_playwright() as p:
     browser = p.chromium.launch(executable_path=chromium(), headless=True,
                                 args=['--no-sandbox', '--disable-dev-shm-usage'])
     try:
       tab = browser.new_page(viewport={'width': 1400, 'height': 900})
+      origin = url.rstrip('/')
+      external = []  # requests leaving the app's server: an offline page makes none
+      tab.on('request', lambda r: external.append(r.url)
+             if not r.url.startswith((origin, 'data:', 'blob:')) else None)
       tab.goto(url, wait_until='load', timeout=60_000)
       tab.wait_for_selector('#run', timeout=60_000)
       tab.click('#run', timeout=60_000)
@@ -69,10 +76,17 @@ def run_sample(url: str, screenshot: str | None = None, timeout_s: float = 300) 
                                            "i.naturalHeight]; }"),
                  downloads=tab.inner_text('#downloads'),
                  errors=tab.evaluate("() => Array.from(document.querySelectorAll("
-                                     "'.toast-body')).map(e => e.innerText)"))
+                                     "'.toast-body')).map(e => e.innerText)"),
+                 external_requests=external)
       if screenshot:
         tab.wait_for_timeout(500)  # let the progress bar fade
         tab.screenshot(path=screenshot, full_page=True)
+      if check_error:  # "Upload" chosen with nothing uploaded: one message on the page
+        tab.click('#sample input')
+        tab.get_by_role('option', name=ui.UPLOAD).click(timeout=30_000)
+        tab.click('#run')
+        tab.wait_for_selector('.toast-body', timeout=60_000)
+        got['error_toast'] = tab.inner_text('.toast-body')
       return got
     finally:
       browser.close()

@@ -23,8 +23,8 @@ def detector(tmp_path_factory):
   npz = tiny.write_embeddings(root / 'p.npz', [PROMPT])
   config = tiny.tiny_config(embeddings=npz)
   config.infer.batch_size = 1  # one compiled shape of batch 1 compiles fastest
-  tiny.save_checkpoint(root / 'ckpt', config)
-  return api.ChangeDetector.from_checkpoint(str(root / 'ckpt'))
+  # Random variables handed over directly (checkpoint loading is tested in tests/infer).
+  return api.ChangeDetector(config, tiny.random_variables(config), checkpoint='tiny-random')
 
 
 def test_sample_pair_in_chromium(detector, tmp_path):
@@ -33,10 +33,13 @@ def test_sample_pair_in_chromium(detector, tmp_path):
                 '.ci/run installs it)')
   url, page = browser.serve(detector, str(tmp_path))
   try:
-    got = browser.run_sample(url, screenshot=str(tmp_path / 'app.png'))
+    got = browser.run_sample(url, screenshot=str(tmp_path / 'app.png'), check_error=True)
   finally:
     page.close()
   assert not got['errors'], got['errors']
+  assert not got['external_requests'], got['external_requests']  # works offline
+  assert 'no image A and B uploaded' in got['error_toast'], got['error_toast']
+  assert 'Traceback' not in got['error_toast']
   assert got['overlay_size'] == [256, 256]  # the GeoTIFF sample, shown at full size
   # The same run through the app's functions (already compiled): the page shows its figures.
   run = ui.detect(detector, *samples.SAMPLES[0].paths, PROMPT, str(tmp_path / 'ref'))
