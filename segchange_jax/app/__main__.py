@@ -20,21 +20,28 @@ from absl import flags
 
 from segchange_jax import cli
 from segchange_jax import config_lib
+# The app runs the model through segchange_jax.infer, which defines --checkpoint, --embeddings
+# and --config on import; the app shares those three flags (absl allows each name once).
+from segchange_jax import infer
 
-_CONFIG = config_lib.define_config_flag(
-    help_string='configs/*.py describing the model; needed only for an upstream .pth.')
-_CKPT = flags.DEFINE_string('checkpoint', None, 'Training checkpoints dir (e.g. '
-                            'runs/demo/checkpoints), convert_torch dir, export bundle or .pth.')
+for _name in ('checkpoint', 'embeddings'):
+  flags.declare_key_flag(_name)
+_SHARED = ('checkpoint', 'embeddings')
 _PORT = flags.DEFINE_integer('port', 7860, 'TCP port to serve on.')
 _HOST = flags.DEFINE_string('host', '127.0.0.1', 'Address to bind (0.0.0.0: every interface).')
-_EMBEDDINGS = flags.DEFINE_string('embeddings', None, 'Prompt embeddings .npz (from '
-                                  'segchange_jax.embed_prompts); skips the text encoder.')
 
 
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise cli.UsageError(f'unexpected arguments: {argv[1:]}')
-  if not _CKPT.value:
+  fv = flags.FLAGS
+  for flag in fv.get_flags_for_module(infer.__name__):
+    if flag.name not in _SHARED and fv[flag.name].present:
+      raise cli.UsageError(f'--{flag.name} is a flag of segchange_jax.infer, not of the app '
+                           '(which takes --checkpoint, --embeddings, --config, --port, --host)')
+  checkpoint, embeddings = fv.checkpoint, fv.embeddings
+  config = config_lib.validate_config(fv.config) if fv.config is not None else None
+  if not checkpoint:
     raise cli.UsageError('--checkpoint is required (e.g. runs/demo/checkpoints after README '
                          'Quickstart command (1))')
   cli.positive('port', _PORT.value)
@@ -49,12 +56,11 @@ def main(argv: list[str]) -> None:
   cli.quiet_libraries()
   from segchange_jax import api  # pylint: disable=g-import-not-at-top
   from segchange_jax.app import ui  # pylint: disable=g-import-not-at-top
-  config = config_lib.validate_config(_CONFIG.value) if _CONFIG.value is not None else None
-  detector = api.ChangeDetector.from_checkpoint(_CKPT.value, config=config,
-                                                embeddings=_EMBEDDINGS.value)
+  detector = api.ChangeDetector.from_checkpoint(checkpoint, config=config,
+                                                embeddings=embeddings)
   workroot = tempfile.mkdtemp(prefix='segchange_app_')
   atexit.register(shutil.rmtree, workroot, ignore_errors=True)
-  print(f'serving {_CKPT.value} on http://{_HOST.value}:{_PORT.value} (Ctrl-C stops)',
+  print(f'serving {checkpoint} on http://{_HOST.value}:{_PORT.value} (Ctrl-C stops)',
         flush=True)
   ui.launch(ui.build(detector, workroot), _HOST.value, _PORT.value)
 

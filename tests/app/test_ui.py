@@ -165,3 +165,41 @@ def test_command_flag_errors(repo_root):
   assert out.stderr.strip().splitlines() == [
       'error: --checkpoint is required (e.g. runs/demo/checkpoints after README Quickstart '
       'command (1))']
+
+
+def test_command_serves_the_page(repo_root, tmp_path):
+  """`python -m segchange_jax.app --checkpoint DIR --port N` loads the checkpoint and serves."""
+  import time  # pylint: disable=g-import-not-at-top
+  import urllib.request  # pylint: disable=g-import-not-at-top
+  from tests.app import browser  # pylint: disable=g-import-not-at-top
+  npz = tiny.write_embeddings(tmp_path / 'p.npz', ['Buildings appearing or vanishing.'])
+  tiny.save_checkpoint(tmp_path / 'ckpt', tiny.tiny_config(embeddings=npz))
+  port = browser.free_port()
+  env = {**os.environ, 'PYTHONPATH': str(repo_root), 'JAX_PLATFORMS': 'cpu'}
+  proc = subprocess.Popen([sys.executable, '-m', 'segchange_jax.app', '--checkpoint',
+                           str(tmp_path / 'ckpt'), '--port', str(port)], cwd=repo_root, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  try:
+    deadline, page = time.time() + 180, None
+    while time.time() < deadline and proc.poll() is None and page is None:
+      try:
+        with urllib.request.urlopen(f'http://127.0.0.1:{port}/', timeout=5) as r:
+          page = r.read().decode()
+      except OSError:
+        time.sleep(0.5)
+    assert page is not None, proc.communicate(timeout=10)[0][-3000:] if proc.poll() else 'no page'
+    assert 'segchange_jax: text-prompted change detection' in page
+  finally:
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def test_infer_only_flags_are_refused(repo_root):
+  env = {**os.environ, 'PYTHONPATH': str(repo_root), 'JAX_PLATFORMS': 'cpu'}
+  out = subprocess.run([sys.executable, '-m', 'segchange_jax.app', '--checkpoint', 'x',
+                        '--window', '256'], cwd=repo_root, env=env, capture_output=True,
+                       text=True, timeout=120)
+  assert out.returncode == 2
+  assert out.stderr.strip().splitlines() == [
+      'error: --window is a flag of segchange_jax.infer, not of the app (which takes '
+      '--checkpoint, --embeddings, --config, --port, --host)']
