@@ -12,6 +12,7 @@ authentication: only on a network you trust). Stop with Ctrl-C.
 from __future__ import annotations
 
 import atexit
+import logging
 import os
 import shutil
 import tempfile
@@ -54,6 +55,7 @@ def main(argv: list[str]) -> None:
     raise cli.UsageError(f'gradio is not installed ({e}); install the app extra: '
                          "pip install -e '.[app]'") from e
   cli.quiet_libraries()
+  logging.getLogger('httpx').setLevel(logging.WARNING)  # gradio's startup self-checks
   from segchange_jax import api  # pylint: disable=g-import-not-at-top
   from segchange_jax.app import ui  # pylint: disable=g-import-not-at-top
   detector = api.ChangeDetector.from_checkpoint(checkpoint, config=config,

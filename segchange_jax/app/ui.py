@@ -274,6 +274,7 @@ def build(detector, workroot: str) -> Any:
 
   config = detector.config
   errors = cli.USER_ERRORS
+  os.makedirs(workroot, exist_ok=True)
 
   def run_pair(sample, file_a, file_b, prompt, threshold, align, previous,
                progress=gr.Progress()):

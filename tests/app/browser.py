@@ -40,12 +40,15 @@ def serve(detector, workroot: str) -> tuple[str, object]:
 
 
 def run_sample(url: str, screenshot: str | None = None, timeout_s: float = 300,
-               check_error: bool = False) -> dict:
+               check_error: bool = False, threshold: float | None = None,
+               expect_after_threshold: str = 'Changed area') -> dict:
   """Loads the page, runs the default sample pair, waits for the result; what arrived.
 
   Returns the area text, the overlay image's natural size (0 if it did not load), the
   download list's text, error toasts and the URLs requested from anywhere but the app; with
-  `check_error`, also the message shown when "Upload" is run without files.
+  `threshold`, also the area after moving the slider there (waiting up to a minute for
+  `expect_after_threshold` to show); with `check_error`, the message shown when "Upload" is run
+  without files.
   """
   from playwright.sync_api import sync_playwright  # pylint: disable=g-import-not-at-top
   from segchange_jax.app import ui  # pylint: disable=g-import-not-at-top
@@ -61,9 +64,11 @@ def run_sample(url: str, screenshot: str | None = None, timeout_s: float = 300,
       tab.goto(url, wait_until='load', timeout=60_000)
       tab.wait_for_selector('#run', timeout=60_000)
       tab.click('#run', timeout=60_000)
-      tab.wait_for_function(
-          "() => (document.querySelector('#area')?.innerText || '').includes('Changed area')",
-          timeout=timeout_s * 1000)
+      tab.wait_for_function(  # the result, or an error message (then fail at once)
+          "() => (document.querySelector('#area')?.innerText || '').includes('Changed area')"
+          " || document.querySelector('.toast-body')", timeout=timeout_s * 1000)
+      if tab.query_selector('.toast-body'):
+        raise AssertionError('the page shows an error: ' + tab.inner_text('.toast-body'))
       tab.wait_for_function(
           "() => { const i = document.querySelector('#overlay img');"
           " return i && i.complete && i.naturalWidth > 0; }", timeout=60_000)
@@ -81,6 +86,17 @@ def run_sample(url: str, screenshot: str | None = None, timeout_s: float = 300,
       if screenshot:
         tab.wait_for_timeout(500)  # let the progress bar fade
         tab.screenshot(path=screenshot, full_page=True)
+      if threshold is not None:  # move the slider: the area follows without a new run
+        slider = tab.locator('#threshold input[type=range]')
+        slider.fill(str(threshold))
+        slider.dispatch_event('pointerup')
+        try:  # each slider event re-renders; wait for the one at `threshold`
+          tab.wait_for_function(
+              "want => (document.querySelector('#area')?.innerText || '').includes(want)",
+              arg=expect_after_threshold, timeout=60_000)
+        except Exception:  # pylint: disable=broad-except  # the caller asserts on the text
+          pass
+        got['area_after_threshold'] = tab.inner_text('#area')
       if check_error:  # "Upload" chosen with nothing uploaded: one message on the page
         tab.click('#sample input')
         tab.get_by_role('option', name=ui.UPLOAD).click(timeout=30_000)
