@@ -167,6 +167,19 @@ def test_command_flag_errors(repo_root):
       'command (1))']
 
 
+def test_command_imports_everything_then_names_a_missing_checkpoint(repo_root, tmp_path):
+  """Past the flags the command imports gradio, the page and the model code (a flag defined
+  twice would stop it here), then reports the missing checkpoint in one line."""
+  env = {**os.environ, 'PYTHONPATH': str(repo_root), 'JAX_PLATFORMS': 'cpu'}
+  missing = tmp_path / 'no_such_ckpt'
+  out = subprocess.run([sys.executable, '-m', 'segchange_jax.app', '--checkpoint', str(missing)],
+                       cwd=repo_root, env=env, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 2, out.stderr[-3000:]
+  assert out.stderr.strip().splitlines()[-1] == f"error: checkpoint '{missing}' does not exist"
+  assert 'Traceback' not in out.stderr
+
+
+@pytest.mark.slow
 def test_command_serves_the_page(repo_root, tmp_path):
   """`python -m segchange_jax.app --checkpoint DIR --port N` loads the checkpoint and serves."""
   import time  # pylint: disable=g-import-not-at-top
