@@ -16,6 +16,7 @@ ENTRY_POINTS = [
     ('segchange_jax.export', '--platforms', True),
     ('data_prep.convert', '--layout', False),
     ('data_prep.synthetic', '--size', False),
+    ('segchange_jax.app', '--port', True),
 ]
 
 

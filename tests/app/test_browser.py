@@ -1,0 +1,60 @@
+"""The app in a real browser: headless Debian Chromium loads the page, runs the default sample
+pair (the bundled GeoTIFF) on a tiny checkpoint, and the overlay, area and downloads arrive with
+the numbers the app's own functions give."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from segchange_jax import api
+from segchange_jax.app import samples
+from segchange_jax.app import ui
+from tests.app import browser
+from tests.eval import tiny
+
+PROMPT = 'Buildings appearing or vanishing.'
+
+
+@pytest.fixture(scope='module')
+def detector(tmp_path_factory):
+  root = tmp_path_factory.mktemp('app')
+  npz = tiny.write_embeddings(root / 'p.npz', [PROMPT])
+  config = tiny.tiny_config(embeddings=npz)
+  config.infer.batch_size = 1  # one compiled shape of batch 1 compiles fastest
+  # Random variables handed over directly (checkpoint loading is tested in tests/infer).
+  return api.ChangeDetector(config, tiny.random_variables(config), checkpoint='tiny-random')
+
+
+def test_sample_pair_in_chromium(detector, tmp_path):
+  if browser.chromium() is None:
+    pytest.skip('Chromium is not installed (apt-get install -y chromium chromium-driver; '
+                '.ci/run installs it)')
+  # The pair through the app's own functions first (this compiles the model, once for both):
+  # the page must show their figures.
+  run = ui.detect(detector, *samples.SAMPLES[0].paths, PROMPT, str(tmp_path / 'ref'))
+  ref = ui.render(run, 0.5, str(tmp_path / 'ref' / 'out'))
+  low = ui.render(run, 0.3, str(tmp_path / 'ref' / 'low'))
+  assert low.changed_px != ref.changed_px
+  want_low = f'Changed area: {low.changed_px:,} px'
+  url, page = browser.serve(detector, str(tmp_path / 'served'))
+  try:
+    got = browser.run_sample(url, screenshot=str(tmp_path / 'app.png'), check_error=True,
+                             threshold=0.3, expect_after_threshold=want_low)
+  finally:
+    page.close()
+  assert not got['errors'], got['errors']
+  assert not got['external_requests'], got['external_requests']  # works offline
+  assert 'no image A and B uploaded' in got['error_toast'], got['error_toast']
+  assert 'Traceback' not in got['error_toast']
+  assert got['overlay_size'] == [256, 256]  # the GeoTIFF sample, shown at full size
+  px = int(re.search(r'Changed area: ([\d,]+) px', got['area']).group(1).replace(',', ''))
+  assert px == ref.changed_px
+  m2 = float(re.search(r'([\d,.]+) m²', got['area']).group(1).replace(',', ''))
+  assert m2 == pytest.approx(ref.changed_px * samples.GEO_PIXEL ** 2, abs=0.05)
+  assert want_low in got['area_after_threshold'], got['area_after_threshold']
+  listed = ''.join(got['downloads'].split())  # the page breaks names before the extension
+  for name in ('change_mask.tif', 'change_polygons.gpkg', 'change_polygons.geojson'):
+    assert name in listed, got['downloads']
+  assert (tmp_path / 'app.png').stat().st_size > 10_000
