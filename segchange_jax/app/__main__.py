@@ -21,51 +21,50 @@ from absl import flags
 
 from segchange_jax import cli
 from segchange_jax import config_lib
-# The app runs the model through segchange_jax.infer, which defines --checkpoint, --embeddings
-# and --config on import; the app shares those three flags (absl allows each name once).
-from segchange_jax import infer
 
-for _name in ('checkpoint', 'embeddings'):
-  flags.declare_key_flag(_name)
-_SHARED = ('checkpoint', 'embeddings')
-_PORT = flags.DEFINE_integer('port', 7860, 'TCP port to serve on.')
-_HOST = flags.DEFINE_string('host', '127.0.0.1', 'Address to bind (0.0.0.0: every interface).')
+
+def define_flags() -> None:
+  """Command-line flags (defined only when run as a program)."""
+  config_lib.define_config_flag(
+      help_string="configs/*.py describing the model; needed for an upstream .pth, else the "
+      "checkpoint's own config is used.")
+  flags.DEFINE_string('checkpoint', None, 'Training checkpoints dir, convert_torch dir, '
+                      'export bundle, or upstream .pth (with --config).')
+  flags.DEFINE_string('embeddings', None, 'Prompt embeddings .npz (embed_prompts format); '
+                      'prompts outside it are encoded with the config\'s text model.')
+  flags.DEFINE_integer('port', 7860, 'TCP port to serve on.')
+  flags.DEFINE_string('host', '127.0.0.1', 'Address to bind (0.0.0.0: every interface).')
 
 
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise cli.UsageError(f'unexpected arguments: {argv[1:]}')
-  fv = flags.FLAGS
-  for flag in fv.get_flags_for_module(infer.__name__):
-    if flag.name not in _SHARED and fv[flag.name].present:
-      raise cli.UsageError(f'--{flag.name} is a flag of segchange_jax.infer, not of the app '
-                           '(which takes --checkpoint, --embeddings, --config, --port, --host)')
-  checkpoint, embeddings = fv.checkpoint, fv.embeddings
-  config = config_lib.validate_config(fv.config) if fv.config is not None else None
-  if not checkpoint:
+  f = flags.FLAGS
+  config = config_lib.validate_config(f.config) if f.config is not None else None
+  if not f.checkpoint:
     raise cli.UsageError('--checkpoint is required (e.g. runs/demo/checkpoints after README '
                          'Quickstart command (1))')
-  cli.positive('port', _PORT.value)
-  if _PORT.value > 65535:
-    raise cli.UsageError(f'--port={_PORT.value} must be <= 65535')
+  cli.positive('port', f.port)
+  if f.port > 65535:
+    raise cli.UsageError(f'--port={f.port} must be <= 65535')
   os.environ.setdefault('GRADIO_ANALYTICS_ENABLED', 'False')  # offline: no calls home
   try:
-    import gradio  # pylint: disable=g-import-not-at-top,unused-import
+    import gradio  # noqa: F401 pylint: disable=g-import-not-at-top,unused-import
   except ImportError as e:
     raise cli.UsageError(f'gradio is not installed ({e}); install the app extra: '
                          "pip install -e '.[app]'") from e
   cli.quiet_libraries()
   logging.getLogger('httpx').setLevel(logging.WARNING)  # gradio's startup self-checks
-  from segchange_jax import api  # pylint: disable=g-import-not-at-top
   from segchange_jax.app import ui  # pylint: disable=g-import-not-at-top
-  detector = api.ChangeDetector.from_checkpoint(checkpoint, config=config,
-                                                embeddings=embeddings)
+  from segchange_jax.inference import predictor  # pylint: disable=g-import-not-at-top
+  detector = predictor.ChangeDetector.from_checkpoint(f.checkpoint, config=config,
+                                                      embeddings=f.embeddings)
   workroot = tempfile.mkdtemp(prefix='segchange_app_')
   atexit.register(shutil.rmtree, workroot, ignore_errors=True)
-  print(f'serving {checkpoint} on http://{_HOST.value}:{_PORT.value} (Ctrl-C stops)',
-        flush=True)
-  ui.launch(ui.build(detector, workroot), _HOST.value, _PORT.value)
+  print(f'serving {f.checkpoint} on http://{f.host}:{f.port} (Ctrl-C stops)', flush=True)
+  ui.launch(ui.build(detector, workroot), f.host, f.port)
 
 
 if __name__ == '__main__':
+  define_flags()
   cli.run(main)

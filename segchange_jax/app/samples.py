@@ -54,7 +54,7 @@ def by_name(name: str) -> Sample:
 
 def scene_pair(index: int) -> tuple[np.ndarray, np.ndarray]:
   """(A, B) uint8 RGB [SIZE, SIZE, 3] of synthetic scene `index` (seed SEED)."""
-  from data_prep import synthetic  # pylint: disable=g-import-not-at-top
+  from segchange_jax.data import synthetic  # pylint: disable=g-import-not-at-top
   a, b, _, _ = synthetic.make_scene(SEED, index, SIZE)
   return a, b
 

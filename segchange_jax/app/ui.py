@@ -21,10 +21,10 @@ import numpy as np
 
 from segchange_jax import atomic
 from segchange_jax import cli
-from segchange_jax import infer
-from segchange_jax import scene
-from segchange_jax import scene_io
-from segchange_jax import vectors
+from segchange_jax.inference import pipeline
+from segchange_jax.inference import sliding_window
+from segchange_jax.inference import raster_io
+from segchange_jax.inference import vectors
 from segchange_jax.app import samples
 
 DISPLAY_SIDE = 768   # longest side of the images shown on the page (px)
@@ -95,7 +95,7 @@ class _MemmapSink:
 
 
 class _Bar:
-  """The tqdm surface scene.run_scene uses, reporting to a `Progress` callback."""
+  """The tqdm surface sliding_window.run_scene uses, reporting to a `Progress` callback."""
 
   def __init__(self, total: int, report: Progress | None):
     self.total, self.n, self.desc, self.report = max(total, 1), 0, 'windows', report
@@ -124,12 +124,12 @@ def resolve_inputs(sample: str | None, file_a: str | None, file_b: str | None
 def open_pair(a: str, b: str, align: bool = False):
   """The engine's PairSource for two rasters or two plain images (as `infer` opens them)."""
   names = (os.path.basename(a), os.path.basename(b))
-  if scene_io.is_plain(a) != scene_io.is_plain(b):
+  if raster_io.is_plain(a) != raster_io.is_plain(b):
     raise cli.UsageError(f'A ({names[0]}) and B ({names[1]}): give two GeoTIFFs or two '
                          'PNG/JPEG images, not one of each')
-  if scene_io.is_plain(a):
-    return scene_io.ArrayPair(a, b)
-  return scene_io.RasterPair(a, b, align=align)
+  if raster_io.is_plain(a):
+    return raster_io.ArrayPair(a, b)
+  return raster_io.RasterPair(a, b, align=align)
 
 
 def display_shape(height: int, width: int) -> tuple[int, int]:
@@ -150,7 +150,7 @@ def detect(detector, a: str, b: str, prompt: str | None, workdir: str, align: bo
     if progress is not None:
       progress(0.0, 'encoding the prompt')
     predict = detector.predictor(prompt)
-    window, overlap = infer.clamp_window(int(config.infer.window), int(config.infer.overlap),
+    window, overlap = pipeline.clamp_window(int(config.infer.window), int(config.infer.overlap),
                                          source.height, source.width, quiet=True)
     channels = 1 if config.model.num_classes == 1 else int(config.model.num_classes)
     a_view, b_view = source.overview(display_shape(source.height, source.width))
@@ -163,10 +163,10 @@ def detect(detector, a: str, b: str, prompt: str | None, workdir: str, align: bo
                         OVERLAP=overlap))
     os.makedirs(workdir, exist_ok=True)
     sink = _MemmapSink(run)
-    windows = len(scene.Grid(source.height, source.width, window, overlap).windows())
+    windows = len(sliding_window.Grid(source.height, source.width, window, overlap).windows())
     if progress is not None:  # the first call compiles (seconds); later ones reuse it
       progress(0.0, f'model on {windows} windows of {window} px (compiling on first use)')
-    scene.run_scene(source, predict, sink, window=window, overlap=overlap,
+    sliding_window.run_scene(source, predict, sink, window=window, overlap=overlap,
                     batch_size=int(config.infer.batch_size), channels=channels,
                     progress=False, bar=_Bar(windows, progress))
     sink.close()
@@ -201,7 +201,7 @@ def _overlay(b_view: np.ndarray, mask: np.ndarray) -> np.ndarray:
   """Change (any class > 0, not nodata) in semi-transparent red over B, at B's view size."""
   import cv2  # pylint: disable=g-import-not-at-top
   small = cv2.resize(mask, (b_view.shape[1], b_view.shape[0]), interpolation=cv2.INTER_NEAREST)
-  change = (small > 0) & (small != scene_io.MASK_NODATA)
+  change = (small > 0) & (small != raster_io.MASK_NODATA)
   out = b_view.astype(np.float32) * 0.75
   out[change] = 0.35 * out[change] + 0.65 * np.array([255, 0, 0], np.float32)
   return np.clip(out, 0, 255).astype(np.uint8)
@@ -211,7 +211,7 @@ def render(run: Run, threshold: float, out_dir: str) -> Rendered:
   """Thresholds the run's probabilities; writes the mask and polygons into `out_dir`."""
   from affine import Affine  # pylint: disable=g-import-not-at-top
   from rasterio.crs import CRS  # pylint: disable=g-import-not-at-top
-  infer.check_settings(threshold=float(threshold))
+  pipeline.check_settings(threshold=float(threshold))
   probs, valid = run.arrays()
   crs = CRS.from_wkt(run.crs_wkt) if run.georeferenced else None
   transform = Affine(*run.transform) if run.transform is not None else None
@@ -219,20 +219,20 @@ def render(run: Run, threshold: float, out_dir: str) -> Rendered:
   mask = np.empty((run.height, run.width), np.uint8)  # 1 byte/px, as infer's polygon pass
   if run.georeferenced:
     mask_path = os.path.join(out_dir, 'change_mask.tif')
-    sink = scene_io.GeoTiffSink(atomic.temp_name(mask_path), run.height, run.width, crs,
+    sink = raster_io.GeoTiffSink(atomic.temp_name(mask_path), run.height, run.width, crs,
                                 transform, run.channels, False, float(threshold),
                                 dict(run.tags, THRESHOLD=threshold))
   else:
     mask_path = os.path.join(out_dir, 'change_mask.png')
-    sink = scene_io.PlainSink(mask_path, run.height, run.width, float(threshold))
+    sink = raster_io.PlainSink(mask_path, run.height, run.width, float(threshold))
   try:
     for r0 in range(0, run.height, BLOCK_ROWS):
       p, v = np.asarray(probs[r0:r0 + BLOCK_ROWS]), np.asarray(valid[r0:r0 + BLOCK_ROWS])
-      mask[r0:r0 + p.shape[0]] = scene_io.encode(p, v, False, float(threshold))[0]
+      mask[r0:r0 + p.shape[0]] = raster_io.encode(p, v, False, float(threshold))[0]
       sink.write(r0, p, v)
     sink.close()
     if run.georeferenced:
-      scene_io.write_cog(sink.path, mask_path, False)
+      raster_io.write_cog(sink.path, mask_path, False)
   finally:
     if run.georeferenced and os.path.exists(sink.path):
       os.remove(sink.path)
@@ -244,10 +244,10 @@ def render(run: Run, threshold: float, out_dir: str) -> Rendered:
     with warnings.catch_warnings():
       # Plain images have no CRS: their GeoPackage is in pixel coordinates on purpose.
       warnings.filterwarnings('ignore', message=".*'crs' was not provided")
-      vectors.write(path, vectors.iter_features(mask, transform, scene_io.MASK_NODATA), crs)
+      vectors.write(path, vectors.iter_features(mask, transform, raster_io.MASK_NODATA), crs)
     files.append(path)
-  changed = int(np.count_nonzero((mask > 0) & (mask != scene_io.MASK_NODATA)))
-  valid_px = int(np.count_nonzero(mask != scene_io.MASK_NODATA))
+  changed = int(np.count_nonzero((mask > 0) & (mask != raster_io.MASK_NODATA)))
+  valid_px = int(np.count_nonzero(mask != raster_io.MASK_NODATA))
   return Rendered(overlay=_overlay(run.b_view, mask), changed_px=changed, valid_px=valid_px,
                   area_text=area_text(changed, valid_px, run.crs_wkt, run.transform),
                   files=files)

@@ -117,8 +117,8 @@ def main() -> None:
   args = parser.parse_args()
   if chromium() is None:
     sys.exit('error: Chromium is not installed: apt-get install -y chromium')
-  from segchange_jax import api  # pylint: disable=g-import-not-at-top
-  detector = api.ChangeDetector.from_checkpoint(args.checkpoint, embeddings=args.embeddings)
+  from segchange_jax.inference import predictor  # pylint: disable=g-import-not-at-top
+  detector = predictor.ChangeDetector.from_checkpoint(args.checkpoint, embeddings=args.embeddings)
   with tempfile.TemporaryDirectory() as workroot:
     url, page = serve(detector, workroot)
     try:

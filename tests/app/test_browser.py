@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from segchange_jax import api
+from segchange_jax.inference import predictor
 from segchange_jax.app import samples
 from segchange_jax.app import ui
 from tests.app import browser
@@ -24,7 +24,7 @@ def detector(tmp_path_factory):
   config = tiny.tiny_config(embeddings=npz)
   config.infer.batch_size = 1  # one compiled shape of batch 1 compiles fastest
   # Random variables handed over directly (checkpoint loading is tested in tests/infer).
-  return api.ChangeDetector(config, tiny.random_variables(config), checkpoint='tiny-random')
+  return predictor.ChangeDetector(config, tiny.random_variables(config), checkpoint='tiny-random')
 
 
 def test_sample_pair_in_chromium(detector, tmp_path):
