@@ -96,6 +96,10 @@ _TEXT_MODEL = flags.DEFINE_string('text_model', None, 'Text encoder (Hub id, HF 
 _EMBEDDINGS = flags.DEFINE_string('embeddings', None, 'Prompt embeddings .npz (prompts, '
                                   'embeddings; from segchange_jax.embed_prompts or an export '
                                   'bundle) holding --prompt; skips the text encoder.')
+_BACKEND = flags.DEFINE_enum('backend', 'jax', ['jax', 'onnxruntime'], 'jax: the checkpoint '
+                             'through segchange_jax; onnxruntime: an ONNX export (--onnx, or '
+                             'model.onnx in the --checkpoint folder of export --format onnx).')
+_ONNX = flags.DEFINE_string('onnx', None, '--backend onnxruntime: the model.onnx to run.')
 _PROGRESS = flags.DEFINE_boolean('progress', True, 'Show a progress bar.')
 _GDAL_CACHE = flags.DEFINE_integer('gdal_cache_mb', 256, 'GDAL block cache (MB); GDAL defaults to '
                                    '5% of RAM, which would dominate the memory of a big scene.')
@@ -392,6 +396,8 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise cli.UsageError(f'unexpected arguments {argv[1:]}; flags take the form --name=value')
   for name in ('checkpoint', 'a', 'b', 'out'):
+    if name == 'checkpoint' and _BACKEND.value == 'onnxruntime' and _ONNX.value:
+      continue
     if not flags.FLAGS[name].value:
       raise cli.UsageError(f'--{name} is required (see --help)')
   check_settings(_WINDOW.value, _OVERLAP.value, _BATCH.value, _THRESHOLD.value)
@@ -399,6 +405,10 @@ def main(argv: list[str]) -> None:
   config = config_lib.validate_config(_CONFIG.value) if _CONFIG.value is not None else None
   factory = lambda: load_model(_CKPT.value, config, _PROMPT.value, _EMBEDDINGS.value,
                                _TEXT_MODEL.value)
+  if _BACKEND.value == 'onnxruntime':
+    from segchange_jax.inference import onnx_runtime  # pylint: disable=g-import-not-at-top
+    factory = lambda: onnx_runtime.load_model(_CKPT.value, _ONNX.value, config, _PROMPT.value,
+                                              _EMBEDDINGS.value, _TEXT_MODEL.value, _WINDOW.value)
   stats = run_inference(
       _A.value, _B.value, _OUT.value, None, window=_WINDOW.value, overlap=_OVERLAP.value,
       batch=_BATCH.value, threshold=_THRESHOLD.value, probabilities=_PROBS.value,

@@ -1,0 +1,1 @@
+"""Inference-side exports and runtimes: ONNX export and the ONNX Runtime backend."""
