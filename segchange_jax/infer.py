@@ -407,8 +407,12 @@ def main(argv: list[str]) -> None:
                                _TEXT_MODEL.value)
   if _BACKEND.value == 'onnxruntime':
     from segchange_jax.inference import onnx_runtime  # pylint: disable=g-import-not-at-top
-    factory = lambda: onnx_runtime.load_model(_CKPT.value, _ONNX.value, config, _PROMPT.value,
-                                              _EMBEDDINGS.value, _TEXT_MODEL.value, _WINDOW.value)
+    def factory():  # the ONNX file in the same engine; the prompt embedded as for jax
+      det, cfg, emb_npz, tags = onnx_runtime.load(_CKPT.value, _ONNX.value, config, _PROMPT.value,
+                                                  _EMBEDDINGS.value, _TEXT_MODEL.value,
+                                                  _WINDOW.value)
+      emb = prompt_embedding(cfg, tags['PROMPT'], emb_npz, _TEXT_MODEL.value)
+      return Model(detector_predictor(det, emb), cfg, tags)
   stats = run_inference(
       _A.value, _B.value, _OUT.value, None, window=_WINDOW.value, overlap=_OVERLAP.value,
       batch=_BATCH.value, threshold=_THRESHOLD.value, probabilities=_PROBS.value,

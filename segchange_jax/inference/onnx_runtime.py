@@ -56,14 +56,18 @@ class OnnxDetector:
     return self.session.run(None, feeds)[0]
 
 
-def load_model(checkpoint: str | None, onnx_file: str | None, config=None,
-               prompt: str | None = None, embeddings: str | None = None,
-               text_model: str | None = None, window: int | None = None):
-  """`infer.Model` running the ONNX file; config (for the prompt and infer.* defaults) from
-  --config or the export folder's config.json. The window is the exported size."""
+def load(checkpoint: str | None, onnx_file: str | None, config=None,
+         prompt: str | None = None, embeddings: str | None = None,
+         text_model: str | None = None, window: int | None = None):
+  """(OnnxDetector, config, embeddings .npz or None, tags) for `infer --backend onnxruntime`.
+
+  The config (prompt, infer.* defaults) is --config or the export folder's config.json, with
+  infer.window set to the exported size; the prompt's embedding is taken from the folder's
+  prompts.npz when it holds that prompt (no text encoder needed). Does not import
+  segchange_jax.infer, which may be running as __main__.
+  """
   from segchange_jax import api  # pylint: disable=g-import-not-at-top
   from segchange_jax import export  # pylint: disable=g-import-not-at-top
-  from segchange_jax import infer  # pylint: disable=g-import-not-at-top
   path = find_model(checkpoint, onnx_file)
   det = OnnxDetector(path)
   if window is not None and int(window) != det.size:
@@ -81,12 +85,22 @@ def load_model(checkpoint: str | None, onnx_file: str | None, config=None,
   prompt = prompt if prompt is not None else config.data.prompt
   bundle_prompts = os.path.join(folder, export.PROMPTS_FILE)
   if embeddings is None and text_model is None and os.path.isfile(bundle_prompts):
-    table = export.load_prompts(folder)
-    if prompt in table:  # the export shipped this prompt's embedding: no text encoder needed
+    if prompt in export.load_prompts(folder):
       embeddings = bundle_prompts
-  emb = infer.prompt_embedding(config, prompt, embeddings, text_model)
-  if tuple(emb.shape[1:]) != det.text_shape:
-    raise OnnxBackendError(f'prompt embedding {emb.shape[1:]} does not fit {path}, which takes '
-                           f'text_emb [b, {det.text_shape[0]}, {det.text_shape[1]}]')
+  if (int(config.text.max_tokens), int(config.text.dim)) != det.text_shape:
+    raise OnnxBackendError(f'the config\'s text shape does not fit {path}, which takes '
+                           f'text_emb [b, {det.text_shape[0]}, {det.text_shape[1]}]; pass the '
+                           'matching --config')
   tags = dict(CHECKPOINT=os.path.abspath(path), PROMPT=prompt, BACKEND='onnxruntime')
+  return det, config, embeddings, tags
+
+
+def load_model(checkpoint: str | None, onnx_file: str | None, config=None,
+               prompt: str | None = None, embeddings: str | None = None,
+               text_model: str | None = None, window: int | None = None):
+  """`infer.Model` running the ONNX file (see `load`), for library callers."""
+  from segchange_jax import infer  # pylint: disable=g-import-not-at-top
+  det, config, embeddings, tags = load(checkpoint, onnx_file, config, prompt, embeddings,
+                                       text_model, window)
+  emb = infer.prompt_embedding(config, tags['PROMPT'], embeddings, text_model)
   return infer.Model(infer.detector_predictor(det, emb), config, tags)

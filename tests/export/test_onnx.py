@@ -146,6 +146,17 @@ def test_export_cli_format_onnx(bundle, tmp_path):
   assert [n.op_type for n in got.graph.node] == [n.op_type for n in want.graph.node]
   for x, y in zip(got.graph.initializer, want.graph.initializer):
     np.testing.assert_array_equal(onnx.numpy_helper.to_array(x), onnx.numpy_helper.to_array(y))
+  # infer --backend onnxruntime on the command line (flags, config and prompt from the folder).
+  pa, pb = h.pair_arrays(100, 90)
+  a_path, b_path = h.write_tif(tmp_path / 'a.tif', pa), h.write_tif(tmp_path / 'b.tif', pb)
+  proc = subprocess.run(
+      [sys.executable, '-m', 'segchange_jax.infer', '--backend', 'onnxruntime', '--checkpoint',
+       str(tmp_path / 'cli'), '--a', a_path, '--b', b_path, '--out', str(tmp_path / 'm.tif'),
+       '--overlap', '16', '--noprogress'],
+      cwd=tiny.REPO, env=ENV, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with rasterio.open(tmp_path / 'm.tif') as ds:
+    assert ds.tags()['BACKEND'] == 'onnxruntime' and ds.tags()['WINDOW'] == '64'
 
 
 @pytest.mark.slow
