@@ -187,11 +187,9 @@ def test_swin_b_256_onnxruntime_equals_jax(tmp_path):
   rs = np.random.RandomState(1)
   a, b = (rs.randn(3, size, size, 3).astype(np.float32) for _ in range(2))
   text = rs.randn(3, 8, int(config.text.dim)).astype(np.float32)
-  det = api.ChangeDetector(config, variables)
-  want = np.asarray(det.predict_logits(a, b, text))
-  sens = self_sensitivity(det, variables, a, b, text, want)
+  want = np.asarray(api.ChangeDetector(config, variables).predict_logits(a, b, text))
   sess = onnx_runtime.OnnxDetector(path)
   for n in (1, 3):
-    err = check_close(sess.predict_logits(a[:n], b[:n], text[:n]), want[:n], sens)
-    print(f'Swin-B 256 px ({nbytes / 2**20:.0f} MiB): onnxruntime vs jax, batch {n}: {err:.2e} '
-          f'(jax self-sensitivity {sens:.2e})')
+    # This model is well conditioned: the plain 1e-4 bound (measured 1.5e-5).
+    err = check_close(sess.predict_logits(a[:n], b[:n], text[:n]), want[:n], 0.0)
+    print(f'Swin-B 256 px ({nbytes / 2**20:.0f} MiB): onnxruntime vs jax, batch {n}: {err:.2e}')
