@@ -9,7 +9,9 @@ strips, then each method runs in a fresh subprocess so its peak RSS (ru_maxrss) 
   arrays, output written at the end (engines/inference.py's structure, float sums instead of
   its uint8 overflow, rasterio instead of cv2 for the output).
 Both use the same toy predictor (3x3 box filter of |A-B| through a sigmoid). With
-segchange_jax.inference.predictor on the path and --checkpoint, the real model is timed too.
+segchange_jax.inference.predictor on the path and --checkpoint, the real model is timed too; with
+--onnx DIR/model.onnx (export --format onnx of that checkpoint), also the same engine with the
+model run by ONNX Runtime (model_onnxruntime).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ _WINDOW = infer_lib._WINDOW  # pylint: disable=protected-access
 _OVERLAP = infer_lib._OVERLAP  # pylint: disable=protected-access
 _BATCH = infer_lib._BATCH  # pylint: disable=protected-access
 _CHECKPOINT = infer_lib._CKPT  # pylint: disable=protected-access
+_ONNX = infer_lib._ONNX  # pylint: disable=protected-access
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Where scenes are written (default: a temp dir).')
 _CHILD = flags.DEFINE_string('child', None, 'Internal: method,size,a,b,out to run in this process.')
 
@@ -93,12 +96,18 @@ def _model_predictor():
   return infer_lib.detector_predictor(det, emb)
 
 
+def _onnx_predictor():
+  from segchange_jax.inference import onnx_runtime  # pylint: disable=g-import-not-at-top
+  det = onnx_runtime.OnnxDetector(_ONNX.value)
+  return infer_lib.detector_predictor(det, np.zeros((1, *det.text_shape), np.float32))
+
+
 def child(spec: str) -> None:
   method, size, a, b, out = spec.split(',')
   # The model is loaded (and, on first call, compiled) before the clock starts for both loops.
   predict = toy_predict
   if method.startswith('model'):
-    predict = _model_predictor()
+    predict = _onnx_predictor() if method == 'model_onnxruntime' else _model_predictor()
     for n in (1, _BATCH.value):  # compile the shapes both loops use
       zeros = np.zeros((n, _WINDOW.value, _WINDOW.value, 3), np.uint8)
       predict(zeros, zeros)
@@ -123,6 +132,8 @@ def main(argv: list[str]) -> None:
   methods = ['engine', 'upstream']
   if _CHECKPOINT.value:
     methods += ['model', 'model_upstream']
+  if _ONNX.value:  # the same model exported with export --format onnx, in the same engine
+    methods += ['model_onnxruntime']
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env = {**os.environ, 'PYTHONPATH': repo}
   rows = []
@@ -137,9 +148,11 @@ def main(argv: list[str]) -> None:
              f'--window={_WINDOW.value}', f'--overlap={_OVERLAP.value}', f'--batch={_BATCH.value}']
       if _CHECKPOINT.value:
         cmd.append(f'--checkpoint={_CHECKPOINT.value}')
+      if _ONNX.value:
+        cmd.append(f'--onnx={_ONNX.value}')
       r = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, check=True)
       rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
-      print(f"{rows[-1]['method']:>9} {size:>6}^2: {rows[-1]['mpix_per_s']:7.2f} MP/s  "
+      print(f"{rows[-1]['method']:>17} {size:>6}^2: {rows[-1]['mpix_per_s']:7.2f} MP/s  "
             f"peak RSS {rows[-1]['peak_rss_mb']:8.1f} MB  ({rows[-1]['seconds']:.1f} s)", flush=True)
   if not _CHECKPOINT.value:
     print('model: not timed (pass --checkpoint CKPT to time a trained model in both loops)')

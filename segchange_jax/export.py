@@ -55,6 +55,9 @@ def define_flags() -> None:
   flags.DEFINE_list('platforms', ['cpu', 'cuda'], 'Platforms the StableHLO is lowered for '
                     '(cpu, cuda, rocm, tpu).')
   flags.DEFINE_bool('overwrite', False, 'Replace an existing --out folder.')
+  flags.DEFINE_enum('format', 'stablehlo', ['stablehlo', 'onnx'], 'stablehlo: model.stablehlo '
+                    '(jax.export); onnx: model.onnx (opset 17, dynamic batch) for ONNX Runtime '
+                    '(pip install .[onnx]; segchange_jax/inference/onnx_export.py).')
 
 
 def main(argv: Sequence[str]) -> None:
@@ -74,6 +77,13 @@ def main(argv: Sequence[str]) -> None:
   cli.quiet_libraries()
   config = config_lib.validate_config(f.config) if f.config is not None else None
   config, variables = load_checkpoint(f.checkpoint, config)
+  if f.format == 'onnx':
+    from segchange_jax.inference import onnx_export  # pylint: disable=g-import-not-at-top
+    sig = onnx_export.write_bundle(f.out, config, variables, f.prompts, f.embeddings, f.size,
+                                   overwrite=f.overwrite)
+    print(f'wrote {f.out}: {onnx_export.MODEL_FILE} ({sig["bytes"]} bytes), inputs '
+          f'{json.dumps(sig["inputs"])}')
+    return
   sig = write_bundle(f.out, config, variables, f.prompts, f.embeddings, f.size, f.platforms,
                      overwrite=f.overwrite)
   print(f'wrote {f.out}: {MODEL_FILE} for {sig["platforms"]}, inputs '

@@ -86,6 +86,10 @@ def define_flags() -> None:
   flags.DEFINE_string('embeddings', None, 'Prompt embeddings .npz (prompts, '
                                     'embeddings; from segchange_jax.embed_prompts or an export '
                                     'bundle) holding --prompt; skips the text encoder.')
+  flags.DEFINE_enum('backend', 'jax', ['jax', 'onnxruntime'], 'jax: the checkpoint '
+                    'through segchange_jax; onnxruntime: an ONNX export (--onnx, or '
+                    'model.onnx in the --checkpoint folder of export --format onnx).')
+  flags.DEFINE_string('onnx', None, '--backend onnxruntime: the model.onnx to run.')
   flags.DEFINE_boolean('progress', True, 'Show a progress bar.')
   flags.DEFINE_integer('gdal_cache_mb', 256, 'GDAL block cache (MB); GDAL defaults to '
                                      '5% of RAM, which would dominate the memory of a big scene.')
@@ -96,13 +100,19 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise cli.UsageError(f'unexpected arguments {argv[1:]}; flags take the form --name=value')
   for name in ('checkpoint', 'a', 'b', 'out'):
+    if name == 'checkpoint' and f.backend == 'onnxruntime' and f.onnx:
+      continue
     if not f[name].value:
       raise cli.UsageError(f'--{name} is required (see --help)')
   check_settings(f.window, f.overlap, f.batch, f.threshold)
   cli.quiet_libraries()
   config = config_lib.validate_config(f.config) if f.config is not None else None
-  factory = lambda: load_model(f.checkpoint, config, f.prompt, f.embeddings,
-                               f.text_model)
+  if f.backend == 'onnxruntime':  # the exported file through the same engine
+    from segchange_jax.inference import onnx_runtime  # pylint: disable=g-import-not-at-top
+    factory = lambda: onnx_runtime.load_model(f.checkpoint, f.onnx, config, f.prompt,
+                                              f.embeddings, f.text_model, f.window)
+  else:
+    factory = lambda: load_model(f.checkpoint, config, f.prompt, f.embeddings, f.text_model)
   stats = run_inference(
       f.a, f.b, f.out, None, window=f.window, overlap=f.overlap,
       batch=f.batch, threshold=f.threshold, probabilities=f.probabilities,

@@ -21,3 +21,26 @@ def wait_at_barrier(name: str, timeout_s: float) -> None:
   client = distributed.global_state.client
   if client is not None:
     client.wait_at_barrier(name, timeout_in_ms=int(timeout_s * 1000))
+
+
+def linear_symbolic_dim(d) -> tuple[str, int, int] | None:
+  """(symbol, c0, k) when the `jax.export` symbolic dimension `d` equals c0 + k * symbol for
+  one symbol, else None.
+
+  Why private: jax.export's symbolic dimensions (`_DimExpr`) offer no public way to list their
+  symbols or evaluate them at a value; the ONNX converter (inference/onnx_export.py) needs both
+  to rebuild a batch-dependent shape from the input's runtime shape.
+  """
+  get_vars = getattr(d, '_get_vars', None)
+  evaluate = getattr(d, '_evaluate', None)
+  if get_vars is None or evaluate is None:
+    return None
+  syms = list(get_vars())
+  if len(syms) != 1:
+    return None
+  s = syms[0]
+  c0 = int(evaluate({s: 0}))
+  k = int(evaluate({s: 1})) - c0
+  if any(int(evaluate({s: n})) != c0 + k * n for n in (2, 7)):
+    return None
+  return s, c0, k

@@ -1,0 +1,196 @@
+"""ONNX export (segchange_jax.inference.onnx_export) and the onnxruntime backend of infer.
+
+Tolerance: ONNX Runtime must equal the JAX model to 1e-4 x max|logit|. The random-weight test
+models are chaotic in float32: re-rounding their weights at 1e-7 moves JAX's own logits by up to
+~1e-2 x max|logit| (GroupNorm on near-constant groups), so any other float32 implementation
+differs by that much. For them the bound is max(1e-4, 10 x that JAX self-sensitivity), both
+printed; a wrong lowering gives O(1) errors. (The trained demo checkpoint is well conditioned and
+meets 1e-4 outright: see the issue-18 report.)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+import rasterio
+
+onnx = pytest.importorskip('onnx', reason='pip install .[onnx]')
+ort = pytest.importorskip('onnxruntime', reason='pip install .[onnx]')
+
+from segchange_jax.inference import predictor  # pylint: disable=g-import-not-at-top
+from segchange_jax.inference import pipeline  # pylint: disable=g-import-not-at-top
+from segchange_jax.inference import onnx_export  # pylint: disable=g-import-not-at-top
+from segchange_jax.inference import onnx_runtime  # pylint: disable=g-import-not-at-top
+from segchange_jax.text import prompts  # pylint: disable=g-import-not-at-top
+from tests.eval import tiny  # pylint: disable=g-import-not-at-top
+from tests.infer import scene_helpers as h  # pylint: disable=g-import-not-at-top
+
+ENV = {**os.environ, 'PYTHONPATH': str(tiny.REPO), 'JAX_PLATFORMS': 'cpu'}
+
+
+def self_sensitivity(detector, variables, a, b, text, want, eps=1e-7, seed=3) -> float:
+  """max |JAX(weights * (1 + eps noise)) - JAX(weights)| / max|logit|."""
+  rs = np.random.RandomState(seed)
+  noisy = jax.tree.map(lambda x: (x * (1 + eps * rs.randn(*np.shape(x)))).astype(np.float32),
+                       variables)
+  got = np.asarray(detector._forward(noisy, a, b, text))  # pylint: disable=protected-access
+  return float(np.abs(got - want).max() / np.abs(want).max())
+
+
+def check_close(got, want, sens) -> float:
+  err = float(np.abs(np.asarray(got) - want).max() / np.abs(want).max())
+  assert err <= max(1e-4, 10 * sens), (err, sens)
+  return err
+
+
+@pytest.fixture(scope='module')
+def bundle(tmp_path_factory):
+  """`onnx_export.write_bundle` of the tiny demo-family model (what export --format onnx runs)."""
+  root = tmp_path_factory.mktemp('onnx')
+  config = tiny.tiny_config()
+  variables = tiny.save_checkpoint(root / 'ckpt', config)
+  npz = tiny.write_embeddings(root / 'p.npz', ['roads', config.data.prompt])
+  onnx_export.write_bundle(str(root / 'bundle'), config, variables, embeddings=npz)
+  rs = np.random.RandomState(1)
+  a, b = (rs.randn(3, tiny.SIZE, tiny.SIZE, 3).astype(np.float32) for _ in range(2))
+  with np.load(npz) as z:
+    text = z['embeddings'][[0, 1, 0]]
+  det = predictor.ChangeDetector(config, variables)
+  want = np.asarray(det.predict_logits(a, b, text))
+  sens = self_sensitivity(det, variables, a, b, text, want)
+  return root, config, variables, (a, b, text), want, sens, det
+
+
+def test_bundle_files_and_signature(bundle):
+  root, *_ = bundle
+  out = root / 'bundle'
+  for name in ('variables', 'config.json', 'prompts.npz', 'model.onnx', 'signature.json',
+               'README.md'):
+    assert os.path.exists(out / name), name
+  sig = json.loads((out / 'signature.json').read_text())
+  assert sig['format'] == 'onnx' and sig['opset'] >= 16
+  assert sig['inputs']['image_a']['shape'] == ['b', 64, 64, 3]
+  assert sig['output']['logits']['shape'] == ['b', 64, 64, 1]
+  model = onnx.load(str(out / 'model.onnx'))
+  onnx.checker.check_model(model)
+  dims = [d.dim_param or d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
+  assert dims == ['b', 64, 64, 3]
+
+
+def test_onnxruntime_equals_jax_batch_1_and_3_one_file(bundle):
+  root, _, _, (a, b, text), want, sens, _ = bundle
+  det = onnx_runtime.OnnxDetector(str(root / 'bundle' / 'model.onnx'))
+  for n in (1, 3):
+    got = det.predict_logits(a[:n], b[:n], text[:n])
+    assert got.shape == (n, 64, 64, 1)
+    err = check_close(got, want[:n], sens)
+    print(f'onnxruntime vs jax, batch {n}: {err:.2e} (jax self-sensitivity {sens:.2e})')
+
+
+def test_infer_backend_onnxruntime_equals_jax_backend(bundle, tmp_path):
+  root, config, _, _, _, sens, det = bundle
+  pa, pb = h.pair_arrays(100, 90)
+  a_path, b_path = h.write_tif(tmp_path / 'a.tif', pa), h.write_tif(tmp_path / 'b.tif', pb)
+  # batch 3: the fixture's JAX detector is already compiled for it.
+  kw = dict(window=64, overlap=16, batch=3, probabilities=True, progress=False)
+  emb = prompts.embed_one(config, config.data.prompt, npz=str(root / 'p.npz'))
+  jax_out, ort_out = str(tmp_path / 'jax.tif'), str(tmp_path / 'ort.tif')
+  pipeline.run_inference(a_path, b_path, jax_out, None, predictor_factory=lambda: pipeline.Model(
+      pipeline.detector_predictor(det, emb), config), **kw)
+  # Prompt embedding taken from the bundle's prompts.npz (no text encoder needed).
+  pipeline.run_inference(a_path, b_path, ort_out, None, predictor_factory=lambda: (
+      onnx_runtime.load_model(str(root / 'bundle'), None)), **kw)
+  with rasterio.open(jax_out) as x, rasterio.open(ort_out) as y:
+    p_jax, p_ort = x.read(1), y.read(1)
+    assert y.tags()['BACKEND'] == 'onnxruntime' and y.crs == x.crs
+  # sigmoid' <= 1/4, and the logits of this model stay within ~2.
+  err = float(np.abs(p_jax - p_ort).max())
+  print(f'scene probabilities, onnxruntime vs jax: {err:.2e}')
+  assert err <= 0.25 * 2.5 * max(1e-4, 10 * sens)
+
+
+def test_errors(bundle, tmp_path):
+  root, config, variables, *_ = bundle
+  with pytest.raises(onnx_export.OnnxExportError, match='multiple of 32'):
+    onnx_export.convert(config, variables, 70)
+  with pytest.raises(onnx_export.OnnxExportError, match='already exists; pass --overwrite'):
+    onnx_export.write_bundle(str(root / 'bundle'), config, variables,
+                             embeddings=str(root / 'p.npz'))
+  with pytest.raises(onnx_runtime.OnnxBackendError, match='--onnx FILE'):
+    onnx_runtime.find_model(str(tmp_path), None)
+  with pytest.raises(onnx_runtime.OnnxBackendError, match='--window 128: .* takes 64 px windows only'):
+    onnx_runtime.load_model(str(root / 'bundle'), None, window=128)
+  det = onnx_runtime.OnnxDetector(str(root / 'bundle' / 'model.onnx'))
+  with pytest.raises(onnx_runtime.OnnxBackendError, match='64 px windows'):
+    det.predict_logits(np.zeros((1, 32, 32, 3), np.float32), np.zeros((1, 32, 32, 3), np.float32),
+                       np.zeros((1, 8, tiny.TEXT_DIM), np.float32))
+
+
+@pytest.mark.slow
+def test_export_cli_format_onnx(bundle, tmp_path):
+  """python -m segchange_jax.export --format onnx writes the same graph as write_bundle."""
+  root, *_ = bundle
+  proc = subprocess.run(
+      [sys.executable, '-m', 'segchange_jax.export', '--format', 'onnx', '--checkpoint',
+       str(root / 'ckpt'), '--out', str(tmp_path / 'cli'), '--embeddings', str(root / 'p.npz')],
+      cwd=tiny.REPO, env=ENV, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert 'model.onnx' in proc.stdout
+  got = onnx.load(str(tmp_path / 'cli' / 'model.onnx'))
+  want = onnx.load(str(root / 'bundle' / 'model.onnx'))
+  assert [n.op_type for n in got.graph.node] == [n.op_type for n in want.graph.node]
+  for x, y in zip(got.graph.initializer, want.graph.initializer):
+    np.testing.assert_array_equal(onnx.numpy_helper.to_array(x), onnx.numpy_helper.to_array(y))
+  # infer --backend onnxruntime on the command line (flags, config and prompt from the folder).
+  pa, pb = h.pair_arrays(100, 90)
+  a_path, b_path = h.write_tif(tmp_path / 'a.tif', pa), h.write_tif(tmp_path / 'b.tif', pb)
+  proc = subprocess.run(
+      [sys.executable, '-m', 'segchange_jax.infer', '--backend', 'onnxruntime', '--checkpoint',
+       str(tmp_path / 'cli'), '--a', a_path, '--b', b_path, '--out', str(tmp_path / 'm.tif'),
+       '--overlap', '16', '--noprogress'],
+      cwd=tiny.REPO, env=ENV, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with rasterio.open(tmp_path / 'm.tif') as ds:
+    assert ds.tags()['BACKEND'] == 'onnxruntime' and ds.tags()['WINDOW'] == '64'
+
+
+@pytest.mark.slow
+def test_swin_b_256_onnxruntime_equals_jax(tmp_path):
+  """configs/dvcd.py (Swin-B, upstream widths) at 256 px, random weights; batch 1 and 3."""
+  from segchange_jax import config_lib  # pylint: disable=g-import-not-at-top
+  from segchange_jax.models import segchange  # pylint: disable=g-import-not-at-top
+  size = 256
+  config = config_lib.load_config(str(tiny.REPO / 'configs' / 'dvcd.py'),
+                                  [f'model.img_size={size}'])
+  shapes = segchange.variable_shapes(segchange.build_model(config), size)
+  rng = np.random.default_rng(0)
+
+  def draw(path, s):  # tiny.random_variables' scheme at these shapes
+    name = jax.tree_util.keystr(path)
+    if 'var' in name or 'scale' in name:
+      return np.ones(s.shape, np.float32)
+    n = rng.standard_normal(s.shape).astype(np.float32)
+    if 'bias' in name or 'mean' in name or len(s.shape) < 2:
+      return (0.1 * n).astype(np.float32)
+    return (0.5 * n / np.sqrt(max(1, int(np.prod(s.shape[:-1]))))).astype(np.float32)
+
+  variables = jax.tree_util.tree_map_with_path(draw, shapes)
+  proto, _ = onnx_export.convert(config, variables, size)
+  path = str(tmp_path / 'swinb.onnx')
+  nbytes = onnx_export.save(proto, path)
+  del proto
+  rs = np.random.RandomState(1)
+  a, b = (rs.randn(3, size, size, 3).astype(np.float32) for _ in range(2))
+  text = rs.randn(3, 8, int(config.text.dim)).astype(np.float32)
+  want = np.asarray(predictor.ChangeDetector(config, variables).predict_logits(a, b, text))
+  sess = onnx_runtime.OnnxDetector(path)
+  for n in (1, 3):
+    # This model is well conditioned: the plain 1e-4 bound (measured 1.5e-5).
+    err = check_close(sess.predict_logits(a[:n], b[:n], text[:n]), want[:n], 0.0)
+    print(f'Swin-B 256 px ({nbytes / 2**20:.0f} MiB): onnxruntime vs jax, batch {n}: {err:.2e}')
