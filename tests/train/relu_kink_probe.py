@@ -81,9 +81,8 @@ def capture(out: str, size: int = 256, batch: int = 2, seed: int = 0) -> None:
 
 def capture32(cap_path: str, size: int = 256, batch: int = 2, seed: int = 0) -> None:
   """Adds the DiffBlock inputs as a float32 model computes them: torch f32 and ours (jit)."""
-  import flax  # pylint: disable=g-import-not-at-top
   from segchange_jax.models import segchange  # pylint: disable=g-import-not-at-top
-  from segchange_jax.models import torch_convert as tc  # pylint: disable=g-import-not-at-top
+  from segchange_jax.interop import torch_rules as tc  # pylint: disable=g-import-not-at-top
   with open(cap_path, 'rb') as f:
     cap = pickle.load(f)
   config = _step_config(upstream_config(VARIANT), batch)
