@@ -34,7 +34,7 @@ def _resolve(spec: str, hf_home: pathlib.Path, endpoint: str, offline: bool,
              HF_HUB_DISABLE_XET='1', NO_PROXY='127.0.0.1', no_proxy='127.0.0.1')
   env.pop('HF_HUB_CACHE', None)
   env.pop('HUGGINGFACE_HUB_CACHE', None)
-  code = ('import sys; from segchange_jax import pretrained\n'
+  code = ('import sys; from segchange_jax.interop import pretrained\n'
           'try:\n'
           f'  print(pretrained.resolve({spec!r}, {backbone!r}))\n'
           'except Exception as e:\n'

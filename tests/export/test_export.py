@@ -13,6 +13,7 @@ import pytest
 
 from segchange_jax.inference import predictor
 from segchange_jax.inference import export
+from segchange_jax.text import prompts
 from tests.eval import tiny
 
 ENV = {**os.environ, 'PYTHONPATH': str(tiny.REPO), 'JAX_PLATFORMS': 'cpu'}
@@ -104,7 +105,7 @@ def test_errors(bundle, tmp_path):
   with pytest.raises(export.ExportError, match='already exists; pass --overwrite'):
     export.write_bundle(str(out), config, variables, embeddings=str(out / 'prompts.npz'))
   bad = tiny.write_embeddings(tmp_path / 'bad.npz', ['x'], dim=16)
-  with pytest.raises(export.ExportError, match=r'\[P, 8, 32\]'):
+  with pytest.raises(prompts.PromptError, match=r'\[8, 32\]'):
     export.write_bundle(str(tmp_path / 'b'), config, variables, embeddings=bad)
   with pytest.raises(export.ExportError, match='not both'):
     export.write_bundle(str(tmp_path / 'c'), config, variables, prompts=['x'], embeddings=bad)
