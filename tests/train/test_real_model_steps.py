@@ -82,6 +82,7 @@ def test_real_model_same_losses_on_1_and_8_devices(repo_root, one_device, data, 
     np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow  # 2.5 min on 2 cores; bench/bf16_curve.py reports the same comparison
 def test_bfloat16_compute_trains_like_float32(repo_root, one_device):
   _, l32, _ = one_device
   s16, l16, _ = _train(_config(repo_root, dtype='bfloat16'), devices=jax.devices()[:1])

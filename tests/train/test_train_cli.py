@@ -7,6 +7,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from tests.train.conftest import tiny_overrides
 
 TIMEOUT_S = 600  # generous: a loaded 2-core machine compiles slowly
@@ -37,6 +39,11 @@ def _latest_checkpoint_steps(workdir):
   return sorted(int(n) for n in os.listdir(d) if n.isdigit()) if os.path.isdir(d) else []
 
 
+# Slow (two demo-model compilations in subprocesses: 5.5 min of a 2-core CI run, a third of the
+# default budget). Preemption is covered by the slow tests only: this one,
+# tests/train/test_trainer.py (preempted + resumed == uninterrupted) and tests/multihost (SIGTERM
+# on one of two processes).
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_a_rerun_resumes(repo_root, dataset, tmp_path):
   workdir = tmp_path / 'run'
   # 400 steps would take minutes: the run is interrupted long before.
