@@ -211,6 +211,7 @@ def test_trained_demo_model_onnxruntime_equals_jax_within_1e4(tmp_path):
        f'--config.data.shards_dir={tmp_path / "shards"}'],
       cwd=tiny.REPO, env=ENV, capture_output=True, text=True, timeout=3600)
   assert proc.returncode == 0, proc.stderr[-3000:]
+  print('demo run test metrics:', (run / 'eval_test.json').read_text()[:400])
   config, variables = checkpoints.load_checkpoint(str(run / 'checkpoints'))
   onnx_export.write_bundle(str(tmp_path / 'bundle'), config, variables)
   names = sorted(os.listdir(tmp_path / 'raw' / 'test' / 'A'))[:3]
