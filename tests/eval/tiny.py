@@ -28,9 +28,9 @@ def tiny_config(shards_dir: str = '', embeddings: str = ''):
       f'infer.window={SIZE}', 'infer.overlap=16'])
 
 
-def random_variables(config, seed: int = 0) -> dict:
+def random_variables(config, seed: int = 0, size: int = SIZE) -> dict:
   """Random variables with the model's tree and shapes (fan-in scaled kernels, random biases)."""
-  shapes = segchange.variable_shapes(segchange.build_model(config), SIZE)
+  shapes = segchange.variable_shapes(segchange.build_model(config), size)
   rng = np.random.default_rng(seed)
 
   def draw(path, s):

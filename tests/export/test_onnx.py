@@ -164,23 +164,10 @@ def test_export_cli_format_onnx(bundle, tmp_path):
 def test_swin_b_256_onnxruntime_equals_jax(tmp_path):
   """configs/dvcd.py (Swin-B, upstream widths) at 256 px, random weights; batch 1 and 3."""
   from segchange_jax import config_lib  # pylint: disable=g-import-not-at-top
-  from segchange_jax.models import segchange  # pylint: disable=g-import-not-at-top
   size = 256
   config = config_lib.load_config(str(tiny.REPO / 'configs' / 'dvcd.py'),
                                   [f'model.img_size={size}'])
-  shapes = segchange.variable_shapes(segchange.build_model(config), size)
-  rng = np.random.default_rng(0)
-
-  def draw(path, s):  # tiny.random_variables' scheme at these shapes
-    name = jax.tree_util.keystr(path)
-    if 'var' in name or 'scale' in name:
-      return np.ones(s.shape, np.float32)
-    n = rng.standard_normal(s.shape).astype(np.float32)
-    if 'bias' in name or 'mean' in name or len(s.shape) < 2:
-      return (0.1 * n).astype(np.float32)
-    return (0.5 * n / np.sqrt(max(1, int(np.prod(s.shape[:-1]))))).astype(np.float32)
-
-  variables = jax.tree_util.tree_map_with_path(draw, shapes)
+  variables = tiny.random_variables(config, seed=0, size=size)
   proto, _ = onnx_export.convert(config, variables, size)
   path = str(tmp_path / 'swinb.onnx')
   nbytes = onnx_export.save(proto, path)
