@@ -18,7 +18,6 @@ from absl import flags
 from segchange_jax import atomic
 from segchange_jax import cli
 from segchange_jax import config_lib
-from segchange_jax.interop import upstream
 
 def define_flags() -> None:
   """Command-line flags (defined only when run as a program)."""
@@ -51,6 +50,7 @@ def main(argv: list[str]) -> None:
   if config is not None:
     config_lib.validate_config(config)
   cli.quiet_libraries()
+  from segchange_jax.interop import upstream  # pylint: disable=g-import-not-at-top
   if f.reverse:
     n = upstream.to_torch(f.checkpoint, config, f.out)
     print(f'wrote {f.out} ({n} tensors)')

@@ -13,7 +13,6 @@ from typing import Any, Sequence
 import numpy as np
 
 from segchange_jax import atomic
-from segchange_jax.interop import checkpoints
 
 MODEL_FILE = 'model.stablehlo'
 PROMPTS_FILE = 'prompts.npz'
@@ -93,6 +92,7 @@ def _write_files(out, config, variables, names, emb, exported, size) -> dict[str
   import jax  # pylint: disable=g-import-not-at-top
   from segchange_jax.data import imagery  # pylint: disable=g-import-not-at-top
   from segchange_jax.text import prompts  # pylint: disable=g-import-not-at-top
+  from segchange_jax.interop import checkpoints  # pylint: disable=g-import-not-at-top
   checkpoints.save_variables(out, config, variables)
   prompts.write_npz(os.path.join(out, PROMPTS_FILE), names, emb, '', config.text.model)
   with open(os.path.join(out, MODEL_FILE), 'wb') as f:

@@ -25,7 +25,6 @@ from segchange_jax.inference import sliding_window
 from segchange_jax.inference import raster_io
 from segchange_jax.inference import scene_outputs
 from segchange_jax.inference import vectors
-from segchange_jax.interop import checkpoints
 
 PredictFn = sliding_window.PredictFn
 RASTER_SUFFIXES = ('.tif', '.tiff')
@@ -270,7 +269,10 @@ def load_model(checkpoint: str, config=None, prompt: str | None = None,
                embeddings: str | None = None, text_model: str | None = None) -> Model:
   """Loads the checkpoint (variables only, checked against its config) and embeds the prompt
   (default the config's data.prompt)."""
+  # Lazy: `infer` imports this module before its flags are checked; jax, orbax and the model
+  # load only when a model is needed.
   from segchange_jax.inference import predictor  # pylint: disable=g-import-not-at-top
+  from segchange_jax.interop import checkpoints  # pylint: disable=g-import-not-at-top
   from segchange_jax.text import prompts  # pylint: disable=g-import-not-at-top
   config, variables = checkpoints.load_checkpoint(checkpoint, config)
   prompt = prompt if prompt is not None else config.data.prompt

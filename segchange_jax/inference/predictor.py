@@ -31,8 +31,6 @@ import numpy as np
 from segchange_jax.models import segchange
 from segchange_jax.interop import checkpoints
 
-# ------------------------------------------------------------------------------- predictor
-
 
 @dataclasses.dataclass
 class Prediction:
@@ -71,7 +69,7 @@ class ChangeDetector:
   @classmethod
   def from_checkpoint(cls, path: str, config: ml_collections.ConfigDict | None = None,
                       embeddings: str | None = None) -> 'ChangeDetector':
-    """Loads `path` (see load_variables); `embeddings`: optional embed_prompts .npz."""
+    """Loads `path` (see interop.checkpoints.load_variables); `embeddings`: optional embed_prompts .npz."""
     return cls(*checkpoints.load_variables(path, config), embeddings=embeddings,
                checkpoint=os.path.abspath(os.fspath(path)))
 

@@ -30,6 +30,9 @@ from segchange_jax.interop import torch_pickle
 from segchange_jax.interop import torch_rules
 from segchange_jax.models import segchange
 
+VARIABLES_DIR = 'variables'  # a variables folder: VARIABLES_DIR/ (Orbax) + CONFIG_FILE
+CONFIG_FILE = 'config.json'
+
 
 class CheckpointError(ValueError):
   """A checkpoint cannot be read; the message names the path and what to do."""
@@ -87,16 +90,8 @@ def restore_tree(path: str | os.PathLike, keys: tuple[str, ...] | None = None) -
                           'corrupt: copy it again or use another step') from e
 
 
-VARIABLES_DIR = 'variables'
-CONFIG_FILE = 'config.json'
-
-
-# ---------------------------------------------------------------------------- config I/O
-
-
 def save_variables(directory: str, config: ml_collections.ConfigDict, variables: dict) -> None:
   """Writes `variables/` (Orbax) and `config.json` under `directory`."""
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   directory = os.path.abspath(directory)
   os.makedirs(directory, exist_ok=True)
   target = os.path.join(directory, VARIABLES_DIR)
@@ -152,7 +147,6 @@ def load_variables(path: str, config: ml_collections.ConfigDict | None = None
 
 def load_checkpoint(path: str, config=None):
   """(config, variables), checking the variables fit the config's model."""
-  import jax  # pylint: disable=g-import-not-at-top
   if not path or not os.path.exists(path):
     raise CheckpointError(f'--checkpoint {path!r} does not exist')
   try:
