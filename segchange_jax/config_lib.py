@@ -65,6 +65,17 @@ def define_config_flag(name: str = 'config', help_string: str = 'Path to a confi
   return config_flags.DEFINE_config_file(name, None, help_string, lock_config=True)
 
 
+def define_checkpoint_flags(
+    config_help: str = "configs/*.py describing the model; needed for an upstream .pth, else "
+    "the checkpoint's own config is used.") -> None:
+  """`--config` and `--checkpoint` of every command that loads a trained model (infer,
+  evaluate, export, app): one definition of what `--checkpoint` accepts."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  define_config_flag(help_string=config_help)
+  flags.DEFINE_string('checkpoint', None, 'Training checkpoints dir, convert_torch dir, export '
+                      'bundle, or upstream .pth (with --config).')
+
+
 def load_config(spec: str, overrides: Iterable[str] = ()) -> ml_collections.ConfigDict:
   """Loads `path[:arg]`, applies `a.b=value` overrides and validates the result.
 

@@ -41,10 +41,8 @@ from segchange_jax.train.evaluation import evaluate
 
 def define_flags() -> None:
   """Command-line flags (defined only when run as a program, so the module imports cleanly)."""
-  config_lib.define_config_flag(
-      help_string="configs/*.py file (data, text, model); default: the checkpoint's own config.")
-  flags.DEFINE_string('checkpoint', None, 'Training checkpoints dir, convert_torch dir or '
-                      'upstream .pth.')
+  config_lib.define_checkpoint_flags(
+      config_help="configs/*.py file (data, text, model); default: the checkpoint's own config.")
   flags.DEFINE_string('split', None, 'Split to score (default config.eval.split).')
   flags.DEFINE_string('out', None, 'Output directory (default ./eval_<split>).')
   flags.DEFINE_integer('num_images', None, 'Worst/best N comparison images '

@@ -37,14 +37,11 @@ from segchange_jax import atomic
 from segchange_jax import cli
 from segchange_jax import config_lib
 from segchange_jax.inference.export import MODEL_FILE, ExportError, write_bundle
-from segchange_jax.interop.checkpoints import load_checkpoint
 
 
 def define_flags() -> None:
   """Command-line flags (defined only when run as a program, so the module imports cleanly)."""
-  config_lib.define_config_flag(
-      help_string="configs/*.py file; needed for an upstream .pth, else the checkpoint's config.")
-  flags.DEFINE_string('checkpoint', None, 'Training checkpoints dir, convert_torch dir or .pth.')
+  config_lib.define_checkpoint_flags()
   flags.DEFINE_string('out', None, 'Bundle directory to create.')
   flags.DEFINE_multi_string('prompts', None, 'Prompt to embed into prompts.npz (repeat the flag '
                             'for more); default config.data.prompt.')
@@ -76,6 +73,8 @@ def main(argv: Sequence[str]) -> None:
     raise ExportError(f'--size={f.size} must be a positive multiple of 32 (the model stride)')
   cli.quiet_libraries()
   config = config_lib.validate_config(f.config) if f.config is not None else None
+  # Lazy (jax, orbax, the model): flag errors above come back at once.
+  from segchange_jax.interop.checkpoints import load_checkpoint  # pylint: disable=g-import-not-at-top
   config, variables = load_checkpoint(f.checkpoint, config)
   if f.format == 'onnx':
     from segchange_jax.inference import onnx_export  # pylint: disable=g-import-not-at-top

@@ -45,54 +45,51 @@ from segchange_jax import cli
 from segchange_jax import config_lib
 from segchange_jax.inference.pipeline import check_settings, load_model, run_inference
 
+
 def define_flags() -> None:
   """Command-line flags (defined only when run as a program, so the module imports cleanly)."""
-  config_lib.define_config_flag(
-      help_string="configs/*.py describing the model; needed for an upstream .pth, else the "
-      "checkpoint's own config is used.")
-  flags.DEFINE_string('checkpoint', None, 'Training checkpoints dir, convert_torch dir, '
-                              'export bundle, or upstream .pth (with --config).')
+  config_lib.define_checkpoint_flags()
   flags.DEFINE_string('a', None, 'Date A: raster, "R,G,B" single-band files, or PNG/JPEG.')
   flags.DEFINE_string('b', None, 'Date B, same forms as --a.')
   flags.DEFINE_string('out', None, 'Output mask: .tif (Cloud-Optimized GeoTIFF) or .png '
-                             '(only for inputs without georeferencing).')
+                      '(only for inputs without georeferencing).')
   flags.DEFINE_boolean('overwrite', False, 'Replace outputs that already exist.')
   flags.DEFINE_string('prompt', None, "Text prompt (default: the checkpoint config's "
-                                'data.prompt).')
+                      'data.prompt).')
   flags.DEFINE_integer('window', None, 'Window size fed to the model (multiple of 32; '
-                                 'default config.infer.window).')
+                       'default config.infer.window).')
   flags.DEFINE_integer('overlap', None, 'Overlap between neighbouring windows (px; '
-                                  'default config.infer.overlap).')
+                       'default config.infer.overlap).')
   flags.DEFINE_integer('batch', None, 'Windows per model call (default '
-                                'config.infer.batch_size).')
+                       'config.infer.batch_size).')
   flags.DEFINE_float('threshold', None, 'Change if probability > threshold, in (0, 1) '
-                                  '(default config.infer.threshold).')
+                     '(default config.infer.threshold).')
   flags.DEFINE_boolean('probabilities', False, 'Write float32 probabilities to --out '
-                                'instead of a mask.')
+                       'instead of a mask.')
   flags.DEFINE_string('probability_out', None, 'Also write float32 change '
-                                   'probabilities to this .tif (COG).')
+                      'probabilities to this .tif (COG).')
   flags.DEFINE_boolean('postprocess', False, 'Drop components failing the shape rules.')
   flags.DEFINE_integer('min_area', 2500, 'Post-process: minimum component area (px).')
   flags.DEFINE_float('max_perimeter_ratio', 10.0, 'Post-process: max perimeter/area.')
   flags.DEFINE_float('min_convexity', 0.8, 'Post-process: min area/convex-hull area.')
   flags.DEFINE_multi_string('polygons', None, 'Also write change polygons: .geojson '
-                                        '(RFC 7946, WGS 84), .gpkg or .fgb (raster CRS); repeatable.')
+                            '(RFC 7946, WGS 84), .gpkg or .fgb (raster CRS); repeatable.')
   flags.DEFINE_string('preview', None, 'Also write a small PNG: A | B | change overlay.')
   flags.DEFINE_boolean('align', False, "Reproject B onto A's grid (bilinear WarpedVRT).")
   flags.DEFINE_list('bands', None, '1-based bands to use as R,G,B (e.g. 1,2,3).')
   flags.DEFINE_float('nodata', None, 'Input nodata value for files that carry none (e.g. 0).')
   flags.DEFINE_string('text_model', None, 'Text encoder (Hub id, HF dir, GGUF or pkg:NAME) '
-                                     "for --prompt; default the checkpoint config's text.model.")
+                      "for --prompt; default the checkpoint config's text.model.")
   flags.DEFINE_string('embeddings', None, 'Prompt embeddings .npz (prompts, '
-                                    'embeddings; from segchange_jax.embed_prompts or an export '
-                                    'bundle) holding --prompt; skips the text encoder.')
+                      'embeddings; from segchange_jax.embed_prompts or an export '
+                      'bundle) holding --prompt; skips the text encoder.')
   flags.DEFINE_enum('backend', 'jax', ['jax', 'onnxruntime'], 'jax: the checkpoint '
                     'through segchange_jax; onnxruntime: an ONNX export (--onnx, or '
                     'model.onnx in the --checkpoint folder of export --format onnx).')
   flags.DEFINE_string('onnx', None, '--backend onnxruntime: the model.onnx to run.')
   flags.DEFINE_boolean('progress', True, 'Show a progress bar.')
   flags.DEFINE_integer('gdal_cache_mb', 256, 'GDAL block cache (MB); GDAL defaults to '
-                                     '5% of RAM, which would dominate the memory of a big scene.')
+                       '5% of RAM, which would dominate the memory of a big scene.')
 
 
 def main(argv: list[str]) -> None:

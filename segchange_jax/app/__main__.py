@@ -25,11 +25,7 @@ from segchange_jax import config_lib
 
 def define_flags() -> None:
   """Command-line flags (defined only when run as a program)."""
-  config_lib.define_config_flag(
-      help_string="configs/*.py describing the model; needed for an upstream .pth, else the "
-      "checkpoint's own config is used.")
-  flags.DEFINE_string('checkpoint', None, 'Training checkpoints dir, convert_torch dir, '
-                      'export bundle, or upstream .pth (with --config).')
+  config_lib.define_checkpoint_flags()
   flags.DEFINE_string('embeddings', None, 'Prompt embeddings .npz (embed_prompts format); '
                       'prompts outside it are encoded with the config\'s text model.')
   flags.DEFINE_integer('port', 7860, 'TCP port to serve on.')
