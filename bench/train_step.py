@@ -5,6 +5,7 @@ r"""Train-step time: our jitted step vs the PyTorch reference (same model, losse
   python bench/train_step.py --dtype bfloat16         # on a GPU: bf16 compute on both sides
   python bench/train_step.py --all --iters 2          # every README row (one compile per row: long)
   python bench/train_step.py --sizes 512 --impls ours --remat none dots block --compile_only
+  python bench/train_step.py --sizes 256 --allocator tcmalloc   # both sides with tcmalloc
 
 One optimizer step = forward of A and B through the siamese model, the four losses (train/losses.py)
 (BCE + Dice + focal + BCL, config.loss weights), backward, gradient-norm clipping when
@@ -20,6 +21,11 @@ ratio torch / ours (> 1 means ours is faster). `--devices 1 8` additionally time
 1 and on 8 simulated CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count), data- and
 fsdp-sharded, at --device_batch (a multiple of 8): on a 2-core machine this measures sharding
 overhead, not a speed-up.
+
+--allocator preloads the same host allocator into every child, ours and torch alike:
+'system' (glibc malloc), 'tcmalloc' or 'jemalloc' with freed pages kept
+(segchange_jax/allocator.py). On CPU both step working sets are several GB, allocated per
+step: under glibc most of the step can be page faults, so compare like with like.
 """
 
 from __future__ import annotations
@@ -199,6 +205,8 @@ def main():
                  help='config.model.remat policies for our step (one row each)')
   p.add_argument('--compile_only', action='store_true',
                  help="ours: compile and print XLA's memory / FLOP analysis, run nothing")
+  p.add_argument('--allocator', default='system', choices=['system', 'tcmalloc', 'jemalloc'],
+                 help='host allocator preloaded into every child (ours and torch alike)')
   p.add_argument('--all', action='store_true',
                  help='every row of the README table: Swin-B 256/b2, 512/b1, 512/b2 (ours, '
                  'remat block), ResNet-50 + Transformer BEV and HGNetv2 at 256/b2')
@@ -214,8 +222,13 @@ def main():
     print('RESULT ' + json.dumps(r))
     return
 
+  from segchange_jax import allocator  # pylint: disable=g-import-not-at-top
+  alloc_env = allocator.preload_env(args.allocator)
+  print(f'host allocator: {args.allocator} {alloc_env or ""}', flush=True)
+
   def child(impl, batch, size, layout='data', env=None, remat='none', variant=None):
     variant = variant or args.variant
+    env = {**alloc_env, **(env or {})}
     r, err = run_child(__file__, ['--child', impl, '--variant', variant, '--sizes',
                                   str(size), '--batch', str(batch), '--iters', str(args.iters),
                                   '--dtype', args.dtype, '--layout', layout, '--remat', remat]

@@ -20,7 +20,7 @@ ALLOWED = {
     'train': {'models', 'text', 'data', 'interop'},
     'inference': {'models', 'text', 'data', 'interop'},
 }
-BASE = {'atomic', 'cli', 'config_lib', 'default_config', 'jax_compat', 'paths'}
+BASE = {'allocator', 'atomic', 'cli', 'config_lib', 'default_config', 'jax_compat', 'paths'}
 
 
 def _imports(path: pathlib.Path):

@@ -16,6 +16,7 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
+from segchange_jax import allocator
 from segchange_jax import atomic
 from segchange_jax import jax_compat
 from segchange_jax.train import checkpointing
@@ -116,12 +117,18 @@ def log_model_cost(compiled, n_params: int, examples_per_device: int) -> float:
 
   FLOPs come from XLA's cost analysis of the compiled per-device step (forward, backward and
   optimizer update, every op counted), divided by the examples one device processes per step.
+  On CPU with glibc malloc and a working set above 1 GB, also warns how to preload a caching
+  allocator (`segchange_jax.allocator`).
   """
   cost = compiled.cost_analysis()
   cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
   flops = float(cost.get('flops', 0.0)) / max(examples_per_device, 1)
   logging.info('model: %d parameters (%.1f M); train step %.1f GFLOP per example (XLA cost '
                'analysis: forward + backward + update)', n_params, n_params / 1e6, flops / 1e9)
+  memory = compiled.memory_analysis()
+  advice = allocator.hint(getattr(memory, 'temp_size_in_bytes', 0), jax.default_backend())
+  if advice:
+    logging.warning('%s', advice)
   return flops
 
 
