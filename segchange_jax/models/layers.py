@@ -100,14 +100,113 @@ def conv1x1_rules(torch_prefix: str, path, bias: bool = True) -> list:
   return rules
 
 
+def _taps(x: jax.Array, k: int):
+  """(dy, dx, x shifted by (dy - k//2, dx - k//2)) for every tap of a k x k 'same' window."""
+  h, w = x.shape[1:3]
+  p = k // 2
+  xp = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+  for dy in range(k):
+    for dx in range(k):
+      yield dy, dx, xp[:, dy:dy + h, dx:dx + w]
+
+
+def _shift_sum(x: jax.Array, kernel: jax.Array, tap: Callable) -> jax.Array:
+  out = None
+  for dy, dx, s in _taps(x, kernel.shape[0]):
+    term = tap(s, kernel[dy, dx])
+    out = term if out is None else out + term
+  return out
+
+
+def _mul(s, w):
+  return s * w
+
+
+def _matmul(s, w):
+  return s @ w
+
+
+@jax.custom_vjp
+def depthwise_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """Depthwise 'same' convolution, stride 1, no bias: x [B, H, W, C], kernel [k, k, C].
+
+  torch Conv2d(C, C, k, padding=k//2, groups=C) with weight[c, 0, dy, dx] = kernel[dy, dx, c],
+  computed as k*k shifted multiply-adds (one fused elementwise loop; XLA:CPU runs depthwise
+  convolutions and their gradients as a slow generic loop). The VJP is written out: autodiff
+  of the shifted form keeps every shifted copy of x as a residual (k*k x the activation) and
+  XLA:CPU materialises each one in the forward pass; here the residual is x alone, the input
+  gradient is the same shifted form on the cotangent with the kernel flipped, and each tap's
+  kernel gradient is one reduction.
+  """
+  return _shift_sum(x, kernel, _mul)
+
+
+def _depthwise_fwd(x, kernel):
+  return _shift_sum(x, kernel, _mul), (x, kernel)
+
+
+def _depthwise_bwd(res, g):
+  x, kernel = res
+  k = kernel.shape[0]
+  dx = _shift_sum(g, kernel[::-1, ::-1], _mul)
+  # Tap (dy, dx) pairs x shifted by +d with g; here g is shifted by -d instead (the tap
+  # (k-1-dy, k-1-dx) of g), same sum. Shifting the cotangent matters: shifted copies of x could
+  # be made as soon as x exists, and XLA does make all k*k of them in the forward pass and
+  # keeps them until the backward (the Swin-B neck's peak memory); copies of g can only be
+  # made in the backward, one reduction at a time. Accumulated in float32.
+  # A loop over the taps (lax.map) so that one shifted copy exists at a time: unrolled, XLA
+  # schedules all k*k copies together.
+  p = k // 2
+  gp = jnp.pad(g, ((0, 0), (p, p), (p, p), (0, 0)))
+
+  def tap(t):
+    dy, dx = t // k, t % k
+    s = jax.lax.dynamic_slice(gp, (0, k - 1 - dy, k - 1 - dx, 0), g.shape)
+    return jnp.sum(x * s, axis=(0, 1, 2), dtype=jnp.float32)
+  dk = jax.lax.map(tap, jnp.arange(k * k))
+  return dx, dk.reshape(kernel.shape).astype(kernel.dtype)
+
+
+depthwise_conv.defvjp(_depthwise_fwd, _depthwise_bwd)
+
+
+def shifted_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """Dense 'same' convolution, stride 1, no bias: x [B, H, W, Cin], kernel [k, k, Cin, Cout].
+
+  Same maths as `nn.Conv` (HWIO kernel), as k*k shifted matrix products: XLA:CPU runs a
+  full-resolution 3x3 convolution's backward pass ~10x slower than its forward, matmuls are
+  fast both ways. Plain autodiff here: a written-out VJP like `depthwise_conv`'s was measured
+  slower in the Swin-B step (mask head conv backward 0.22 -> 1.04 s: XLA transposes each
+  shifted slice for the kernel-gradient matmul).
+  """
+  return _shift_sum(x, kernel, _matmul)
+
+
+class DepthwiseConv(nn.Module):
+  """torch Conv2d(C, C, k, padding=k//2, groups=C, bias=False): `depthwise_conv`.
+
+  Parameter `kernel` [k, k, 1, C] as flax `nn.Conv(feature_group_count=C)`; `kernel_init`
+  defaults to flax's.
+  """
+  kernel: int = 3
+  dtype: Any = jnp.float32
+  kernel_init: Callable = nn.initializers.lecun_normal()
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    c, k = x.shape[-1], self.kernel
+    kernel = self.param('kernel', self.kernel_init, (k, k, 1, c))
+    return depthwise_conv(x.astype(self.dtype), kernel[:, :, 0].astype(self.dtype))
+
+
 class GroupedConv(nn.Module):
   """torch Conv2d(C, groups, k, padding=k//2, groups=groups): ONE output channel per group.
 
   Same parameters (names, shapes, init) and maths as `nn.Conv(..., feature_group_count=groups)`,
-  computed as k*k shifted per-channel multiply-adds followed by a sum within each group. XLA's
-  CPU backend lowers grouped convolutions, and above all their weight and input gradients, to a
+  computed as a per-channel `depthwise_conv` followed by a sum within each group. XLA's CPU
+  backend lowers grouped convolutions, and above all their weight and input gradients, to a
   slow generic loop (the CBAM spatial gate's backward was the largest single op of the Swin-B
-  train step); this form fuses into a few memory-bound elementwise loops both ways.
+  train step); this form is a few memory-bound loops both ways.
   """
   groups: int
   kernel: int
@@ -121,22 +220,14 @@ class GroupedConv(nn.Module):
     bias = self.param('bias', nn.initializers.zeros, (self.groups,))
     # Per input channel weight: channel j*g+i belongs to group (= output) j, slot i.
     wc = kernel.transpose(0, 1, 3, 2).reshape(k, k, c).astype(self.dtype)
-    p = k // 2
-    xp = jnp.pad(x.astype(self.dtype), ((0, 0), (p, p), (p, p), (0, 0)))
-    acc = None
-    for dy in range(k):
-      for dx in range(k):
-        term = xp[:, dy:dy + h, dx:dx + w] * wc[dy, dx]
-        acc = term if acc is None else acc + term
+    acc = depthwise_conv(x.astype(self.dtype), wc)
     return acc.reshape(b, h, w, self.groups, g).sum(-1) + bias.astype(self.dtype)
 
 
 class ShiftedConv(nn.Module):
-  """torch Conv2d(k, stride 1, padding k//2) as a sum of k*k shifted matrix products.
+  """torch Conv2d(k, stride 1, padding k//2): `shifted_conv` plus bias.
 
-  Same parameters (names, shapes, init) and maths as `conv(...)` (nn.Conv). XLA:CPU runs a
-  full-resolution 3x3 convolution's backward pass ~10x slower than its forward (profile of the
-  Swin-B step: the mask head's 3x3 conv); here forward and backward are plain matmuls.
+  Same parameters (names, shapes, init) and maths as `conv(...)` (nn.Conv).
   """
   features: int
   kernel: int = 3
@@ -144,16 +235,8 @@ class ShiftedConv(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    _, h, w, c = x.shape
-    k = self.kernel
+    c, k = x.shape[-1], self.kernel
     kernel = self.param('kernel', nn.initializers.lecun_normal(), (k, k, c, self.features))
     bias = self.param('bias', nn.initializers.zeros, (self.features,))
-    kernel = kernel.astype(self.dtype)
-    p = k // 2
-    xp = jnp.pad(x.astype(self.dtype), ((0, 0), (p, p), (p, p), (0, 0)))
-    out = None
-    for dy in range(k):
-      for dx in range(k):
-        term = xp[:, dy:dy + h, dx:dx + w] @ kernel[dy, dx]
-        out = term if out is None else out + term
+    out = shifted_conv(x.astype(self.dtype), kernel.astype(self.dtype))
     return out + bias.astype(self.dtype)

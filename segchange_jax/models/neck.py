@@ -36,31 +36,8 @@ def _depthwise_init(kernel2d: np.ndarray):
   """Every channel starts from the same fixed kernel (trainable afterwards, as upstream)."""
   def init(key, shape, dtype=jnp.float32):
     del key
-    return jnp.broadcast_to(jnp.asarray(np.asarray(kernel2d), dtype)[:, :, None, None], shape)
+    return jnp.broadcast_to(jnp.asarray(kernel2d, dtype)[:, :, None, None], shape)
   return init
-
-
-class DepthwiseConv3x3(nn.Module):
-  """torch Conv2d(C, C, 3, padding=1, groups=C, bias=False) as 9 shifted multiply-adds.
-
-  Same maths as a grouped conv; XLA's CPU backend runs depthwise convolutions ~20x slower than
-  this fused elementwise form (which is also optimal on GPU/TPU: it is memory bound).
-  """
-  init_kernel: Any
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    c = x.shape[-1]
-    k = self.param('kernel', _depthwise_init(self.init_kernel), (3, 3, 1, c)).astype(self.dtype)
-    h, w = x.shape[1:3]
-    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-    out = None
-    for dy in range(3):
-      for dx in range(3):
-        term = xp[:, dy:dy + h, dx:dx + w] * k[dy, dx, 0]
-        out = term if out is None else out + term
-    return out
 
 
 class EGA(nn.Module):
@@ -71,7 +48,7 @@ class EGA(nn.Module):
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     c = x.shape[-1]
     x = x.astype(self.dtype)
-    dw = lambda k, name: DepthwiseConv3x3(tuple(map(tuple, k.tolist())), self.dtype, name=name)
+    dw = lambda k, name: layers.DepthwiseConv(3, self.dtype, _depthwise_init(k), name=name)
     ex = dw(SCHARR_X, 'scharr_x')(x)
     ey = dw(SCHARR_X.T, 'scharr_y')(x)
     e = jnp.sqrt(ex * ex + ey * ey + 1e-6)

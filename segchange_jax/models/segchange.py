@@ -40,12 +40,14 @@ class SegChangeModel(nn.Module):
                        f'text.dim={self.text_dim}')
     b = image_a.shape[0]
     backbone = backbones.build_backbone(m, dtype=dtype, name='backbone')
-    if train:
+    if train and backbones.backbone_uses_batch_stats(m):
       # Two calls, as upstream: BatchNorm sees each time's batch separately (stats updated twice).
       fa, fb = backbone(image_a, train=True), backbone(image_b, train=True)
       feats = [jnp.concatenate([x, y], 0) for x, y in zip(fa, fb)]
-    else:  # same weights, identical maths in eval: one call on the stacked pair
-      feats = backbone(jnp.concatenate([image_a, image_b], 0), train=False)
+    else:
+      # Same weights and per-example maths: one call on the stacked pair (twice the rows per
+      # matmul, half the ops; dropout / drop-path masks are drawn for the 2B examples at once).
+      feats = backbone(jnp.concatenate([image_a, image_b], 0), train=train)
     out = []
     for i, (f, dim) in enumerate(zip(feats, m.out_dims)):
       f = layers.dense(dim, dtype, f'conv_list_{i}')(f)

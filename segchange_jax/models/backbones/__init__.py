@@ -4,7 +4,8 @@ Interface of every backbone module file:
 - a linen Module whose `__call__(x, train: bool = False)` maps [B, H, W, 3] to a list of 4 maps;
 - `torch_mapping(torch_prefix, flax_prefix, model_cfg) -> (rules, aliases, ignore)` giving the
   `torch_convert.Rule`s for its weights, aliased torch keys (alias -> canonical) and regexes of
-  torch keys that are deliberately unused.
+  torch keys that are deliberately unused;
+- `USES_BATCH_STATS`: whether training normalises with batch statistics (BatchNorm).
 """
 
 from __future__ import annotations
@@ -41,6 +42,11 @@ def build_backbone(model_cfg: ml_collections.ConfigDict, dtype: Any = jnp.float3
 def backbone_channels(model_cfg: ml_collections.ConfigDict) -> tuple[int, int, int, int]:
   """Channels of the 4 feature maps for this config."""
   return tuple(_module(model_cfg.backbone).channels(model_cfg))
+
+
+def backbone_uses_batch_stats(model_cfg: ml_collections.ConfigDict) -> bool:
+  """Whether the backbone normalises with batch statistics in training (BatchNorm)."""
+  return bool(_module(model_cfg.backbone).USES_BATCH_STATS)
 
 
 def backbone_torch_mapping(model_cfg: ml_collections.ConfigDict, flax_prefix=('backbone',),

@@ -27,6 +27,9 @@ import ml_collections
 from segchange_jax.interop import torch_rules
 from segchange_jax.models.backbones.norms import FrozenBatchNorm
 
+# BatchNorm: in training each time is its own call (upstream: statistics updated twice).
+USES_BATCH_STATS = True
+
 
 class StageSpec(NamedTuple):
   in_ch: int

@@ -25,6 +25,9 @@ EXPANSION = 4
 # torchvision: kaiming_normal_(mode='fan_out', nonlinearity='relu') for every conv.
 _conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 
+# BatchNorm: in training each time is its own call (upstream: statistics updated twice).
+USES_BATCH_STATS = True
+
 
 def _conv(features: int, kernel: int, stride: int, dtype: Any, name: str) -> nn.Conv:
   pad = (kernel - 1) // 2

@@ -27,6 +27,9 @@ from segchange_jax.interop import torch_rules as tc
 _LN_EPS = 1e-5
 _dense_init = nn.initializers.truncated_normal(0.02)  # timm's ViT-style Linear init
 
+# LayerNorm only: a training call on the stacked A/B pair is the same maths as two calls.
+USES_BATCH_STATS = False
+
 
 # Static geometry (numpy, cached per shape) -------------------------------------------------
 
