@@ -100,11 +100,16 @@ def conv1x1_rules(torch_prefix: str, path, bias: bool = True) -> list:
   return rules
 
 
+def _pad_same(x: jax.Array, k: int) -> jax.Array:
+  """x zero-padded by k//2 on both sides of H and W."""
+  p = k // 2
+  return jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+
+
 def _taps(x: jax.Array, k: int):
   """(dy, dx, x shifted by (dy - k//2, dx - k//2)) for every tap of a k x k 'same' window."""
   h, w = x.shape[1:3]
-  p = k // 2
-  xp = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+  xp = _pad_same(x, k)
   for dy in range(k):
     for dx in range(k):
       yield dy, dx, xp[:, dy:dy + h, dx:dx + w]
@@ -149,15 +154,12 @@ def _depthwise_bwd(res, g):
   x, kernel = res
   k = kernel.shape[0]
   dx = _shift_sum(g, kernel[::-1, ::-1], _mul)
-  # Tap (dy, dx) pairs x shifted by +d with g; here g is shifted by -d instead (the tap
-  # (k-1-dy, k-1-dx) of g), same sum. Shifting the cotangent matters: shifted copies of x could
-  # be made as soon as x exists, and XLA does make all k*k of them in the forward pass and
-  # keeps them until the backward (the Swin-B neck's peak memory); copies of g can only be
-  # made in the backward, one reduction at a time. Accumulated in float32.
-  # A loop over the taps (lax.map) so that one shifted copy exists at a time: unrolled, XLA
-  # schedules all k*k copies together.
-  p = k // 2
-  gp = jnp.pad(g, ((0, 0), (p, p), (p, p), (0, 0)))
+  # Tap (dy, dx) pairs x shifted by +d with g; the same sum shifts g by -d instead. Shifting
+  # the cotangent matters: copies of x could be made as soon as x exists, and XLA did make all
+  # k*k of them in the forward pass and keep them for the backward (the Swin-B neck's peak
+  # memory). The taps run in a loop (lax.map) so that one copy of g exists at a time (unrolled,
+  # XLA schedules all k*k together). Accumulated in float32.
+  gp = _pad_same(g, k)
 
   def tap(t):
     dy, dx = t // k, t % k
