@@ -223,7 +223,10 @@ def main():
     return
 
   from segchange_jax import allocator  # pylint: disable=g-import-not-at-top
-  alloc_env = allocator.preload_env(args.allocator)
+  try:
+    alloc_env = allocator.preload_env(args.allocator)
+  except FileNotFoundError as e:
+    p.error(f'--allocator={args.allocator}: {e}')
   print(f'host allocator: {args.allocator} {alloc_env or ""}', flush=True)
 
   def child(impl, batch, size, layout='data', env=None, remat='none', variant=None):
