@@ -4,7 +4,12 @@ Same weights (random, converted from the torch reference), same batch, dropout a
 off. The torch step is computed in float32 and float64; float64 is the truth against which our
 float32 gradients are judged, with torch's own float32 error as the yardstick:
   loss                      <= 1e-6 relative to torch float32
-  every BN running stat     <= 1e-5 relative (max abs diff / max abs value, per tensor)
+  every BN running stat     <= 1e-5 relative (max abs diff / max abs value, per tensor) to
+                            torch float32; where torch float32 itself is further than 1e-5
+                            from float64 (full size, measured: Swin-B `fpn/ega/gaussian_bn/var`
+                            3.2e-5, ResNet-50 `feature_diff/scale_3/diff_bn/mean` 3.8e-5, the
+                            forward pass's float32 error reaching the batch statistics), ours
+                            must be no further from float64 than torch float32 is
   gradient of each tensor   error vs float64 <= max(1e-4, 4 x torch float32's error vs float64)
                             (relative, max abs diff / max abs value; for tensors whose exact
                             gradient is 0, where both float32 gradients are pure rounding noise,
@@ -150,16 +155,20 @@ def step_parity(config, size: int, batch: int = 2, seed: int = 0, ref_runs: int 
   label = (rs.rand(batch, size, size) < 0.3).astype(np.int32)
 
   loss32, g32, t32 = _torch_step(tmodel, config, frozen_keys, a, b, text, label, torch.float32)
-  loss64, g64, _ = _torch_step(tmodel, config, frozen_keys, a, b, text, label, torch.float64)
+  loss64, g64, t64 = _torch_step(tmodel, config, frozen_keys, a, b, text, label, torch.float64)
   stats_t = conv(util.state_dict_numpy(t32))['batch_stats']
+  stats64 = tc.flatten(conv(util.state_dict_numpy(t64))['batch_stats'])
   after_t = conv(util.state_dict_numpy(_adamw_step(t32, config)))
   g32, g64 = conv(g32), conv(g64)
   # Per tensor: the largest relative / absolute error of torch float32 over the moved batches.
   envelope, flat64 = {}, tc.flatten(g64)
+  stat_envelope = {p: _rel(v, stats64[p]) for p, v in tc.flatten(stats_t).items()}
   moved = np.random.RandomState(seed + 2)
   for _ in range(ref_runs):
     am, bm = _ulp_moved(a, REF_ULPS, moved), _ulp_moved(b, REF_ULPS, moved)
-    _, gk, _ = _torch_step(tmodel, config, frozen_keys, am, bm, text, label, torch.float32)
+    _, gk, tk = _torch_step(tmodel, config, frozen_keys, am, bm, text, label, torch.float32)
+    for p, v in tc.flatten(conv(util.state_dict_numpy(tk))['batch_stats']).items():
+      stat_envelope[p] = max(stat_envelope[p], _rel(v, stats64[p]))
     for p, v in tc.flatten(conv(gk)).items():
       if p[0] == 'params':
         w = np.asarray(flat64[p], np.float64)
@@ -189,7 +198,9 @@ def step_parity(config, size: int, batch: int = 2, seed: int = 0, ref_runs: int 
 
   flat = lambda t: tc.flatten(jax.tree.map(np.asarray, t))
   stats_o, stats_t = flat(model_state['batch_stats']), flat(stats_t)
-  stat_err = {p: _rel(stats_o[p], stats_t[p]) for p in stats_t}
+  # Per statistic: ours vs torch float32, ours vs float64, torch float32's own (envelope) vs float64.
+  stat_err = {p: (_rel(stats_o[p], stats_t[p]), _rel(stats_o[p], stats64[p]), stat_envelope[p])
+              for p in stats_t}
   params_only = lambda d: {p: v for p, v in d.items() if p[0] == 'params'}
   go, g32, g64 = flat({'params': grads}), params_only(flat(g32)), params_only(flat(g64))
   assert set(go) == set(g64), set(go) ^ set(g64)
@@ -226,11 +237,12 @@ def report(name: str, r: dict) -> str:
   g = r['grad']
   w = r['worst_grad']
   defined = [v[0] for v in g.values() if v[1] < 1]  # tensors whose float32 gradient is not noise
-  stat = max(r['stat_err'].values()) if r['stat_err'] else 0.0
-  worst_stat = max(r['stat_err'], key=r['stat_err'].get) if r['stat_err'] else ()
+  st = r['stat_err']
+  worst_stat = max(st, key=lambda p: st[p][0]) if st else ()
+  stat = st[worst_stat] if st else (0.0, 0.0, 0.0)
   runs = f' (torch f32: envelope of {1 + r["ref_runs"]} runs)' if r['ref_runs'] else ''
-  return (f'{name}{runs}: loss rel err {r["loss_rel"]:.1e}; BN stats max rel err {stat:.1e} '
-          f'({"/".join(worst_stat)}); grads vs float64: ours max {max(defined):.1e}, torch f32 max '
+  return (f'{name}{runs}: loss rel err {r["loss_rel"]:.1e}; BN stats max rel err {stat[0]:.1e} '
+          f'({"/".join(worst_stat)}; vs float64: ours {stat[1]:.1e}, torch f32 {stat[2]:.1e}); grads vs float64: ours max {max(defined):.1e}, torch f32 max '
           f'{max(v[1] for v in g.values() if v[1] < 1):.1e} ({len(g) - len(defined)} tensors with '
           f'an exactly-zero gradient: ours max {max(v[3] for v in g.values() if v[1] >= 1) / r["gmax"]:.0e} of '
           f'max|grad|); worst tensor relative to its bound (ours / torch '
@@ -241,7 +253,10 @@ def report(name: str, r: dict) -> str:
 
 def check(r: dict) -> None:
   assert r['loss_rel'] <= 1e-6, r['loss']
-  bad_stats = {p: e for p, e in r['stat_err'].items() if e > 1e-5}
+  # (vs torch f32, vs float64, torch f32 vs float64): where torch's own float32 statistic is
+  # more than 1e-5 off the truth, the yardstick is that error (module docstring).
+  bad_stats = {'/'.join(p): e for p, e in r['stat_err'].items()
+               if e[0] > 1e-5 and e[1] > max(1e-5, e[2])}
   assert not bad_stats, bad_stats
   for p, (ours, ref32, _, ours_abs, ref_abs) in r['grad'].items():
     if ref32 >= 1:
@@ -299,6 +314,10 @@ def main():
       o, t, _, oa, ta = r['grad'][path]
       print(f'  {"/".join(path[1:])}: ours {o:.2e} torch f32 {t:.2e} (ratio {o / t:.1f}); abs / '
             f'max|grad| of the model: {oa / r["gmax"]:.1e} / {ta / r["gmax"]:.1e}')
+    for path in sorted(r['stat_err'], key=lambda p: -r['stat_err'][p][0])[:args.top]:
+      e32, e64, t64 = r['stat_err'][path]
+      print(f'  BN stat {"/".join(path[1:])}: vs torch f32 {e32:.2e}; vs float64: ours {e64:.2e} '
+            f'torch f32 {t64:.2e}')
     for path in sorted(r['after_err'], key=lambda p: -r['after_err'][p][0])[:args.top]:
       print(f'  after step {"/".join(path[1:])}: {r["after_err"][path][0]:.2e}')
 
