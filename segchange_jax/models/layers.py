@@ -127,10 +127,6 @@ def _mul(s, w):
   return s * w
 
 
-def _matmul(s, w):
-  return s @ w
-
-
 @jax.custom_vjp
 def depthwise_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
   """Depthwise 'same' convolution, stride 1, no bias: x [B, H, W, C], kernel [k, k, C].
@@ -172,16 +168,60 @@ def _depthwise_bwd(res, g):
 depthwise_conv.defvjp(_depthwise_fwd, _depthwise_bwd)
 
 
+@jax.custom_vjp
 def shifted_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
   """Dense 'same' convolution, stride 1, no bias: x [B, H, W, Cin], kernel [k, k, Cin, Cout].
 
   Same maths as `nn.Conv` (HWIO kernel), as k*k shifted matrix products: XLA:CPU runs a
   full-resolution 3x3 convolution's backward pass ~10x slower than its forward, matmuls are
-  fast both ways. Plain autodiff here: a written-out VJP like `depthwise_conv`'s was measured
-  slower in the Swin-B step (mask head conv backward 0.22 -> 1.04 s: XLA transposes each
-  shifted slice for the kernel-gradient matmul).
+  fast both ways. The VJP is written out, as `depthwise_conv`'s: autodiff keeps the k*k
+  shifted copies of x as residuals and forms the k*k input-gradient terms side by side (at
+  512 px batch 2 the mask head's conv held 4.5 GB of them at the train step's memory peak).
   """
-  return _shift_sum(x, kernel, _matmul)
+  return _shift_matmul(x, kernel)
+
+
+def _shift_matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """sum over taps of (x shifted) @ kernel[tap], one tap per loop iteration, float32 accumulated.
+
+  A loop, not k*k unrolled products: XLA:CPU materialised all k*k shifted copies of x at once,
+  early, next to the forward pass's full-resolution residuals (2.1 GB at 512 px batch 2).
+  """
+  k = kernel.shape[0]
+  xp = _pad_same(x, k)
+  taps = jnp.asarray(kernel).reshape(k * k, *kernel.shape[2:])
+
+  def body(t, acc):
+    s = jax.lax.dynamic_slice(xp, (0, t // k, t % k, 0), x.shape)
+    return acc + jnp.matmul(s, taps[t], preferred_element_type=jnp.float32)
+  acc = jnp.zeros((*x.shape[:3], kernel.shape[-1]), jnp.float32)
+  return jax.lax.fori_loop(0, k * k, body, acc).astype(x.dtype)
+
+
+def _shifted_fwd(x, kernel):
+  return _shift_matmul(x, kernel), (x, kernel)
+
+
+def _shifted_bwd(res, g):
+  x, kernel = res
+  k, c, o = kernel.shape[0], x.shape[-1], g.shape[-1]
+  dx = _shift_matmul(g, jnp.swapaxes(kernel[::-1, ::-1], -1, -2))
+  # Kernel gradient of tap (dy, dx): x^T [Cin, N] times g shifted by -d [N, Cout], float32
+  # accumulated. x is transposed once, so every tap's product is a plain [M, K] x [K, N] matmul
+  # (x^T @ shifted x made XLA transpose each slice: 5x slower); the taps run in a loop so that
+  # one shifted copy of g (the narrower side) exists at a time.
+  xt = x.reshape(-1, c).T
+  gp = _pad_same(g, k)
+
+  def tap(t):
+    dy, dx_ = t // k, t % k
+    s = jax.lax.dynamic_slice(gp, (0, k - 1 - dy, k - 1 - dx_, 0), g.shape).reshape(-1, o)
+    return jnp.matmul(xt, s, preferred_element_type=jnp.float32)
+  dk = jax.lax.map(tap, jnp.arange(k * k))
+  return dx, dk.reshape(kernel.shape).astype(kernel.dtype)
+
+
+shifted_conv.defvjp(_shifted_fwd, _shifted_bwd)
 
 
 class DepthwiseConv(nn.Module):

@@ -38,11 +38,12 @@ def test_depthwise_conv_matches_grouped_conv():
 
 
 def test_written_out_vjp_equals_autodiff_in_bfloat16_too():
-  """depthwise_conv's hand-written VJP against autodiff of the same shifted form (float32 and
-  bfloat16)."""
+  """depthwise_conv's and shifted_conv's hand-written VJPs against autodiff of the same shifted
+  form (float32 and bfloat16)."""
   rng = np.random.default_rng(3)
   x = jnp.asarray(rng.normal(size=(2, 7, 6, 4)), jnp.float32)
-  cases = [(layers.depthwise_conv, rng.normal(size=(5, 5, 4)), lambda s, w: s * w)]
+  cases = [(layers.depthwise_conv, rng.normal(size=(5, 5, 4)), lambda s, w: s * w),
+           (layers.shifted_conv, rng.normal(size=(3, 3, 4, 6)), lambda s, w: s @ w)]
   for fn, kernel, tap in cases:
     kernel = jnp.asarray(kernel, jnp.float32)
     plain = lambda x, k: layers._shift_sum(x, k, tap)  # pylint: disable=protected-access
