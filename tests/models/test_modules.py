@@ -145,3 +145,26 @@ def test_head_multiclass_and_train_mode_runs():
   v = ours.init(jax.random.PRNGKey(0), x, text)
   y = ours.apply(v, x, text, train=True, rngs={'dropout': jax.random.PRNGKey(1)})
   assert y.shape == (2, 8, 8, 3) and bool(jnp.all(jnp.isfinite(y)))
+
+
+def test_pixel_attention_vjp_equals_autodiff_with_dropout():
+  """head.attend_pixels' written-out VJP (used in training) against autodiff of the same maths,
+  with a dropout keep mask on the weights and cotangents on both outputs."""
+  rs = np.random.RandomState(5)
+  x = jnp.asarray(rs.randn(2, 40, 12), jnp.float32)
+  qk = jnp.asarray(rs.randn(2, 3, 4, 12), jnp.float32)
+  keep = jnp.asarray((rs.rand(2, 3, 4, 40) > 0.3) / 0.7, jnp.float32)
+  def loss(fn):
+    def f(x, qk):
+      pooled, wsum = fn(x, qk)
+      return jnp.sum(jnp.sin(pooled)) + jnp.sum(jnp.cos(3 * wsum))
+    return f
+  ours = jax.grad(loss(lambda x, qk: head_lib.attend_pixels(x, qk, keep)), argnums=(0, 1))(x, qk)
+  plain = jax.grad(loss(lambda x, qk: head_lib._attend_pool(x, qk, keep)[:2]),  # pylint: disable=protected-access
+                   argnums=(0, 1))(x, qk)
+  for a, b in zip(ours, plain):  # float32 sums in another order: relative to the largest
+    assert float(jnp.max(jnp.abs(a - b))) <= 1e-5 * float(jnp.max(jnp.abs(b)))
+  without = head_lib.attend_pixels(x, qk)
+  with_ones = head_lib.attend_pixels(x, qk, jnp.ones_like(keep))
+  for a, b in zip(without, with_ones):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
