@@ -24,6 +24,7 @@ import optax
 from flax import struct
 from jax.sharding import Mesh
 
+from segchange_jax import jax_compat
 from segchange_jax.train import losses, metrics, optim, sharding
 
 Batch = Mapping[str, jax.Array]
@@ -158,6 +159,8 @@ def make_train_step(model, config, mesh: Mesh, state_shardings: Any):
   metrics: 'loss' (weighted total), 'ce', 'dice', 'focal', 'bcl', 'grad_norm' (before clipping),
   'lr_scale', 'cm' (int32 confusion-matrix increment, for train OA).
   """
+  # Dropout masks: same bits, drawn without XLA:CPU's rolled threefry loop (jax_compat).
+  jax_compat.unroll_cpu_threefry()
   def train_step(state: TrainState, batch: Batch, text_table: jax.Array):
     grads, total, parts, model_state, cm = _grads(model, config, state, batch, text_table)
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
