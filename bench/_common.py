@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import signal
 import subprocess
 import sys
 
@@ -42,5 +43,10 @@ def run_child(script: str, args: list[str], env: dict | None = None) -> tuple[di
                         env={**os.environ, 'PYTHONPATH': REPO, **(env or {})})
   line = [l for l in proc.stdout.splitlines() if l.startswith('RESULT ')]
   if proc.returncode or not line:
-    return None, proc.stderr[-3000:]
+    why = proc.stderr[-3000:]
+    if proc.returncode < 0:  # killed by a signal
+      sig = signal.Signals(-proc.returncode).name
+      why += f'\n(killed by {sig}' + (': without a traceback, usually the kernel\'s out-of-memory '
+                                      'killer; see `dmesg`)' if sig == 'SIGKILL' else ')')
+    return None, why
   return json.loads(line[0][len('RESULT '):]), ''
