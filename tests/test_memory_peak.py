@@ -1,0 +1,41 @@
+"""bench/memory_peak.py: reads XLA's peak-usage breakdown; end to end on the demo model (slow)."""
+
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+sys.path.insert(0, str(REPO / 'bench'))
+import memory_peak  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+_LIVE_RANGE = '''HloLiveRange (max 3):
+  Live ranges at 2 (peak):
+    a{}: 536870912 bytes (cumulative: 536870912 bytes)
+  Stack trace breakdown for peak usage: 1 610 612 736 bytes
+    main.1 (100.0%, total: 1 610 612 736 bytes, current: 0 bytes, remaining: 1 610 612 736 bytes)
+      ├── jit(train_step)/jvp(M)/fpn/ega/add (66.7%, total: 1 073 741 824 bytes, current: 1 bytes, remaining: 1 bytes)
+      ├── jit(train_step)/transpose(jvp(M))/head/dot_general (33.3%, total: 536 870 912 bytes, current: 1 bytes, remaining: 1 bytes)
+'''
+
+
+def test_peak_breakdown_reads_xla_live_ranges(tmp_path):
+  (tmp_path / 'module_0012.jit_train_step.cpu_after_optimizations-live-range.txt').write_text(
+      _LIVE_RANGE)
+  out = memory_peak.peak_breakdown(str(tmp_path), 5)
+  assert out[0].startswith('alive at the peak: 1.50 GiB')
+  assert out[1].split() == ['1.00', 'GiB', '66.7%', 'jvp(M)/fpn/ega/add']
+  assert out[2].split() == ['0.50', 'GiB', '33.3%', 'transpose(jvp(M))/head/dot_general']
+  with pytest.raises(SystemExit, match='no .*live-range'):
+    memory_peak.peak_breakdown(str(tmp_path / 'empty'), 5)
+
+
+@pytest.mark.slow
+def test_memory_peak_runs_on_the_demo_model():
+  out = subprocess.run([sys.executable, 'bench/memory_peak.py', '--variant', 'demo', '--size', '64',
+                        '--top', '5'], capture_output=True, text=True, cwd=REPO, timeout=900)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert 'XLA temp' in out.stdout and 'alive at the peak' in out.stdout
+  assert 'jvp(' in out.stdout, out.stdout
