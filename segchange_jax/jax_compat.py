@@ -55,8 +55,10 @@ def unroll_cpu_threefry() -> bool:
   Transformer BEV's attention weights at 256 px: 268 M elements per layer), and drawing them
   was over a third of the ResNet-50 variant's step. Unrolled, XLA fuses the 20 rounds into one
   loop: a 67 M-element mask 1.04 -> 0.07 s on 2 CPU cores. The rule is JAX's own non-CPU
-  lowering; re-registering it changes how the bits are computed, not which bits. Returns
-  False (and changes nothing) when this JAX no longer has the pieces.
+  lowering; re-registering it changes how the bits are computed, not which bits. It is
+  process-wide and makes big programs slower to compile (each draw site is ~100 ops), so the
+  train step applies it without remat only. Returns False (and changes nothing) when this JAX
+  no longer has the pieces.
   """
   try:
     from jax._src.interpreters import mlir  # noqa: TID251 pylint: disable=g-import-not-at-top

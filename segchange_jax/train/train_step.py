@@ -25,6 +25,7 @@ from flax import struct
 from jax.sharding import Mesh
 
 from segchange_jax import jax_compat
+from segchange_jax.models import remat as remat_lib
 from segchange_jax.train import losses, metrics, optim, sharding
 
 Batch = Mapping[str, jax.Array]
@@ -159,8 +160,11 @@ def make_train_step(model, config, mesh: Mesh, state_shardings: Any):
   metrics: 'loss' (weighted total), 'ce', 'dice', 'focal', 'bcl', 'grad_norm' (before clipping),
   'lr_scale', 'cm' (int32 confusion-matrix increment, for train OA).
   """
-  # Dropout masks: same bits, drawn without XLA:CPU's rolled threefry loop (jax_compat).
-  jax_compat.unroll_cpu_threefry()
+  # Dropout masks: same bits, drawn without XLA:CPU's rolled threefry loop (jax_compat). Not
+  # under remat: copied into every recomputed block, the unrolled form made XLA's compile of a
+  # Swin-B step 4x+ slower (128 px, 'block': 125 s rolled, >475 s unrolled). Process-wide once set.
+  if remat_lib.policy_of(config.model) == 'none':
+    jax_compat.unroll_cpu_threefry()
   def train_step(state: TrainState, batch: Batch, text_table: jax.Array):
     grads, total, parts, model_state, cm = _grads(model, config, state, batch, text_table)
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
