@@ -177,15 +177,21 @@ def shifted_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
   fast both ways. The VJP is written out, as `depthwise_conv`'s: autodiff keeps the k*k
   shifted copies of x as residuals and forms the k*k input-gradient terms side by side (at
   512 px batch 2 the mask head's conv held 4.5 GB of them at the train step's memory peak).
+  Undifferentiated (inference, export), the taps are unrolled: no loop for exporters to lower.
   """
-  return _shift_matmul(x, kernel)
+  return _shift_sum(x, kernel, _matmul_f32).astype(x.dtype)
+
+
+def _matmul_f32(s, w):
+  return jnp.matmul(s, w, preferred_element_type=jnp.float32)
 
 
 def _shift_matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
   """sum over taps of (x shifted) @ kernel[tap], one tap per loop iteration, float32 accumulated.
 
-  A loop, not k*k unrolled products: XLA:CPU materialised all k*k shifted copies of x at once,
-  early, next to the forward pass's full-resolution residuals (2.1 GB at 512 px batch 2).
+  A loop, not k*k unrolled products (`shifted_conv`'s primal): in the train step XLA:CPU
+  materialised all k*k shifted copies of x at once, early, next to the forward pass's
+  full-resolution residuals (2.1 GB at 512 px batch 2). Same sums in the same order.
   """
   k = kernel.shape[0]
   xp = _pad_same(x, k)
