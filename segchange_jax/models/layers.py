@@ -153,16 +153,24 @@ def _depthwise_bwd(res, g):
   # Tap (dy, dx) pairs x shifted by +d with g; the same sum shifts g by -d instead. Shifting
   # the cotangent matters: copies of x could be made as soon as x exists, and XLA did make all
   # k*k of them in the forward pass and keep them for the backward (the Swin-B neck's peak
-  # memory). The taps run in a loop (lax.map) so that one copy of g exists at a time (unrolled,
-  # XLA schedules all k*k together). Accumulated in float32.
+  # memory). Accumulated in float32.
+  dk = _per_tap_of_shifted_cotangent(
+      g, k, lambda s: jnp.sum(x * s, axis=(0, 1, 2), dtype=jnp.float32))
+  return dx, dk.reshape(kernel.shape).astype(kernel.dtype)
+
+
+def _per_tap_of_shifted_cotangent(g: jax.Array, k: int, fn: Callable) -> jax.Array:
+  """[fn(g shifted by -d) for every tap d of a k x k 'same' window], stacked, in a loop.
+
+  The kernel gradient of a shifted-form conv pairs x shifted by +d with g, which equals g
+  shifted by -d with x. The loop (lax.map) keeps one shifted copy of g alive at a time
+  (unrolled, XLA scheduled all k*k together).
+  """
   gp = _pad_same(g, k)
 
   def tap(t):
-    dy, dx = t // k, t % k
-    s = jax.lax.dynamic_slice(gp, (0, k - 1 - dy, k - 1 - dx, 0), g.shape)
-    return jnp.sum(x * s, axis=(0, 1, 2), dtype=jnp.float32)
-  dk = jax.lax.map(tap, jnp.arange(k * k))
-  return dx, dk.reshape(kernel.shape).astype(kernel.dtype)
+    return fn(jax.lax.dynamic_slice(gp, (0, k - 1 - t // k, k - 1 - t % k, 0), g.shape))
+  return jax.lax.map(tap, jnp.arange(k * k))
 
 
 depthwise_conv.defvjp(_depthwise_fwd, _depthwise_bwd)
@@ -214,16 +222,10 @@ def _shifted_bwd(res, g):
   dx = _shift_matmul(g, jnp.swapaxes(kernel[::-1, ::-1], -1, -2))
   # Kernel gradient of tap (dy, dx): x^T [Cin, N] times g shifted by -d [N, Cout], float32
   # accumulated. x is transposed once, so every tap's product is a plain [M, K] x [K, N] matmul
-  # (x^T @ shifted x made XLA transpose each slice: 5x slower); the taps run in a loop so that
-  # one shifted copy of g (the narrower side) exists at a time.
+  # (x^T @ shifted x made XLA transpose each slice: 5x slower); g is the narrower side to copy.
   xt = x.reshape(-1, c).T
-  gp = _pad_same(g, k)
-
-  def tap(t):
-    dy, dx_ = t // k, t % k
-    s = jax.lax.dynamic_slice(gp, (0, k - 1 - dy, k - 1 - dx_, 0), g.shape).reshape(-1, o)
-    return jnp.matmul(xt, s, preferred_element_type=jnp.float32)
-  dk = jax.lax.map(tap, jnp.arange(k * k))
+  dk = _per_tap_of_shifted_cotangent(
+      g, k, lambda s: jnp.matmul(xt, s.reshape(-1, o), preferred_element_type=jnp.float32))
   return dx, dk.reshape(kernel.shape).astype(kernel.dtype)
 
 
