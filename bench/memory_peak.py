@@ -48,11 +48,9 @@ def peak_breakdown(dump_dir: str, top: int) -> list[str]:
 
 def main():
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-  p.add_argument('--variant', default='swin_base_patch4_window7_224')
-  p.add_argument('--size', type=int, default=512)
-  p.add_argument('--batch', type=int, default=2)
-  p.add_argument('--dtype', default='float32')
-  p.add_argument('--remat', default='none')
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  import train_step  # pylint: disable=g-import-not-at-top
+  train_step.add_step_args(p, size=512, remat='none')
   p.add_argument('--top', type=int, default=25)
   p.add_argument('--dump_dir', default='', help='default: a new temporary directory')
   args = p.parse_args()
@@ -62,8 +60,6 @@ def main():
   # Only the train step's module, and no per-pass HLO: the dump stays a few hundred MB.
   os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + f' --xla_dump_to={dump}'
                              ' --xla_dump_hlo_module_re=.*train_step.* --xla_dump_hlo_pass_re=^$')
-  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-  import train_step  # pylint: disable=g-import-not-at-top
   compiled, *_ = train_step.build_ours(args.variant, args.batch, args.size, args.dtype,
                                        remat=args.remat)
   mem = compiled.memory_analysis()

@@ -95,11 +95,7 @@ def family(opcode: str, inner: str, prim: str) -> str:
 
 def main():
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-  p.add_argument('--variant', default='swin_base_patch4_window7_224')
-  p.add_argument('--size', type=int, default=256)
-  p.add_argument('--batch', type=int, default=2)
-  p.add_argument('--dtype', default='float32')
-  p.add_argument('--remat', default=None)
+  train_step.add_step_args(p, size=256, remat=None)
   p.add_argument('--steps', type=int, default=2)
   p.add_argument('--top', type=int, default=25)
   p.add_argument('--trace_dir', default='')

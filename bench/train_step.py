@@ -63,6 +63,15 @@ def _summary(impl: str, device: str, batch: int, size: int, times: list[float], 
           's_median': s[len(s) // 2], 'examples_per_s': batch / s[0], **extra}
 
 
+def add_step_args(p, size: int, remat: str | None) -> None:
+  """--variant --size --batch --dtype --remat of one of our steps (profile_step, memory_peak)."""
+  p.add_argument('--variant', default='swin_base_patch4_window7_224')
+  p.add_argument('--size', type=int, default=size)
+  p.add_argument('--batch', type=int, default=2)
+  p.add_argument('--dtype', default='float32')
+  p.add_argument('--remat', default=remat)
+
+
 def build_ours(variant: str, batch: int, size: int, dtype: str, layout: str = 'data',
                remat: str | None = None, compile_step: bool = True):
   """Our train step for random weights/inputs: (compiled or jitted step, state, batch, table,
