@@ -20,7 +20,6 @@ import argparse
 import glob
 import os
 import re
-import shutil
 import sys
 import tempfile
 
@@ -55,8 +54,9 @@ def main():
   p.add_argument('--dump_dir', default='', help='default: a new temporary directory')
   args = p.parse_args()
   dump = args.dump_dir or tempfile.mkdtemp(prefix='segchange_xla_dump_')
-  if os.path.isdir(dump) and args.dump_dir:
-    shutil.rmtree(dump)
+  if args.dump_dir and os.path.isdir(dump) and os.listdir(dump):
+    # Never delete a user's directory; the newest live-range file would also be ambiguous.
+    p.error(f'--dump_dir {dump} exists and is not empty: give a new or empty directory')
   # Only the train step's module, and no per-pass HLO: the dump stays a few hundred MB.
   os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + f' --xla_dump_to={dump}'
                              ' --xla_dump_hlo_module_re=.*train_step.* --xla_dump_hlo_pass_re=^$')

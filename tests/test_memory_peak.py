@@ -43,3 +43,11 @@ def test_memory_peak_runs_on_the_demo_model():
   assert out.returncode == 0, out.stderr[-3000:]
   assert 'XLA temp' in out.stdout and 'alive at the peak' in out.stdout
   assert 'jvp(' in out.stdout, out.stdout
+
+
+def test_a_non_empty_dump_dir_is_refused_and_kept(tmp_path):
+  (tmp_path / 'precious.txt').write_text('user data')
+  out = subprocess.run([sys.executable, 'bench/memory_peak.py', '--dump_dir', str(tmp_path)],
+                       capture_output=True, text=True, cwd=REPO, timeout=120)
+  assert out.returncode == 2 and 'is not empty' in out.stderr, out.stderr[-2000:]
+  assert (tmp_path / 'precious.txt').read_text() == 'user data'
