@@ -88,15 +88,13 @@ class Neck(nn.Module):
     kernel = self.param('fusion_kernel', nn.initializers.lecun_normal(), (n * self.dim, self.dim))
     bias = self.param('fusion_bias', nn.initializers.zeros, (self.dim,))
     kernel = kernel.astype(self.dtype)
-    out = None
-    for i, (f, stride) in enumerate(zip(feats, STRIDES)):
+    projected = []
+    for i, f in enumerate(feats):
       h = layers.conv(self.dim, 3, self.dtype, f'scale_conv_{i}')(f)
       h = nn.relu(layers.group_norm(self.gn_groups, self.dtype, f'scale_gn_{i}')(h))
       # The fusion conv's slice for this scale, applied before upsampling (exact rewrite).
-      h = h @ kernel[i * self.dim:(i + 1) * self.dim]
-      h = layers.upsample_bilinear(h, stride)
-      out = h if out is None else out + h
-    out = out + bias.astype(self.dtype)
+      projected.append(h @ kernel[i * self.dim:(i + 1) * self.dim])
+    out = layers.upsample_bilinear_sum(projected, STRIDES[:n]) + bias.astype(self.dtype)
     if self.fpn_type == 'FPN':
       out = nn.relu(layers.group_norm(self.gn_groups, self.dtype, 'fusion_gn')(out))
     if self.use_token_connector:

@@ -14,6 +14,7 @@ from configs import base
 from segchange_jax.models import bev as bev_lib
 from segchange_jax.models import diff as diff_lib
 from segchange_jax.models import head as head_lib
+from segchange_jax.models import layers
 from segchange_jax.models import neck as neck_lib
 from tests.torch_ref import segchange as ref
 from tests.torch_ref import util
@@ -104,6 +105,21 @@ def test_neck(fpn_type, use_ega, token):
   with torch.no_grad():
     want = util.nhwc(t([util.nchw(f) for f in feats]))
   _check(f'neck {fpn_type} ega={use_ega} token={token}', ours.apply(variables, feats), want)
+
+
+def test_upsample_bilinear_sum_matches_torch_interpolate():
+  """Non-square maps, batch 2: each map's own H and W matrices, one stacked W product."""
+  rs = np.random.RandomState(3)
+  maps = [rs.randn(2, 48 // f, 80 // f, 5).astype(np.float32) for f in (4, 8, 16)]
+  want = sum(util.nhwc(torch.nn.functional.interpolate(
+      util.nchw(m), scale_factor=f, mode='bilinear', align_corners=True))
+      for m, f in zip(maps, (4, 8, 16)))
+  _check('upsample_bilinear_sum', layers.upsample_bilinear_sum(maps, (4, 8, 16)), want)
+  _check('upsample_bilinear', layers.upsample_bilinear(maps[1], 8), util.nhwc(
+      torch.nn.functional.interpolate(util.nchw(maps[1]), scale_factor=8, mode='bilinear',
+                                      align_corners=True)))
+  with pytest.raises(ValueError, match='does not land on the'):
+    layers.upsample_bilinear_sum(maps, (4, 8, 8))
 
 
 def test_ega_init_matches_upstream_kernels():
