@@ -170,13 +170,32 @@ def _depthwise_bwd(res, g):
   x, kernel = res
   k = kernel.shape[0]
   dx = _shift_sum(g, kernel[::-1, ::-1], _mul)
-  # Tap (dy, dx) pairs x shifted by +d with g; the same sum shifts g by -d instead. Shifting
-  # the cotangent matters: copies of x could be made as soon as x exists, and XLA did make all
-  # k*k of them in the forward pass and keep them for the backward (the Swin-B neck's peak
-  # memory). Accumulated in float32.
-  dk = _per_tap_of_shifted_cotangent(
-      g, k, lambda s: jnp.sum(x * s, axis=(0, 1, 2), dtype=jnp.float32))
-  return dx, dk.reshape(kernel.shape).astype(kernel.dtype)
+  dk = _depthwise_kernel_grad(x, g, kernel.shape[0])
+  return dx, dk.astype(kernel.dtype)
+
+
+def _depthwise_kernel_grad(x: jax.Array, g: jax.Array, k: int) -> jax.Array:
+  """[k, k, C] kernel gradient of `depthwise_conv`: sum over b, h, w of x times g shifted.
+
+  Tap (dy, dx) pairs x shifted by +d with g; the same sum shifts g by -d instead (copies of x
+  could be made as soon as x exists, and XLA did make all k*k of them in the forward pass).
+  The sum runs over blocks of two rows: each iteration reads two rows of x and the k + 1 rows
+  of g they meet, and all k*k taps reduce them while they are in cache. A loop over taps
+  instead streamed x and a shifted copy of g from memory k*k times: 2x slower at 512 px
+  (0.33 -> 0.16 s per kernel), and twice the temporary memory. Float32 accumulation.
+  """
+  _, h, w, c = x.shape
+  rows = 2 if h % 2 == 0 else 1
+  gp = _pad_same(g, k)
+
+  def block(i, acc):
+    xs = jax.lax.dynamic_slice_in_dim(x, i * rows, rows, axis=1)
+    gs = jax.lax.dynamic_slice_in_dim(gp, i * rows, rows + k - 1, axis=1)
+    taps = [jnp.sum(xs * gs[:, k - 1 - dy:k - 1 - dy + rows, k - 1 - dx:k - 1 - dx + w],
+                    axis=(0, 1, 2), dtype=jnp.float32)
+            for dy in range(k) for dx in range(k)]
+    return acc + jnp.stack(taps).reshape(k, k, c)
+  return jax.lax.fori_loop(0, h // rows, block, jnp.zeros((k, k, c), jnp.float32))
 
 
 def _per_tap_of_shifted_cotangent(g: jax.Array, k: int, fn: Callable) -> jax.Array:

@@ -1,5 +1,7 @@
 """Convolution rewrites (layers.GroupedConv, ShiftedConv, DepthwiseConv) equal flax nn.Conv: params, values, grads."""
 
+import itertools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -39,12 +41,13 @@ def test_depthwise_conv_matches_grouped_conv():
 
 def test_written_out_vjp_equals_autodiff_in_bfloat16_too():
   """depthwise_conv's and shifted_conv's hand-written VJPs against autodiff of the same shifted
-  form (float32 and bfloat16)."""
+  form (float32 and bfloat16), at an odd and an even height (the depthwise kernel gradient
+  sums blocks of two rows where the height allows)."""
   rng = np.random.default_rng(3)
-  x = jnp.asarray(rng.normal(size=(2, 7, 6, 4)), jnp.float32)
   cases = [(layers.depthwise_conv, rng.normal(size=(5, 5, 4)), lambda s, w: s * w),
            (layers.shifted_conv, rng.normal(size=(3, 3, 4, 6)), lambda s, w: s @ w)]
-  for fn, kernel, tap in cases:
+  for (fn, kernel, tap), height in itertools.product(cases, (7, 8)):
+    x = jnp.asarray(rng.normal(size=(2, height, 6, 4)), jnp.float32)
     kernel = jnp.asarray(kernel, jnp.float32)
     plain = lambda x, k: layers._shift_sum(x, k, tap)  # pylint: disable=protected-access
     for dtype, tol in ((jnp.float32, 1e-5), (jnp.bfloat16, 5e-2)):
