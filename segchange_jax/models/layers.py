@@ -168,7 +168,6 @@ def _depthwise_fwd(x, kernel):
 
 def _depthwise_bwd(res, g):
   x, kernel = res
-  k = kernel.shape[0]
   dx = _shift_sum(g, kernel[::-1, ::-1], _mul)
   dk = _depthwise_kernel_grad(x, g, kernel.shape[0])
   return dx, dk.astype(kernel.dtype)
