@@ -84,9 +84,19 @@ def fold_queries(q_in, w, heads: int):
   return jnp.einsum('bqhd,chd->bqhc', q, wk) * q.shape[-1] ** -0.5
 
 
+def _scores(x, qk):
+  """x [B, N, C] . qk [B, Q, H, C] -> [B, Q, H, N] float32.
+
+  Computed as x @ qk^T ([N, Q*H], x in its own layout) and the small result transposed: as
+  qk @ x^T, XLA materialised x^T, a full-resolution transpose (0.25 s of the 512 px step).
+  """
+  s = jnp.einsum('bnc,bqhc->bnqh', x, qk.astype(x.dtype))
+  return s.astype(jnp.float32).transpose(0, 2, 3, 1)
+
+
 def _attend_pool(x, qk, keep):
   """(pooled [B, Q, H, C], weight sums [B, Q, H], softmax weights [B, Q, H, N] float32)."""
-  s = jnp.einsum('bnc,bqhc->bqhn', x, qk.astype(x.dtype)).astype(jnp.float32)
+  s = _scores(x, qk)
   p = jax.nn.softmax(s, axis=-1)
   pk = p if keep is None else p * keep
   return jnp.einsum('bqhn,bnc->bqhc', pk.astype(x.dtype), x), jnp.sum(pk, -1), p
@@ -105,7 +115,7 @@ def _attend_pool_fwd(x, qk, keep):
 def _attend_pool_bwd(res, g):
   x, qk, keep, p = res
   g_pooled, g_wsum = g
-  dpk = jnp.einsum('bnc,bqhc->bqhn', x, g_pooled.astype(x.dtype)).astype(jnp.float32)
+  dpk = _scores(x, g_pooled)
   dp = (dpk + g_wsum[..., None]) * keep
   ds = p * (dp - jnp.sum(p * dp, -1, keepdims=True))  # softmax VJP
   # Both input-gradient terms (scores and pooling) as ONE product over the stacked queries: one
