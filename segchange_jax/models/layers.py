@@ -75,13 +75,9 @@ def _align_corners_matrix(size_in: int, size_out: int) -> np.ndarray:
   return m
 
 
-def upsample_bilinear(x: jax.Array, factor: int) -> jax.Array:
-  """torch `nn.Upsample(scale_factor=factor, mode='bilinear', align_corners=True)`, NHWC."""
-  return x if factor == 1 else upsample_bilinear_sum([x], [factor])
-
-
 def upsample_bilinear_sum(maps: Sequence[jax.Array], factors: Sequence[int]) -> jax.Array:
-  """sum_i upsample_bilinear(maps[i], factors[i]) for maps that land on one [B, H, W, C] grid.
+  """sum_i torch `nn.Upsample(scale_factor=factors[i], mode='bilinear', align_corners=True)`
+  of maps[i], NHWC, for maps that land on one [B, H, W, C] grid (one map: a plain upsample).
 
   Separable: one small matrix product per axis. Unlike a gather + lerp, its backward pass is
   a matrix product too (a gather's is a scatter-add, several times slower on CPU and GPU).
@@ -197,20 +193,6 @@ def _depthwise_kernel_grad(x: jax.Array, g: jax.Array, k: int) -> jax.Array:
   return jax.lax.fori_loop(0, h // rows, block, jnp.zeros((k, k, c), jnp.float32))
 
 
-def _per_tap_of_shifted_cotangent(g: jax.Array, k: int, fn: Callable) -> jax.Array:
-  """[fn(g shifted by -d) for every tap d of a k x k 'same' window], stacked, in a loop.
-
-  The kernel gradient of a shifted-form conv pairs x shifted by +d with g, which equals g
-  shifted by -d with x. The loop (lax.map) keeps one shifted copy of g alive at a time
-  (unrolled, XLA scheduled all k*k together).
-  """
-  gp = _pad_same(g, k)
-
-  def tap(t):
-    return fn(jax.lax.dynamic_slice(gp, (0, k - 1 - t // k, k - 1 - t % k, 0), g.shape))
-  return jax.lax.map(tap, jnp.arange(k * k))
-
-
 depthwise_conv.defvjp(_depthwise_fwd, _depthwise_bwd)
 
 
@@ -261,9 +243,15 @@ def _shifted_bwd(res, g):
   # Kernel gradient of tap (dy, dx): x^T [Cin, N] times g shifted by -d [N, Cout], float32
   # accumulated. x is transposed once, so every tap's product is a plain [M, K] x [K, N] matmul
   # (x^T @ shifted x made XLA transpose each slice: 5x slower); g is the narrower side to copy.
+  # Pairing x shifted by +d with g equals pairing x with g shifted by -d; the taps run in a loop
+  # (lax.map) so that one shifted copy of g exists at a time (unrolled, XLA scheduled all k*k).
   xt = x.reshape(-1, c).T
-  dk = _per_tap_of_shifted_cotangent(
-      g, k, lambda s: jnp.matmul(xt, s.reshape(-1, o), preferred_element_type=jnp.float32))
+  gp = _pad_same(g, k)
+
+  def tap(t):
+    s = jax.lax.dynamic_slice(gp, (0, k - 1 - t // k, k - 1 - t % k, 0), g.shape)
+    return jnp.matmul(xt, s.reshape(-1, o), preferred_element_type=jnp.float32)
+  dk = jax.lax.map(tap, jnp.arange(k * k))
   return dx, dk.reshape(kernel.shape).astype(kernel.dtype)
 
 

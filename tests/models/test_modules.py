@@ -115,7 +115,7 @@ def test_upsample_bilinear_sum_matches_torch_interpolate():
       util.nchw(m), scale_factor=f, mode='bilinear', align_corners=True))
       for m, f in zip(maps, (4, 8, 16)))
   _check('upsample_bilinear_sum', layers.upsample_bilinear_sum(maps, (4, 8, 16)), want)
-  _check('upsample_bilinear', layers.upsample_bilinear(maps[1], 8), util.nhwc(
+  _check('upsample_bilinear_sum, one map', layers.upsample_bilinear_sum([maps[1]], [8]), util.nhwc(
       torch.nn.functional.interpolate(util.nchw(maps[1]), scale_factor=8, mode='bilinear',
                                       align_corners=True)))
   with pytest.raises(ValueError, match='does not land on the'):
