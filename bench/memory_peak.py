@@ -30,11 +30,12 @@ def peak_breakdown(dump_dir: str, top: int) -> list[str]:
   if not files:
     raise SystemExit(f'no *train_step*live-range.txt in {dump_dir}: this XLA did not dump live '
                      'ranges (needs XLA with --xla_dump_to support for them)')
-  lines = open(max(files, key=os.path.getmtime)).read().splitlines()
+  path = max(files, key=os.path.getmtime)
+  lines = open(path).read().splitlines()
   start = next((i for i, l in enumerate(lines) if 'Stack trace breakdown for peak usage' in l),
                None)
   if start is None:
-    raise SystemExit(f'{files[0]} has no peak-usage breakdown')
+    raise SystemExit(f'{path} has no peak-usage breakdown')
   total = int(re.sub(r'\D', '', lines[start].split(':')[-1]) or 0)
   out = [f"alive at the peak: {total / 2**30:.2f} GiB; the largest by the JAX op that made them:"]
   for l in lines[start + 2:start + 2 + top]:
