@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import resource
@@ -12,6 +13,20 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
   sys.path.insert(0, REPO)
+
+
+VARIANTS = ('swin_base_patch4_window7_224', 'resnet50', 'hgnetv2', 'demo')
+
+
+def positive_int(text: str) -> int:
+  """argparse type: an integer >= 1 (sizes, batches, iteration counts)."""
+  try:
+    value = int(text)
+  except ValueError:
+    value = 0
+  if value < 1:
+    raise argparse.ArgumentTypeError(f'{text!r} is not a positive integer')
+  return value
 
 
 def rss_mb() -> float:

@@ -15,6 +15,8 @@ import argparse
 import json
 import time
 
+from _common import VARIANTS
+from _common import positive_int
 from _common import rss_mb as _rss_mb
 from _common import run_child
 from _common import variant_config as _config
@@ -86,10 +88,10 @@ def run_torch(variant: str, batch: int, size: int, iters: int, dtype: str) -> di
 def main():
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   p.add_argument('--variant', default='swin_base_patch4_window7_224',
-                 choices=['swin_base_patch4_window7_224', 'resnet50', 'hgnetv2', 'demo'])
-  p.add_argument('--size', type=int, default=512)
-  p.add_argument('--batches', type=int, nargs='+', default=[1, 4])
-  p.add_argument('--iters', type=int, default=5)
+                 choices=VARIANTS)
+  p.add_argument('--size', type=positive_int, default=512)
+  p.add_argument('--batches', type=positive_int, nargs='+', default=[1, 4])
+  p.add_argument('--iters', type=positive_int, default=5)
   p.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'])
   p.add_argument('--impls', nargs='+', default=['ours', 'torch'], choices=['ours', 'torch'])
   p.add_argument('--child', default='', help=argparse.SUPPRESS)

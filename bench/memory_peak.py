@@ -50,11 +50,14 @@ def main():
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
   import train_step  # pylint: disable=g-import-not-at-top
+  from _common import positive_int  # pylint: disable=g-import-not-at-top
   train_step.add_step_args(p, size=512, remat='none')
-  p.add_argument('--top', type=int, default=25)
+  p.add_argument('--top', type=positive_int, default=25)
   p.add_argument('--dump_dir', default='', help='default: a new temporary directory')
   args = p.parse_args()
   dump = args.dump_dir or tempfile.mkdtemp(prefix='segchange_xla_dump_')
+  if os.path.exists(dump) and not os.path.isdir(dump):
+    p.error(f'--dump_dir {dump} is a file: give a new or empty directory')
   if args.dump_dir and os.path.isdir(dump) and os.listdir(dump):
     # Never delete a user's directory; the newest live-range file would also be ambiguous.
     p.error(f'--dump_dir {dump} exists and is not empty: give a new or empty directory')

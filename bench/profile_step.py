@@ -27,6 +27,7 @@ import os
 import re
 import tempfile
 
+from _common import positive_int
 import train_step
 
 _INSTR = re.compile(r'^\s*(?:ROOT )?%?([\w.\-]+) = .*?\b([a-z\-]+)\(.*'
@@ -96,8 +97,8 @@ def family(opcode: str, inner: str, prim: str) -> str:
 def main():
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   train_step.add_step_args(p, size=256, remat=None)
-  p.add_argument('--steps', type=int, default=2)
-  p.add_argument('--top', type=int, default=25)
+  p.add_argument('--steps', type=positive_int, default=2)
+  p.add_argument('--top', type=positive_int, default=25)
   p.add_argument('--trace_dir', default='')
   args = p.parse_args()
   import jax  # pylint: disable=g-import-not-at-top

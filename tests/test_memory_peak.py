@@ -1,4 +1,5 @@
-"""bench/memory_peak.py: reads XLA's peak-usage breakdown; end to end on the demo model (slow)."""
+"""bench/memory_peak.py: reads XLA's peak-usage breakdown; end to end on the demo model (slow).
+Also: the bench scripts refuse bad flag values in one argparse line, before any work."""
 
 import os
 import pathlib
@@ -51,3 +52,23 @@ def test_a_non_empty_dump_dir_is_refused_and_kept(tmp_path):
                        capture_output=True, text=True, cwd=REPO, timeout=120)
   assert out.returncode == 2 and 'is not empty' in out.stderr, out.stderr[-2000:]
   assert (tmp_path / 'precious.txt').read_text() == 'user data'
+
+
+def test_a_file_as_dump_dir_is_refused_and_kept(tmp_path):
+  target = tmp_path / 'notes.txt'
+  target.write_text('user data')
+  out = subprocess.run([sys.executable, 'bench/memory_peak.py', '--dump_dir', str(target)],
+                       capture_output=True, text=True, cwd=REPO, timeout=120)
+  assert out.returncode == 2 and 'is a file' in out.stderr, out.stderr[-2000:]
+  assert target.read_text() == 'user data'
+
+
+@pytest.mark.parametrize('script,flag,value', [
+    ('train_step.py', '--sizes', '0'), ('train_step.py', '--batch', '-3'),
+    ('profile_step.py', '--steps', 'x'), ('memory_peak.py', '--top', '0'),
+    ('forward.py', '--iters', '0'), ('bf16_curve.py', '--size', '-64')])
+def test_bench_scripts_refuse_non_positive_counts_in_one_line(script, flag, value):
+  out = subprocess.run([sys.executable, f'bench/{script}', flag, value], capture_output=True,
+                       text=True, cwd=REPO, timeout=120)
+  assert out.returncode == 2, out.stderr[-2000:]
+  assert out.stderr.strip().splitlines()[-1].endswith(f"argument {flag}: '{value}' is not a positive integer")
