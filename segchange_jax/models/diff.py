@@ -33,7 +33,10 @@ class CBAM(nn.Module):
     s = layers.GroupedConv(r, 7, self.dtype, name='spatial_conv')(x)  # = grouped nn.Conv
     s = nn.relu(layers.batch_norm(train, self.dtype, 'spatial_bn')(s))
     s = layers.dense(1, self.dtype, 'spatial_fc')(s)
-    return x * nn.sigmoid(s)
+    # = x * sigmoid(s) ([B, H, W, 1] broadcast over channels). As an einsum, the gate's gradient
+    # (x times the cotangent, summed over channels) is a dot: XLA:CPU's fused multiply + reduce
+    # over the minor axis took 44 ms at 512 px, the dot 1-2 ms.
+    return jnp.einsum('bhwc,bhw->bhwc', x, nn.sigmoid(s)[..., 0])
 
 
 class SE(nn.Module):
