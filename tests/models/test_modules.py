@@ -122,6 +122,24 @@ def test_upsample_bilinear_sum_matches_torch_interpolate():
     layers.upsample_bilinear_sum(maps, (4, 8, 8))
 
 
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_add_broadcast_gradient_is_the_leading_sum(dtype):
+  """Value and VJP of layers.add_broadcast equal autodiff of x + b (bias over 2 leading axes)."""
+  rs = np.random.RandomState(4)
+  x = jnp.asarray(rs.randn(2, 5, 3, 7, 7), dtype)
+  b = jnp.asarray(rs.randn(3, 7, 7), jnp.float32)
+  ct = jnp.asarray(rs.randn(2, 5, 3, 7, 7), jnp.float32)
+  out, vjp = jax.vjp(layers.add_broadcast, x, b)
+  want, want_vjp = jax.vjp(lambda x, b: x + b, x, b)
+  np.testing.assert_array_equal(out, want)
+  (dx, db), (want_dx, want_db) = vjp(ct), want_vjp(ct)
+  assert dx.dtype == x.dtype and db.dtype == b.dtype
+  np.testing.assert_array_equal(dx, want_dx)
+  np.testing.assert_allclose(db, want_db, rtol=1e-6, atol=1e-6)
+  with pytest.raises(ValueError, match='trailing shape'):
+    layers.add_broadcast(x, b[:2])
+
+
 def test_ega_init_matches_upstream_kernels():
   ours = neck_lib.EGA()
   v = ours.init(jax.random.PRNGKey(0), jnp.zeros((1, 4, 4, 8)))

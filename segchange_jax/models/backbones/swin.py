@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from segchange_jax.models import layers
 from segchange_jax.models import remat as remat_lib
 from segchange_jax.interop import torch_rules as tc
 
@@ -89,7 +90,14 @@ def _dense(features: int, name: str, dtype: Any, use_bias: bool = True) -> nn.De
 
 
 class WindowAttention(nn.Module):
-  """Multi-head self-attention inside windows with a learned relative position bias."""
+  """Multi-head self-attention inside windows with a learned relative position bias.
+
+  Takes the (shifted) map unpadded and returns it unpadded: zero-padded to a multiple of the
+  window before qkv (as timm), cropped back BEFORE proj (timm projects the padded tokens and
+  then drops them; proj acts per token, so the kept values are the same). Projecting real
+  tokens only in qkv too was tried: the saved work was lost to the transposes and bias
+  reductions that pad-after-projection adds to the backward pass.
+  """
   dim: int
   num_heads: int
   window_size: int
@@ -97,10 +105,14 @@ class WindowAttention(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: np.ndarray | None) -> jax.Array:
-    """x: [B, nW, N, C]; mask: [nW, N, N] additive or None."""
-    b, nw, n, _ = x.shape
+    """x: [B, H, W, C]; mask: [nW, N, N] additive over the padded map's windows, or None."""
+    b, h, w, _ = x.shape
+    ws, n = self.window_size, self.window_size**2
+    hp, wp = -(-h // ws) * ws, -(-w // ws) * ws
     head_dim = self.dim // self.num_heads
-    qkv = _dense(3 * self.dim, 'qkv', self.dtype)(x).reshape(b, nw, n, 3, self.num_heads, head_dim)
+    x = jnp.pad(x, ((0, 0), (0, hp - h), (0, wp - w), (0, 0)))
+    qkv = _dense(3 * self.dim, 'qkv', self.dtype)(_partition(x, ws))
+    qkv = qkv.reshape(b, -1, n, 3, self.num_heads, head_dim)
     q, k, v = qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2]  # [B, nW, N, h, d]
     logits = jnp.einsum('bwqhd,bwkhd->bwhqk', q * head_dim**-0.5, k)
 
@@ -108,13 +120,13 @@ class WindowAttention(nn.Module):
                        ((2 * self.window_size - 1)**2, self.num_heads), jnp.float32)
     index = relative_position_index(self.window_size)
     bias = table[index.reshape(-1)].reshape(n, n, self.num_heads).transpose(2, 0, 1)  # [h, N, N]
-    logits = logits.astype(jnp.float32) + bias
+    logits = layers.add_broadcast(logits.astype(jnp.float32), bias)
     if mask is not None:
       logits = logits + mask[:, None]  # broadcast over batch and heads
     # Softmax in float32 also under bfloat16 compute: the -100 mask and the bias need the range.
     attn = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-    out = jnp.einsum('bwhqk,bwkhd->bwqhd', attn, v).reshape(b, nw, n, self.dim)
-    return _dense(self.dim, 'proj', self.dtype)(out)
+    out = jnp.einsum('bwhqk,bwkhd->bwqhd', attn, v).reshape(b, -1, n, self.dim)
+    return _dense(self.dim, 'proj', self.dtype)(_merge(out, ws, hp, wp)[:, :h, :w])
 
 
 class Mlp(nn.Module):
@@ -153,15 +165,13 @@ class SwinBlock(nn.Module):
     _, h, w, _ = x.shape
     ws, s = self.window_size, self.shift
     y = _layer_norm('norm1', self.dtype)(x)
-    # timm 1.0.x order: cyclic shift, THEN zero-pad bottom/right to a multiple of the window.
+    # timm 1.0.x order: cyclic shift, THEN zero-pad bottom/right to a multiple of the window
+    # (the padding happens inside WindowAttention, the mask is for the padded map).
     if s:
       y = jnp.roll(y, (-s, -s), axis=(1, 2))
     hp, wp = -(-h // ws) * ws, -(-w // ws) * ws
-    y = jnp.pad(y, ((0, 0), (0, hp - h), (0, wp - w), (0, 0)))
     mask = jnp.asarray(shift_mask(hp, wp, ws, s)) if s else None
-    y = WindowAttention(self.dim, self.num_heads, ws, self.dtype, name='attn')(
-        _partition(y, ws), mask)
-    y = _merge(y, ws, hp, wp)[:, :h, :w]
+    y = WindowAttention(self.dim, self.num_heads, ws, self.dtype, name='attn')(y, mask)
     if s:
       y = jnp.roll(y, (s, s), axis=(1, 2))
     x = x + _drop_path(self, y, self.drop_path, train)
