@@ -146,7 +146,13 @@ def _drop_path(module: nn.Module, x: jax.Array, rate: float, train: bool) -> jax
   if not train or rate == 0.0:
     return x
   keep = 1.0 - rate
-  mask = jax.random.bernoulli(module.make_rng('dropout'), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+  b = x.shape[0]
+  mask = jax.random.bernoulli(module.make_rng('dropout'), keep, (b,))
+  # Stored by a scatter, which XLA never fuses into a consumer: otherwise XLA:CPU fuses the
+  # (unrolled) threefry hash into the full-size select below and recomputes it for every
+  # element (~0.5 s of a 512 px Swin-B step). optimization_barrier does not stop it: XLA:CPU
+  # drops barriers before fusion.
+  mask = jnp.zeros_like(mask).at[jnp.arange(b)].set(mask).reshape((b,) + (1,) * (x.ndim - 1))
   return jnp.where(mask, x / keep, 0).astype(x.dtype)
 
 
