@@ -117,7 +117,6 @@ def add_broadcast(x: jax.Array, b: jax.Array) -> jax.Array:
   """
   if b.shape != x.shape[x.ndim - b.ndim:]:
     raise ValueError(f'add_broadcast: {b.shape} is not the trailing shape of {x.shape}')
-  rows = int(np.prod(x.shape[:x.ndim - b.ndim]))
   x_dtype, b_shape, b_dtype = x.dtype, b.shape, b.dtype
 
   @jax.custom_vjp
@@ -125,9 +124,10 @@ def add_broadcast(x: jax.Array, b: jax.Array) -> jax.Array:
     return x + b
 
   def bwd(_, g):
-    ones = jnp.ones((1, rows), g.dtype)
+    g2 = g.reshape(-1, int(np.prod(b_shape)))  # the leading axes may be symbolic (export)
+    ones = jnp.ones((1, g2.shape[0]), g.dtype)
     # HIGHEST: a float32 sum also on accelerators, whose default matmul precision is lower.
-    db = jnp.matmul(ones, g.reshape(rows, -1), precision=jax.lax.Precision.HIGHEST,
+    db = jnp.matmul(ones, g2, precision=jax.lax.Precision.HIGHEST,
                     preferred_element_type=jnp.float32)
     return g.astype(x_dtype), db.reshape(b_shape).astype(b_dtype)
 
