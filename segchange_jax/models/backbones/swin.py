@@ -104,8 +104,8 @@ class WindowAttention(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, mask: np.ndarray | None) -> jax.Array:
-    """x: [B, H, W, C]; mask: [nW, N, N] additive over the padded map's windows, or None."""
+  def __call__(self, x: jax.Array, shift: int) -> jax.Array:
+    """x: [B, H, W, C], already rolled by -shift; shift > 0 masks across the roll's seams."""
     b, h, w, _ = x.shape
     ws, n = self.window_size, self.window_size**2
     hp, wp = -(-h // ws) * ws, -(-w // ws) * ws
@@ -121,8 +121,8 @@ class WindowAttention(nn.Module):
     index = relative_position_index(self.window_size)
     bias = table[index.reshape(-1)].reshape(n, n, self.num_heads).transpose(2, 0, 1)  # [h, N, N]
     logits = layers.add_broadcast(logits.astype(jnp.float32), bias)
-    if mask is not None:
-      logits = logits + mask[:, None]  # broadcast over batch and heads
+    if shift:  # the shift mask is built for the padded map, as timm's
+      logits = logits + jnp.asarray(shift_mask(hp, wp, ws, shift))[:, None]  # over batch, heads
     # Softmax in float32 also under bfloat16 compute: the -100 mask and the bias need the range.
     attn = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
     out = jnp.einsum('bwhqk,bwkhd->bwqhd', attn, v).reshape(b, -1, n, self.dim)
@@ -168,16 +168,13 @@ class SwinBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    _, h, w, _ = x.shape
     ws, s = self.window_size, self.shift
     y = _layer_norm('norm1', self.dtype)(x)
     # timm 1.0.x order: cyclic shift, THEN zero-pad bottom/right to a multiple of the window
-    # (the padding happens inside WindowAttention, the mask is for the padded map).
+    # (the padding and the shift mask for the padded map are inside WindowAttention).
     if s:
       y = jnp.roll(y, (-s, -s), axis=(1, 2))
-    hp, wp = -(-h // ws) * ws, -(-w // ws) * ws
-    mask = jnp.asarray(shift_mask(hp, wp, ws, s)) if s else None
-    y = WindowAttention(self.dim, self.num_heads, ws, self.dtype, name='attn')(y, mask)
+    y = WindowAttention(self.dim, self.num_heads, ws, self.dtype, name='attn')(y, s)
     if s:
       y = jnp.roll(y, (s, s), axis=(1, 2))
     x = x + _drop_path(self, y, self.drop_path, train)
