@@ -11,7 +11,10 @@ pixel of the full-resolution map. Exact rewrites used here:
 - each pass over the pixels (scores, softmax, dropout, weighted sum) has a written-out VJP whose
   input gradient is one product over the stacked score and pooling terms;
 - the gate and the decoder vector enter the first output conv as a per-image kernel scaling and
-  a per-image bias instead of full-resolution products and a 2C-channel concat.
+  a per-image bias instead of full-resolution products and a 2C-channel concat;
+- the map arrives with the neck's last 1x1 conv unapplied (`layers.DeferredDense`): every use
+  above is linear in it, so that conv folds into the small per-query / per-image weights (its
+  bias adds the same score to every pixel of a query, which softmax removes).
 """
 
 from __future__ import annotations
@@ -27,22 +30,6 @@ from segchange_jax.models import remat as remat_lib
 from segchange_jax.interop import torch_rules as tc
 
 
-class Linear(nn.Module):
-  """nn.Dense whose kernel and bias can also be read by the parent (for folding)."""
-  features: int
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x=None, in_features: int | None = None):
-    d = x.shape[-1] if x is not None else in_features
-    kernel = self.param('kernel', nn.initializers.lecun_normal(), (d, self.features))
-    bias = self.param('bias', nn.initializers.zeros, (self.features,))
-    kernel, bias = kernel.astype(self.dtype), bias.astype(self.dtype)
-    if x is None:
-      return kernel, bias
-    return x.astype(self.dtype) @ kernel + bias
-
-
 def _split(t, heads):
   return t.reshape(*t.shape[:-1], heads, t.shape[-1] // heads)
 
@@ -53,10 +40,10 @@ class _MHA(nn.Module):
   dtype: Any = jnp.float32
 
   def setup(self):
-    self.in_proj_q = Linear(self.dim, self.dtype)
-    self.in_proj_k = Linear(self.dim, self.dtype)
-    self.in_proj_v = Linear(self.dim, self.dtype)
-    self.out_proj = Linear(self.dim, self.dtype)
+    self.in_proj_q = layers.Linear(self.dim, self.dtype)
+    self.in_proj_k = layers.Linear(self.dim, self.dtype)
+    self.in_proj_v = layers.Linear(self.dim, self.dtype)
+    self.out_proj = layers.Linear(self.dim, self.dtype)
 
   def __call__(self):  # creates every parameter (used by init)
     return [m(in_features=self.dim) for m in (self.in_proj_q, self.in_proj_k, self.in_proj_v,
@@ -163,12 +150,16 @@ class MaskHead(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, text: jax.Array, train: bool = False) -> jax.Array:
-    b, h, w, c = x.shape
+  def __call__(self, x: jax.Array | layers.DeferredDense, text: jax.Array,
+               train: bool = False) -> jax.Array:
+    # The map is only used linearly (pixel sums, attention scores, the first output conv), so a
+    # pending 1x1 conv (the neck's EGA) is folded into those weights instead of applied.
+    m = x if isinstance(x, layers.DeferredDense) else layers.DeferredDense(x)
+    b, h, w, _ = m.x.shape
+    c = m.channels
     det = not train
     dt = self.dtype
-    x = x.astype(dt)
-    pix = x.reshape(b, h * w, c)
+    pix = m.x.astype(dt).reshape(b, h * w, -1)
     drop = lambda t: nn.Dropout(self.dropout)(t, det)
 
     # DProjector text query.
@@ -198,11 +189,13 @@ class MaskHead(nn.Module):
       if i == 0:  # one pass over the pixels for the text query and the first layer's queries
         if keep is not None:  # (the text query's weights take no dropout)
           keep = jnp.concatenate([jnp.ones_like(keep[:, :1]), keep], axis=1)
-        pooled, wsum = attend_pixels(pix, jnp.concatenate([qk_dp, qk], axis=1), keep)
+        pooled, wsum = attend_pixels(pix, m.fold(jnp.concatenate([qk_dp, qk], axis=1)), keep)
+        pooled = m.combine(pooled, wsum)
         pooled_dp = finish_cross(pooled[:, :1], wsum[:, :1], dp_w, self.heads)
         pooled, wsum = pooled[:, 1:], wsum[:, 1:]
       else:
-        pooled, wsum = attend_pixels(pix, qk, keep)
+        pooled, wsum = attend_pixels(pix, m.fold(qk), keep)
+        pooled = m.combine(pooled, wsum)
       a = finish_cross(pooled, wsum, cw, self.heads)
       tgt = layers.layer_norm(dt, f'dec{i}_norm2')(tgt + drop(a))
       f = layers.dense(self.decoder_ffn, dt, f'dec{i}_linear1')(tgt)
@@ -211,16 +204,17 @@ class MaskHead(nn.Module):
     d = jnp.mean(tgt, axis=1)  # [B, C]
     query_vec = layers.dense(c, dt, 'dproj_lin')(pooled_dp + t)[:, 0]  # [B, C]
 
-    g = jnp.mean(x.astype(jnp.float32), axis=(1, 2)).astype(dt)
+    g = m.combine(jnp.mean(m.x.astype(jnp.float32), axis=(1, 2)).astype(dt))
     g = nn.relu(layers.dense(c // 8, dt, 'gate_fc1')(g))
     g = nn.sigmoid(layers.dense(c, dt, 'gate_fc2')(g))
     scale = g + query_vec  # [B, C]: feat = x * scale
 
     # conv1x1(concat[x * scale, d]) = x @ (scale[:, None] * W_top) + (d @ W_bottom + bias).
-    w0, b0 = Linear(c // 2, dt, name='out_conv0')(in_features=2 * c)
-    k_img = scale[:, :, None] * w0[None, :c]  # [B, C, C/2]
-    bias_img = d @ w0[c:] + b0  # [B, C/2]
-    y = jnp.einsum('bhwc,bco->bhwo', x, k_img) + bias_img[:, None, None]
+    w0, b0 = layers.Linear(c // 2, dt, name='out_conv0')(in_features=2 * c)
+    k_img = scale[:, None, :] * w0[:c].T  # [B, C/2, C]
+    bias_img = d @ w0[c:] + b0 + m.offset(k_img)  # [B, C/2]
+    k_img = m.fold(k_img).transpose(0, 2, 1)  # [B, Cx, C/2]
+    y = jnp.einsum('bhwc,bco->bhwo', pix.reshape(b, h, w, -1), k_img) + bias_img[:, None, None]
     y = nn.relu(layers.group_norm(self.gn_groups, dt, 'out_gn0')(y))
     y = layers.ShiftedConv(c // 4, 3, dt, name='out_conv1')(y)  # = conv(), faster backward
     y = nn.relu(layers.group_norm(self.gn_groups, dt, 'out_gn1')(y))

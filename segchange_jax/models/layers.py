@@ -7,7 +7,7 @@ conv machinery); their torch weights map with the `conv1x1_to_dense` rule kind.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import flax.linen as nn
 import jax
@@ -39,6 +39,68 @@ def layer_norm(dtype: Any, name: str) -> nn.LayerNorm:
 
 def dense(features: int, dtype: Any, name: str, use_bias: bool = True) -> nn.Dense:
   return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32, name=name)
+
+
+class Linear(nn.Module):
+  """`nn.Dense` (same parameters) whose kernel and bias can also be read by the caller.
+
+  `Linear(n)(x)` applies it; `Linear(n)(in_features=d)` returns (kernel, bias) cast to `dtype`,
+  for callers that fold the weights into their own (see `DeferredDense`).
+  """
+  features: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array | None = None, in_features: int | None = None):
+    d = x.shape[-1] if x is not None else in_features
+    kernel = self.param('kernel', nn.initializers.lecun_normal(), (d, self.features))
+    bias = self.param('bias', nn.initializers.zeros, (self.features,))
+    kernel, bias = kernel.astype(self.dtype), bias.astype(self.dtype)
+    if x is None:
+      return kernel, bias
+    return x.astype(self.dtype) @ kernel + bias
+
+
+class DeferredDense(NamedTuple):
+  """A per-pixel affine map not applied yet: the value is `x @ kernel + bias`.
+
+  A producer whose last op is a 1x1 conv returns this instead of the product when every
+  consumer is linear in the value (pixel sums, pixel-attention scores, a following 1x1 conv):
+  they fold `kernel` into their own small weights and never form the full-resolution product
+  (at 512 px the neck's last 256 -> 256 conv costs ~100 GFLOP per step, forward and backward).
+  `kernel` None means the identity (the value is `x`).
+  """
+  x: jax.Array
+  kernel: jax.Array | None = None
+  bias: jax.Array | None = None
+
+  @property
+  def channels(self) -> int:
+    """Channels of the value (of `x` when there is no kernel)."""
+    return self.x.shape[-1] if self.kernel is None else self.kernel.shape[-1]
+
+  def fold(self, w: jax.Array) -> jax.Array:
+    """Weights [..., C] dotted with the value's channels -> the weights [..., Cx] that give the
+    same dot with `x`'s, less `offset(w)`."""
+    if self.kernel is None:
+      return w
+    return jnp.einsum('zc,...c->...z', self.kernel.astype(w.dtype), w)
+
+  def offset(self, w: jax.Array) -> jax.Array | float:
+    """What the bias adds to the dot of weights [..., C] with the value: [...] (0 if none)."""
+    return 0.0 if self.bias is None else w @ self.bias.astype(w.dtype)
+
+  def combine(self, pooled: jax.Array, weight_sum: jax.Array | float = 1.0) -> jax.Array:
+    """A weighted sum of `x`'s pixels [..., Cx] (weights summing to `weight_sum` [...]) ->
+    the same weighted sum of the value's pixels [..., C]."""
+    if self.kernel is None:
+      return pooled
+    ws = weight_sum if isinstance(weight_sum, float) else weight_sum[..., None].astype(pooled.dtype)
+    return pooled @ self.kernel.astype(pooled.dtype) + ws * self.bias.astype(pooled.dtype)
+
+  def materialize(self) -> jax.Array:
+    """The value itself (for callers that are not linear in it; costs the full product)."""
+    return self.combine(self.x)
 
 
 def conv(features: int, kernel: int, dtype: Any, name: str, groups: int = 1,

@@ -104,7 +104,8 @@ def test_neck(fpn_type, use_ega, token):
                            _shapes(ours, feats))
   with torch.no_grad():
     want = util.nhwc(t([util.nchw(f) for f in feats]))
-  _check(f'neck {fpn_type} ega={use_ega} token={token}', ours.apply(variables, feats), want)
+  _check(f'neck {fpn_type} ega={use_ega} token={token}', ours.apply(variables, feats).materialize(),
+         want)
 
 
 def test_upsample_bilinear_sum_matches_torch_interpolate():
@@ -179,6 +180,44 @@ def test_head_multiclass_and_train_mode_runs():
   v = ours.init(jax.random.PRNGKey(0), x, text)
   y = ours.apply(v, x, text, train=True, rngs={'dropout': jax.random.PRNGKey(1)})
   assert y.shape == (2, 8, 8, 3) and bool(jnp.all(jnp.isfinite(y)))
+
+
+@pytest.mark.parametrize('cx', [32, 24])
+def test_head_folds_a_deferred_conv_exactly(cx):
+  """The head on DeferredDense(z, K, b) (the neck's EGA conv folded into the head's weights)
+  equals the head on z @ K + b: logits and every gradient (z, K, b, head parameters), in train
+  mode with the same dropout draws."""
+  c = 32
+  m = _cfg(fpn_dim=c, head_heads=4, decoder_ffn=40, gn_groups=8, num_classes=2)
+  head = head_lib.build_head(m, jnp.float32)
+  rs = np.random.RandomState(6)
+  z = jnp.asarray(rs.randn(2, 8, 8, cx), jnp.float32)
+  k = jnp.asarray(rs.randn(cx, c) / np.sqrt(cx), jnp.float32)
+  bias = jnp.asarray(rs.randn(c), jnp.float32)
+  text = jnp.asarray(rs.randn(2, 8, 16), jnp.float32)
+  params = head.init(jax.random.PRNGKey(0), z @ k + bias, text)['params']
+  rngs = {'dropout': jax.random.PRNGKey(1)}
+
+  def loss(params, z, k, bias, deferred):
+    x = layers.DeferredDense(z, k, bias) if deferred else z @ k + bias
+    y = head.apply({'params': params}, x, text, train=True, rngs=rngs)
+    return jnp.sum(jnp.sin(y)), y
+
+  grad = jax.grad(loss, argnums=(0, 1, 2, 3), has_aux=True)
+  (g_ours, y_ours), (g_want, y_want) = grad(params, z, k, bias, True), grad(params, z, k, bias, False)
+  _check('deferred conv: logits', y_ours, y_want)
+  want = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_leaves_with_path(g_want)}
+  largest = max(float(jnp.max(jnp.abs(v))) for v in want.values())
+  for path, a in jax.tree_util.tree_leaves_with_path(g_ours):
+    name, b = jax.tree_util.keystr(path), want[jax.tree_util.keystr(path)]
+    if float(jnp.max(jnp.abs(b))) < TOL * largest:
+      # Zero in exact maths (key biases: softmax drops them; out_conv1's bias: one channel per
+      # GroupNorm group): both sides are float32 noise, compared on the largest gradient's scale.
+      assert float(jnp.max(jnp.abs(a - b))) <= TOL * largest, name
+      continue
+    _check(f'deferred conv: grad {name}', a, b)
+  with pytest.raises(AssertionError):  # the check can fail: a wrong bias is seen
+    _check('wrong bias', loss(params, z, k, bias + 1.0, True)[1], y_want)
 
 
 def test_pixel_attention_vjp_equals_autodiff_with_dropout():
