@@ -365,6 +365,41 @@ class DepthwiseConv(nn.Module):
     return depthwise_conv(x.astype(self.dtype), kernel[:, :, 0].astype(self.dtype))
 
 
+class ConvNoBias(nn.Module):
+  """torch Conv2d(k, stride, padding, groups 1 or C, bias=False) with `nn.Conv`'s parameter.
+
+  Parameter `kernel` [k, k, C / groups, features] (HWIO, path `<name>/kernel`) as
+  `nn.Conv(use_bias=False)`, so converters and checkpoints do not change. Stride-1 'same'
+  convolutions are computed without XLA's convolution, whose gradients XLA:CPU runs as slow
+  generic loops: 1x1 as a matmul, depthwise as `depthwise_conv`, dense kxk as `shifted_conv`.
+  Other strides / paddings use `lax.conv_general_dilated`, as nn.Conv does.
+  """
+  features: int
+  kernel: int
+  stride: int = 1
+  padding: int | None = None  # None: (k - 1) // 2 on every side
+  groups: int = 1
+  kernel_init: Callable = nn.initializers.lecun_normal()
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    k, c = self.kernel, x.shape[-1]
+    p = (k - 1) // 2 if self.padding is None else self.padding
+    kernel = self.param('kernel', self.kernel_init, (k, k, c // self.groups, self.features))
+    kernel, x = kernel.astype(self.dtype), x.astype(self.dtype)
+    if self.stride == 1 and 2 * p == k - 1:
+      if k == 1 and self.groups == 1:
+        return x @ kernel[0, 0]
+      if self.groups == 1:
+        return shifted_conv(x, kernel)
+      if self.groups == c == self.features:
+        return depthwise_conv(x, kernel[:, :, 0])
+    return jax.lax.conv_general_dilated(
+        x, kernel, (self.stride, self.stride), [(p, p), (p, p)],
+        dimension_numbers=('NHWC', 'HWIO', 'NHWC'), feature_group_count=self.groups)
+
+
 class GroupedConv(nn.Module):
   """torch Conv2d(C, groups, k, padding=k//2, groups=groups): ONE output channel per group.
 

@@ -62,15 +62,6 @@ STEM_CONVS = ('stem1', 'stem2a', 'stem2b', 'stem3', 'stem4')
 _conv_init = nn.initializers.variance_scaling(1 / 3, 'fan_in', 'uniform')
 
 
-class _Kernel(nn.Module):
-  """The 'kernel' parameter of an nn.Conv (HWIO), for convs computed without nn.Conv."""
-  shape: tuple[int, ...]
-
-  @nn.compact
-  def __call__(self) -> jnp.ndarray:
-    return self.param('kernel', _conv_init, self.shape)
-
-
 class ConvBN(nn.Module):
   """Bias-free conv -> FrozenBatchNorm -> optional ReLU (upstream ConvBNAct with use_lab off)."""
   features: int
@@ -83,27 +74,11 @@ class ConvBN(nn.Module):
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-    k, c = self.kernel, x.shape[-1]
-    p = (k - 1) // 2 if self.pad else 0
-    depthwise = self.groups == c and c > 1
-    if self.stride == 1 and self.pad and k % 2 == 1 and (self.groups == 1 or depthwise):
-      # Same parameter (path, shape, init) and maths as the nn.Conv below, without XLA's
-      # convolution: XLA:CPU runs depthwise and kxk convolution gradients as slow generic
-      # loops (the light stages' 5x5 depthwise convs, stages 0-1's 3x3 convs). 1x1 = a matmul.
-      shape = (k, k, 1 if depthwise else c, self.features)
-      kernel = _Kernel(shape, name='conv')().astype(self.dtype)
-      x = x.astype(self.dtype)
-      if depthwise:
-        x = layers.depthwise_conv(x, kernel[:, :, 0])
-      elif k == 1:
-        x = x @ kernel[0, 0]
-      else:
-        x = layers.shifted_conv(x, kernel)
-    else:
-      x = nn.Conv(self.features, (k, k), (self.stride, self.stride),
-                  padding=[(p, p), (p, p)], feature_group_count=self.groups, use_bias=False,
-                  kernel_init=_conv_init, dtype=self.dtype, param_dtype=jnp.float32,
-                  name='conv')(x)
+    # Stride-1 convs (the light stages' 5x5 depthwise, stages 0-1's 3x3, every 1x1) avoid
+    # XLA's convolution: see layers.ConvNoBias.
+    x = layers.ConvNoBias(self.features, self.kernel, self.stride,
+                          None if self.pad else 0, self.groups, _conv_init, self.dtype,
+                          name='conv')(x)
     x = FrozenBatchNorm(dtype=self.dtype, name='bn')(x)
     return nn.relu(x) if self.act else x
 

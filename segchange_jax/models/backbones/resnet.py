@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from segchange_jax.interop import torch_rules
+from segchange_jax.models import layers
 from segchange_jax.models.backbones.norms import BatchNorm
 
 EXPANSION = 4
@@ -29,11 +30,10 @@ _conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 USES_BATCH_STATS = True
 
 
-def _conv(features: int, kernel: int, stride: int, dtype: Any, name: str) -> nn.Conv:
-  pad = (kernel - 1) // 2
-  return nn.Conv(features, (kernel, kernel), (stride, stride), padding=[(pad, pad), (pad, pad)],
-                 use_bias=False, kernel_init=_conv_init, dtype=dtype, param_dtype=jnp.float32,
-                 name=name)
+def _conv(features: int, kernel: int, stride: int, dtype: Any, name: str) -> layers.ConvNoBias:
+  """nn.Conv(use_bias=False)'s parameter; stride-1 3x3 / 1x1 convs avoid XLA's convolution."""
+  return layers.ConvNoBias(features, kernel, stride, kernel_init=_conv_init, dtype=dtype,
+                           name=name)
 
 
 class Bottleneck(nn.Module):
