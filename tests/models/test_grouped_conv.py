@@ -6,6 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from segchange_jax.models import layers
 
@@ -37,6 +38,23 @@ def test_depthwise_conv_matches_grouped_conv():
   x = jnp.asarray(np.random.default_rng(2).normal(size=(2, 9, 11, 5)), jnp.float32)
   _assert_same_as(layers.DepthwiseConv(3),
                   nn.Conv(5, (3, 3), padding=1, feature_group_count=5, use_bias=False), x)
+
+
+@pytest.mark.parametrize('kernel,stride,padding,groups', [
+    (1, 1, None, 1),   # matmul
+    (3, 1, None, 1),   # shifted_conv
+    (5, 1, None, 6),   # depthwise_conv
+    (3, 2, None, 6),   # lax: stride 2 depthwise (HGNetv2 downsample)
+    (1, 2, None, 1),   # lax: ResNet's strided 1x1 projection
+    (2, 1, 0, 1),      # lax: HGNetv2 stem's VALID 2x2
+    (3, 1, None, 2)])  # lax: grouped, not depthwise
+def test_conv_no_bias_matches_nn_conv(kernel, stride, padding, groups):
+  """Every dispatch path of layers.ConvNoBias equals nn.Conv(use_bias=False)."""
+  x = jnp.asarray(np.random.default_rng(4).normal(size=(2, 9, 10, 6)), jnp.float32)
+  p = (kernel - 1) // 2 if padding is None else padding
+  _assert_same_as(layers.ConvNoBias(6, kernel, stride, padding, groups),
+                  nn.Conv(6, (kernel, kernel), stride, padding=[(p, p), (p, p)],
+                          feature_group_count=groups, use_bias=False), x)
 
 
 def test_written_out_vjp_equals_autodiff_in_bfloat16_too():
