@@ -159,7 +159,8 @@ class MaskHead(nn.Module):
     c = m.channels
     det = not train
     dt = self.dtype
-    pix = m.x.astype(dt).reshape(b, h * w, -1)
+    xd = m.x.astype(dt)
+    pix = xd.reshape(b, h * w, -1)
     drop = lambda t: nn.Dropout(self.dropout)(t, det)
 
     # DProjector text query.
@@ -214,7 +215,7 @@ class MaskHead(nn.Module):
     k_img = scale[:, None, :] * w0[:c].T  # [B, C/2, C]
     bias_img = d @ w0[c:] + b0 + m.offset(k_img)  # [B, C/2]
     k_img = m.fold(k_img).transpose(0, 2, 1)  # [B, Cx, C/2]
-    y = jnp.einsum('bhwc,bco->bhwo', pix.reshape(b, h, w, -1), k_img) + bias_img[:, None, None]
+    y = jnp.einsum('bhwc,bco->bhwo', xd, k_img) + bias_img[:, None, None]
     y = nn.relu(layers.group_norm(self.gn_groups, dt, 'out_gn0')(y))
     y = layers.ShiftedConv(c // 4, 3, dt, name='out_conv1')(y)  # = conv(), faster backward
     y = nn.relu(layers.group_norm(self.gn_groups, dt, 'out_gn1')(y))
