@@ -161,6 +161,14 @@ def strip_prefixes(state_dict: Mapping[str, Any]) -> dict[str, Any]:
   return {k.removeprefix('module.'): v for k, v in state_dict.items()}
 
 
+def _listing(title: str, items: Sequence[str], shown: int = 12) -> str:
+  """`title:` and the first `shown` items, one per line; the rest counted, not printed."""
+  lines = [title + ':'] + [f'  {item}' for item in items[:shown]]
+  if len(items) > shown:
+    lines.append(f'  ... and {len(items) - shown} more')
+  return '\n'.join(lines)
+
+
 def convert(state_dict: Mapping[str, Any], rules: Iterable[Rule],
             expected: Mapping[str, Any] | None = None,
             ignore: Sequence[str] = (r'.*num_batches_tracked$',),
@@ -224,14 +232,14 @@ def convert(state_dict: Mapping[str, Any], rules: Iterable[Rule],
                        + ', '.join('/'.join(p) for p in uncovered[:20]))
   problems = []
   if unknown:
-    problems.append(f'{len(unknown)} unexpected keys (not part of this model variant):\n  '
-                    + '\n  '.join(unknown))
+    problems.append(_listing(f'{len(unknown)} unexpected keys (not part of this model variant)',
+                             unknown))
   if missing:
-    problems.append(f'{len(missing)} missing keys:\n  ' + '\n  '.join(missing))
+    problems.append(_listing(f'{len(missing)} missing keys', missing))
   if mismatched:
-    problems.append(f'{len(mismatched)} keys with the wrong shape:\n  ' + '\n  '.join(mismatched))
+    problems.append(_listing(f'{len(mismatched)} keys with the wrong shape', mismatched))
   if disagree:
-    problems.append('aliased tensors that differ:\n  ' + '\n  '.join(disagree))
+    problems.append(_listing(f'{len(disagree)} aliased tensors that differ', disagree))
   if problems:
     raise ConversionError(
         f'{source} does not match this model config. Check that the config (backbone, bev, '

@@ -2,6 +2,7 @@
 
 import ast
 import pathlib
+import re
 
 import jax
 import numpy as np
@@ -114,6 +115,21 @@ def test_wrong_variant_lists_every_problem():
   assert 'dual_encoder.conv_list.3.weight' in msg                      # wrong shape
 
 
+def test_checkpoint_of_another_backbone_is_named_and_listed_briefly():
+  sd = util.state_dict_numpy(ref.build_change_model(small_config('hgnetv2')))
+  with pytest.raises(tc.ConversionError) as e:
+    segchange.load_torch_state_dict(small_config('swin_base_patch4_window7_224'), sd,
+                                    source='hg.pth')
+  msg = str(e.value)
+  assert 'hg.pth' in msg
+  assert "looks like an HGNetv2 (model.backbone='hgnetv2'" in msg
+  assert "this config has model.backbone='swin_base_patch4_window7_224'" in msg
+  # Hundreds of keys are wrong: each list shows its first few and counts the rest.
+  assert re.search(r'^\d+ unexpected keys .*\n(  .*\n){12}  \.\.\. and \d+ more$', msg, re.M)
+  assert re.search(r'^\d+ missing keys:\n(  .*\n){12}  \.\.\. and \d+ more$', msg, re.M)
+  assert len(msg.splitlines()) < 50  # three lists of 12 + their titles and the diagnosis
+
+
 @pytest.mark.parametrize('variant', list(TSV))
 def test_mapping_covers_upstream_state_dict(variant):
   """Rules (+ aliases + ignored) name exactly the tsv keys, with the tsv shapes."""
@@ -126,7 +142,6 @@ def test_mapping_covers_upstream_state_dict(variant):
   assert len({r.path for r in rules}) == len(rules) == len(flat)
   for alias, canonical in aliases.items():
     ours[alias] = ours[canonical]
-  import re
   ignored = {k for k in want if k not in ours and any(re.fullmatch(p, k) for p in ignore)}
   assert set(ours) == set(want) - ignored, sorted(set(ours) ^ (set(want) - ignored))[:10]
   assert all(ours[k] == want[k] for k in ours)
