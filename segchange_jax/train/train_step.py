@@ -178,8 +178,10 @@ def make_train_step(model, config, mesh: Mesh, state_shardings: Any):
     return new_state, out
 
   rep = sharding.replicated(mesh)
+  options = remat_lib.compiler_options(config.model, mesh.devices.flat[0].platform)
   return jax.jit(train_step, in_shardings=(state_shardings, sharding.batch_sharding(mesh), rep),
-                 out_shardings=(state_shardings, rep), donate_argnums=(0,))
+                 out_shardings=(state_shardings, rep), donate_argnums=(0,),
+                 compiler_options=options or None)
 
 
 def eval_outputs(model, config, variables: Mapping[str, Any], batch: Batch,
