@@ -11,7 +11,7 @@ name), so checkpoints are interchangeable between policies.
   backward pass (least memory, about one extra forward pass of compute).
 
 On CPU the step must be compiled with `compiler_options(...)`: `jax.checkpoint` marks the
-recomputation with an optimization barrier, which XLA:GPU / TPU keep until after scheduling but
+recomputation with an optimization barrier, which XLA:GPU keeps until after scheduling but
 XLA:CPU removes early (its `cse_barrier_expander` pass runs before fusion and scheduling). After
 that, CSE merges the recomputation back into the forward pass or the scheduler runs it long
 before the backward pass needs it, and remat saves nothing (at 512 px batch 2 'block' needed
@@ -20,6 +20,8 @@ more memory than 'none').
 
 from __future__ import annotations
 
+import os
+import re
 from typing import Sequence
 
 import flax.linen as nn
@@ -45,7 +47,9 @@ def compiler_options(model_cfg, platform: str) -> dict[str, str]:
   """XLA options a train step needs so that `policy_of(model_cfg)` holds on `platform`."""
   if policy_of(model_cfg) == 'none' or platform != 'cpu':
     return {}
-  return {'xla_disable_hlo_passes': 'cse_barrier_expander'}
+  # Keep passes the user disabled with XLA_FLAGS: this option replaces that list for the step.
+  user = re.findall(r'--xla_disable_hlo_passes=(\S+)', os.environ.get('XLA_FLAGS', ''))
+  return {'xla_disable_hlo_passes': ','.join([*user, 'cse_barrier_expander'])}
 
 
 def policy_of(model_cfg) -> str:
