@@ -26,6 +26,7 @@ from etils import epath
 
 from segchange_jax import config_lib
 from segchange_jax import paths
+from segchange_jax.interop import pretrained
 from segchange_jax.interop import torch_pickle
 from segchange_jax.interop import torch_rules
 from segchange_jax.models import segchange
@@ -116,6 +117,29 @@ def _read_json_item(directory: str) -> dict:
   raise FileNotFoundError(f'no JSON config found under {directory}')
 
 
+def convert_torch_state_dict(config: ml_collections.ConfigDict, state_dict: dict,
+                             source: str = 'checkpoint') -> dict:
+  """An upstream state_dict -> our variables; a mismatch also names the backbone the file has.
+
+  Every problem is listed in one `ConversionError` (models.segchange.load_torch_state_dict);
+  a checkpoint of another variant additionally says which backbone it was trained with, so the
+  fix is one config field away.
+  """
+  try:
+    return segchange.load_torch_state_dict(config, state_dict, source=source)
+  except torch_rules.ConversionError as e:
+    state_dict = torch_rules.strip_prefixes(state_dict)
+    backbone = {}
+    for prefix in ('dual_encoder.encoder.backbone.', 'dual_encoder.encoder.'):
+      backbone = backbone or {k.removeprefix(prefix): v for k, v in state_dict.items()
+                              if k.startswith(prefix)}
+    if not backbone:
+      raise
+    raise torch_rules.ConversionError(
+        f'{e}\nIts backbone looks like {pretrained.describe(backbone)}; this config has '
+        f'model.backbone={config.model.backbone!r}.') from None
+
+
 def load_variables(path: str, config: ml_collections.ConfigDict | None = None
                    ) -> tuple[ml_collections.ConfigDict, dict]:
   """(config, variables) from an upstream .pth, a converted dir or a training checkpoint."""
@@ -124,8 +148,7 @@ def load_variables(path: str, config: ml_collections.ConfigDict | None = None
     if config is None:
       raise ValueError(f'{path} is a PyTorch checkpoint: pass config= (e.g. '
                        "config_lib.load_config('configs/dvcd.py')) describing its variant")
-    sd = torch_pickle.load(path)
-    return config, segchange.load_torch_state_dict(config, sd, source=path)
+    return config, convert_torch_state_dict(config, torch_pickle.load(path), source=path)
   if not os.path.isdir(path):
     raise FileNotFoundError(f'checkpoint {path!r} does not exist')
   if os.path.isdir(os.path.join(path, VARIABLES_DIR)):

@@ -98,21 +98,8 @@ def load_torch_state_dict(config: ml_collections.ConfigDict, state_dict, source:
   rules, aliases, ignore = torch_mapping(config)
   expected = variable_shapes(build_model(config), image_size)
   state_dict = tc.strip_prefixes(state_dict)
-  try:
-    return tc.convert(state_dict, rules, expected=expected, ignore=ignore, aliases=aliases,
-                      source=source)
-  except tc.ConversionError as e:
-    # Name the variant the file was trained as, so the fix is one config field away.
-    from segchange_jax.interop import pretrained  # pylint: disable=g-import-not-at-top
-    backbone = {}
-    for prefix in ('dual_encoder.encoder.backbone.', 'dual_encoder.encoder.'):
-      backbone = backbone or {k.removeprefix(prefix): v for k, v in state_dict.items()
-                              if k.startswith(prefix)}
-    if not backbone:
-      raise
-    raise tc.ConversionError(
-        f'{e}\nIts backbone looks like {pretrained.describe(backbone)}; this config has '
-        f'model.backbone={config.model.backbone!r}.') from None
+  return tc.convert(state_dict, rules, expected=expected, ignore=ignore, aliases=aliases,
+                    source=source)
 
 
 def export_torch_state_dict(config: ml_collections.ConfigDict, variables) -> dict:

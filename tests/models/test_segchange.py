@@ -11,6 +11,7 @@ import torch
 
 from configs import base
 from segchange_jax.models import segchange
+from segchange_jax.interop import checkpoints
 from segchange_jax.interop import torch_rules as tc
 from tests.torch_ref import segchange as ref
 from tests.torch_ref import util
@@ -118,8 +119,8 @@ def test_wrong_variant_lists_every_problem():
 def test_checkpoint_of_another_backbone_is_named_and_listed_briefly():
   sd = util.state_dict_numpy(ref.build_change_model(small_config('hgnetv2')))
   with pytest.raises(tc.ConversionError) as e:
-    segchange.load_torch_state_dict(small_config('swin_base_patch4_window7_224'), sd,
-                                    source='hg.pth')
+    checkpoints.convert_torch_state_dict(small_config('swin_base_patch4_window7_224'), sd,
+                                         source='hg.pth')
   msg = str(e.value)
   assert 'hg.pth' in msg
   assert "looks like an HGNetv2 (model.backbone='hgnetv2'" in msg
