@@ -100,6 +100,9 @@ def main():
   p.add_argument('--steps', type=positive_int, default=2)
   p.add_argument('--top', type=positive_int, default=25)
   p.add_argument('--trace_dir', default='')
+  p.add_argument('--ops_tsv', default='',
+                 help='also write every op (s/step, name, opcode, fused heavy ops, op_name) to '
+                      'this tab-separated file, for queries the groups above do not answer')
   args = p.parse_args()
   import jax  # pylint: disable=g-import-not-at-top
   compiled, state, arrays, table, compile_s = train_step.build_ours(
@@ -149,6 +152,12 @@ def main():
     for key, t in counter.most_common(args.top):
       label = ' | '.join(key) if isinstance(key, tuple) else key
       print(f'{t:8.3f} {100 * t / total:5.1f}%  {label}')
+  if args.ops_tsv:
+    with open(args.ops_tsv, 'w') as f:
+      f.write('seconds_per_step\tname\topcode\tfused\top_name\n')
+      for name, t in per_op.most_common():
+        opcode, op_name, inner = index[name]
+        f.write(f'{t:.6f}\t{name}\t{opcode}\t{inner}\t{op_name}\n')
   print(f'\n== top {args.top} single ops')
   for name, t in per_op.most_common(args.top):
     opcode, op_name, inner = index[name]
