@@ -1,5 +1,6 @@
 """bench/memory_peak.py: reads XLA's peak-usage breakdown; end to end on the demo model (slow).
-Also: the bench scripts refuse bad flag values in one argparse line, before any work."""
+Also: the bench scripts refuse bad flag values in one argparse line, before any work;
+bench/parts.py and profile_step.py --ops_tsv run on the demo model."""
 
 import os
 import pathlib
@@ -66,9 +67,42 @@ def test_a_file_as_dump_dir_is_refused_and_kept(tmp_path):
 @pytest.mark.parametrize('script,flag,value', [
     ('train_step.py', '--sizes', '0'), ('train_step.py', '--batch', '-3'),
     ('profile_step.py', '--steps', 'x'), ('memory_peak.py', '--top', '0'),
-    ('forward.py', '--iters', '0'), ('bf16_curve.py', '--size', '-64')])
+    ('forward.py', '--iters', '0'), ('bf16_curve.py', '--size', '-64'),
+    ('parts.py', '--iters', '0')])
 def test_bench_scripts_refuse_non_positive_counts_in_one_line(script, flag, value):
   out = subprocess.run([sys.executable, f'bench/{script}', flag, value], capture_output=True,
                        text=True, cwd=REPO, timeout=120)
   assert out.returncode == 2, out.stderr[-2000:]
   assert out.stderr.strip().splitlines()[-1].endswith(f"argument {flag}: '{value}' is not a positive integer")
+
+
+def _run_bench(*argv, timeout=300):
+  # One CPU device, as a user runs it (conftest simulates 8 for the in-process tests).
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  return subprocess.run([sys.executable, *argv], capture_output=True, text=True, cwd=REPO,
+                        env=env, timeout=timeout)
+
+
+def test_parts_times_every_part_of_the_demo_model():
+  out = _run_bench('bench/parts.py', '--variant', 'demo', '--size', '64', '--iters', '1')
+  assert out.returncode == 0, out.stderr[-2000:]
+  rows = {line.split()[0]: line.split() for line in out.stdout.splitlines()[1:]}
+  assert sorted(rows) == ['backbone', 'ega', 'head', 'matmul', 'neck'], out.stdout
+  for name, row in rows.items():
+    seconds, gflop = float(row[1]), float(row[row.index('GFLOP') - 1])
+    assert seconds > 0 and gflop > 0, (name, row)
+  bad = _run_bench('bench/parts.py', '--variant', 'demo', '--size', '80')
+  assert bad.returncode == 2 and 'multiple of 32' in bad.stderr.splitlines()[-1], bad.stderr
+
+
+@pytest.mark.slow  # compiles and profiles the demo train step (~45 s)
+def test_profile_step_writes_every_op_to_a_table(tmp_path):
+  tsv = tmp_path / 'ops.tsv'
+  out = _run_bench('bench/profile_step.py', '--variant', 'demo', '--size', '64', '--steps', '1',
+                   '--top', '3', '--ops_tsv', str(tsv))
+  assert out.returncode == 0, out.stderr[-2000:]
+  lines = tsv.read_text().splitlines()
+  assert lines[0].split('\t') == ['seconds_per_step', 'name', 'opcode', 'fused', 'op_name']
+  rows = [line.split('\t') for line in lines[1:]]
+  assert len(rows) > 50 and all(float(r[0]) >= 0 for r in rows)
+  assert any('backbone' in r[4] and 'transpose(' in r[4] for r in rows)  # backward ops, named
