@@ -81,15 +81,18 @@ def part_functions(variant: str, batch: int, size: int, parts) -> dict:
     shapes = jax.eval_shape(lambda v: module.apply(v, images), jax.eval_shape(
         lambda: module.init({'params': jax.random.key(0)}, images, False)))
     out['backbone'] = grad_of(module, (images,), [normal(s.shape) for s in shapes])
-  full = (batch, size, size, m.fpn_dim)
+  neck = neck_lib.build_neck(m, jnp.float32, 'fpn')
+  diffs = [normal((batch, size // s, size // s, d)) for s, d in zip(neck_lib.STRIDES, m.out_dims)]
+  # The neck's output width: fpn_dim, or token_dim behind the token connector.
+  x_shape = jax.eval_shape(lambda: neck.init_with_output(
+      {'params': jax.random.key(0)}, diffs, False)[0]).x.shape
   if 'neck' in parts:
-    diffs = [normal((batch, size // s, size // s, d)) for s, d in zip(neck_lib.STRIDES, m.out_dims)]
-    out['neck'] = grad_of(neck_lib.build_neck(m, jnp.float32, 'fpn'), (diffs,), normal(full))
+    out['neck'] = grad_of(neck, (diffs,), normal(x_shape))
   if 'ega' in parts:
-    out['ega'] = grad_of(neck_lib.EGA(jnp.float32), (normal(full),), normal(full))
+    out['ega'] = grad_of(neck_lib.EGA(jnp.float32), (normal(x_shape),), normal(x_shape))
   if 'head' in parts:
-    x = layers.DeferredDense(normal(full), normal((m.fpn_dim, m.fpn_dim)) * 0.05,
-                             jnp.zeros((m.fpn_dim,)))
+    c = x_shape[-1]
+    x = layers.DeferredDense(normal(x_shape), normal((c, c)) * 0.05, jnp.zeros((c,)))
     text = normal((batch, 8, config.text.dim))
     out['head'] = grad_of(head_lib.build_head(m, jnp.float32, 'mask_head'), (x, text),
                           normal((batch, size, size, m.num_classes)))

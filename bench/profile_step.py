@@ -104,6 +104,10 @@ def main():
                  help='also write every op (s/step, name, opcode, fused heavy ops, op_name) to '
                       'this tab-separated file, for queries the groups above do not answer')
   args = p.parse_args()
+  if args.ops_tsv:  # checked before the minutes of compiling and profiling, not after
+    target = os.path.abspath(args.ops_tsv)
+    if os.path.isdir(target) or not os.path.isdir(os.path.dirname(target)):
+      p.error(f'--ops_tsv {args.ops_tsv}: needs a file path in an existing directory')
   import jax  # pylint: disable=g-import-not-at-top
   compiled, state, arrays, table, compile_s = train_step.build_ours(
       args.variant, args.batch, args.size, args.dtype, remat=args.remat)

@@ -83,11 +83,15 @@ def _run_bench(*argv, timeout=300):
                         env=env, timeout=timeout)
 
 
-def test_parts_times_every_part_of_the_demo_model():
-  out = _run_bench('bench/parts.py', '--variant', 'demo', '--size', '64', '--iters', '1')
+@pytest.mark.parametrize('variant,parts', [
+    ('demo', ['backbone', 'ega', 'head', 'matmul', 'neck']),
+    ('hgnetv2', ['head', 'neck'])])  # HGNetv2's neck ends in the token connector (128 wide)
+def test_parts_times_every_part(variant, parts):
+  out = _run_bench('bench/parts.py', '--variant', variant, '--size', '64', '--iters', '1',
+                   '--parts', *parts)
   assert out.returncode == 0, out.stderr[-2000:]
   rows = {line.split()[0]: line.split() for line in out.stdout.splitlines()[1:]}
-  assert sorted(rows) == ['backbone', 'ega', 'head', 'matmul', 'neck'], out.stdout
+  assert sorted(rows) == parts, out.stdout
   for name, row in rows.items():
     seconds, gflop = float(row[1]), float(row[row.index('GFLOP') - 1])
     assert seconds > 0 and gflop > 0, (name, row)
@@ -106,3 +110,11 @@ def test_profile_step_writes_every_op_to_a_table(tmp_path):
   rows = [line.split('\t') for line in lines[1:]]
   assert len(rows) > 50 and all(float(r[0]) >= 0 for r in rows)
   assert any('backbone' in r[4] and 'transpose(' in r[4] for r in rows)  # backward ops, named
+
+
+def test_profile_step_refuses_an_unwritable_table_before_compiling(tmp_path):
+  for target in (tmp_path, tmp_path / 'missing' / 'ops.tsv'):
+    out = _run_bench('bench/profile_step.py', '--variant', 'demo', '--ops_tsv', str(target),
+                     timeout=60)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert 'needs a file path in an existing directory' in out.stderr.splitlines()[-1]
