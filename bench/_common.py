@@ -9,6 +9,7 @@ import resource
 import signal
 import subprocess
 import sys
+import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
@@ -27,6 +28,25 @@ def positive_int(text: str) -> int:
   if value < 1:
     raise argparse.ArgumentTypeError(f'{text!r} is not a positive integer')
   return value
+
+
+def timed(step, iters: int) -> list[float]:
+  """Wall seconds of each of `iters` calls of step() (which must block until its work is done)."""
+  times = []
+  for _ in range(iters):
+    start = time.perf_counter()
+    step()
+    times.append(time.perf_counter() - start)
+  return times
+
+
+def xla_cost(compiled) -> dict:
+  """XLA's cost analysis of a compiled function as one dict ('flops', 'bytes accessed', ...).
+
+  Older jaxlibs return a one-element list, some backends None.
+  """
+  cost = compiled.cost_analysis()
+  return (cost[0] if isinstance(cost, list) else cost) or {}
 
 
 def rss_mb() -> float:

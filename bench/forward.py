@@ -19,6 +19,7 @@ from _common import VARIANTS
 from _common import positive_int
 from _common import rss_mb as _rss_mb
 from _common import run_child
+from _common import timed
 from _common import variant_config as _config
 
 
@@ -40,12 +41,9 @@ def run_ours(variant: str, batch: int, size: int, iters: int, dtype: str) -> dic
   start = time.perf_counter()
   compiled = fwd.lower(variables, a, a, t).compile()
   compile_s = time.perf_counter() - start
-  compiled(variables, a, a, t).block_until_ready()
-  times = []
-  for _ in range(iters):
-    start = time.perf_counter()
-    compiled(variables, a, a, t).block_until_ready()
-    times.append(time.perf_counter() - start)
+  run = lambda: compiled(variables, a, a, t).block_until_ready()
+  run()  # warm-up
+  times = timed(run, iters)
   dev = jax.devices()[0]
   stats = dev.memory_stats() or {}
   mem = compiled.memory_analysis()
@@ -73,12 +71,7 @@ def run_torch(variant: str, batch: int, size: int, iters: int, dtype: str) -> di
     sync()
     if cuda:
       torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(iters):
-      start = time.perf_counter()
-      model(a, a, t)
-      sync()
-      times.append(time.perf_counter() - start)
+    times = timed(lambda: (model(a, a, t), sync()), iters)
   peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else _rss_mb() - base_rss
   return {'impl': 'torch', 'device': torch.cuda.get_device_name() if cuda else 'cpu',
           'batch': batch, 'ms': 1e3 * min(times),

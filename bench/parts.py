@@ -25,11 +25,12 @@ per-scale 1x1 convs, BEV, the feature difference, the losses and the optimizer.
 from __future__ import annotations
 
 import argparse
-import time
 
 from _common import VARIANTS
 from _common import positive_int
+from _common import timed
 from _common import variant_config
+from _common import xla_cost
 
 PARTS = ('backbone', 'neck', 'ega', 'head', 'matmul')
 
@@ -37,15 +38,9 @@ PARTS = ('backbone', 'neck', 'ega', 'head', 'matmul')
 def _time(fn, args, iters: int) -> tuple[list[float], float]:
   import jax  # pylint: disable=g-import-not-at-top
   compiled = jax.jit(fn).lower(*args).compile()
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, list) else cost
-  jax.block_until_ready(compiled(*args))
-  times = []
-  for _ in range(iters):
-    start = time.perf_counter()
-    jax.block_until_ready(compiled(*args))
-    times.append(time.perf_counter() - start)
-  return times, float(cost.get('flops', 0.0))
+  run = lambda: jax.block_until_ready(compiled(*args))
+  run()  # warm-up
+  return timed(run, iters), float(xla_cost(compiled).get('flops', 0.0))
 
 
 def part_functions(variant: str, batch: int, size: int, parts) -> dict:

@@ -28,6 +28,7 @@ import re
 import tempfile
 
 from _common import positive_int
+from _common import xla_cost
 import train_step
 
 _INSTR = re.compile(r'^\s*(?:ROOT )?%?([\w.\-]+) = .*?\b([a-z\-]+)\(.*'
@@ -111,8 +112,7 @@ def main():
   import jax  # pylint: disable=g-import-not-at-top
   compiled, state, arrays, table, compile_s = train_step.build_ours(
       args.variant, args.batch, args.size, args.dtype, remat=args.remat)
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, list) else cost
+  cost = xla_cost(compiled)
   print(f'compile {compile_s:.0f} s; XLA cost analysis: {cost.get("flops", 0) / 1e9:.1f} GFLOP, '
         f'{cost.get("bytes accessed", 0) / 1e9:.1f} GB accessed per step', flush=True)
   index = hlo_index(compiled.as_text())

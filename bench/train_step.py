@@ -38,7 +38,9 @@ from _common import VARIANTS
 from _common import positive_int
 from _common import rss_mb
 from _common import run_child
+from _common import timed
 from _common import variant_config
+from _common import xla_cost
 
 TEXT_TOKENS = 8
 
@@ -48,15 +50,6 @@ def _config(variant: str, dtype: str, mesh_data: int = -1, mesh_fsdp: int = 1):
   c.model.dtype = dtype
   c.mesh.data, c.mesh.fsdp = mesh_data, mesh_fsdp
   return c
-
-
-def _timed(step, iters: int) -> list[float]:
-  times = []
-  for _ in range(iters):
-    start = time.perf_counter()
-    step()
-    times.append(time.perf_counter() - start)
-  return times
 
 
 def _summary(impl: str, device: str, batch: int, size: int, times: list[float], **extra) -> dict:
@@ -120,8 +113,7 @@ def run_ours(variant: str, batch: int, size: int, iters: int, dtype: str, layout
   holder = {'state': state}
   dev = jax.devices()[0]
   mem = compiled.memory_analysis()
-  cost = compiled.cost_analysis()
-  cost = (cost[0] if isinstance(cost, list) else cost) or {}
+  cost = xla_cost(compiled)
   xla = {'compile_s': compile_s, 'remat': remat,
          'xla_temp_mb': getattr(mem, 'temp_size_in_bytes', 0) / 2**20,
          'xla_arg_mb': getattr(mem, 'argument_size_in_bytes', 0) / 2**20,
@@ -134,7 +126,7 @@ def run_ours(variant: str, batch: int, size: int, iters: int, dtype: str, layout
     holder['state'], out = compiled(holder['state'], arrays, table)
     jax.block_until_ready(out['loss'])
   one()  # warm-up
-  times = _timed(one, iters)
+  times = timed(one, iters)
   stats = dev.memory_stats() or {}
   peak = stats.get('peak_bytes_in_use')
   # On CPU peak RSS also counts the XLA compiler's own memory; XLA's temp size is the step's
@@ -183,7 +175,7 @@ def run_torch(variant: str, batch: int, size: int, iters: int, dtype: str) -> di
     one()
   if cuda:
     torch.cuda.reset_peak_memory_stats()
-  times = _timed(one, iters)
+  times = timed(one, iters)
   peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else rss_mb() - base_rss
   return _summary('torch', torch.cuda.get_device_name() if cuda else 'cpu', batch, size, times,
                   peak_mb=peak, gflop=counter.get_total_flops() / 1e9)

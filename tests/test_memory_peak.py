@@ -85,7 +85,8 @@ def _run_bench(*argv, timeout=300):
 
 @pytest.mark.parametrize('variant,parts', [
     ('demo', ['backbone', 'ega', 'head', 'matmul', 'neck']),
-    ('hgnetv2', ['head', 'neck'])])  # HGNetv2's neck ends in the token connector (128 wide)
+    # HGNetv2's neck ends in the token connector (128 wide); ~20 s, so not in the default run.
+    pytest.param('hgnetv2', ['head', 'neck'], marks=pytest.mark.slow)])
 def test_parts_times_every_part(variant, parts):
   out = _run_bench('bench/parts.py', '--variant', variant, '--size', '64', '--iters', '1',
                    '--parts', *parts)
