@@ -299,6 +299,11 @@ class _Converter:
     return self.node1('Concat', [self.name_of(x) for x in xs],
                       axis=int(eqn.params['dimension']))
 
+  def p_stack(self, eqn, *xs):  # jnp.stack (a primitive since jax 0.10): a new axis, then Concat
+    axis = self.ints([int(eqn.params['axis'])])
+    return self.node1('Concat', [self.node1('Unsqueeze', [self.name_of(x), axis]) for x in xs],
+                      axis=int(eqn.params['axis']))
+
   def p_broadcast_in_dim(self, eqn, x, *dyn):
     if dyn:
       raise OnnxExportError('broadcast_in_dim with dynamic shape operands')

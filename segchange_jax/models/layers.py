@@ -137,14 +137,48 @@ def _align_corners_matrix(size_in: int, size_out: int) -> np.ndarray:
   return m
 
 
+@functools.lru_cache(maxsize=None)
+def _banded_matrices(sizes_in: tuple[int, ...], size_out: int):
+  """The align_corners matrices of inputs sizes_in -> size_out, cut into row blocks.
+
+  Output rows go in blocks of 64 (or 32, or all of them where neither divides size_out); a
+  block of rows reads only a short window of each input (the rows it interpolates between).
+  Returns ((window starts per block, window length) per input, [blocks, block, sum of window
+  lengths] matrix): block j of the output is matrix[j] @ (input windows j stacked).
+  """
+  block = next((b for b in (64, 32) if size_out % b == 0 and size_out > b), size_out)
+  n_blocks = size_out // block
+  windows, matrices = [], []
+  for n in sizes_in:
+    lo, hi, _ = _align_corners_taps(n, size_out)
+    m = _align_corners_matrix(n, size_out)
+    span = max(int(hi[(j + 1) * block - 1] - lo[j * block]) + 1 for j in range(n_blocks))
+    starts = tuple(min(int(lo[j * block]), n - span) for j in range(n_blocks))
+    rows = m.reshape(n_blocks, block, n).copy()
+    matrices.append(np.stack([r[:, s:s + span] for r, s in zip(rows, starts)]))
+    for r, s in zip(rows, starts):  # every weight of a block's rows lies inside its window
+      r[:, s:s + span] = 0
+    assert not rows.any(), (n, size_out)
+    windows.append((starts, span))
+  return tuple(windows), np.concatenate(matrices, axis=2)
+
+
+def _windows(x: jax.Array, starts: Sequence[int], span: int, axis: int) -> jax.Array:
+  """[len(starts), ...]: x's slices [start, start + span) along `axis`, stacked in front."""
+  return jnp.stack([jax.lax.slice_in_dim(x, s, s + span, axis=axis) for s in starts])
+
+
 def upsample_bilinear_sum(maps: Sequence[jax.Array], factors: Sequence[int]) -> jax.Array:
   """sum_i torch `nn.Upsample(scale_factor=factors[i], mode='bilinear', align_corners=True)`
   of maps[i], NHWC, for maps that land on one [B, H, W, C] grid (one map: a plain upsample).
 
-  Separable: one small matrix product per axis. Unlike a gather + lerp, its backward pass is
-  a matrix product too (a gather's is a scatter-add, several times slower on CPU and GPU).
-  Each map's H axis has its own product; the W axis of all maps is ONE product: their
-  H-upsampled columns are stacked along W (sum of the widths) against the stacked
+  Separable: matrix products per axis. Unlike a gather + lerp, its backward pass is a matrix
+  product too (a gather's is a scatter-add, several times slower on CPU and GPU). The
+  interpolation matrices have two non-zeros a row, so each product is banded
+  (`_banded_matrices`): blocks of output rows times the short input windows they read, a
+  batched product with ~1/6 of a dense product's FLOPs (Swin-B neck at 512 px: 38 -> 6 GFLOP
+  forward + backward, 0.30 -> 0.12 s). Each map's H axis has its own product; the W axis of
+  all maps is ONE product: their H-upsampled columns' windows are stacked against the stacked
   interpolation matrices, which interpolates and sums at once (no per-map full-size output).
   That product is written [W_out, W_in] @ [W_in, B*H*C] and transposed by whole C-vectors
   back to NHWC. Written as einsum 'pw,bowc->bopc', XLA computed it as [B*H*C, W] and fused
@@ -155,17 +189,20 @@ def upsample_bilinear_sum(maps: Sequence[jax.Array], factors: Sequence[int]) -> 
     raise ValueError(f'upsample_bilinear_sum: {len(maps)} maps for {len(factors)} factors')
   b, h0, w0, c = maps[0].shape
   out_h, out_w = h0 * factors[0], w0 * factors[0]
-  columns, matrices = [], []
+  hi = jax.lax.Precision.HIGHEST
+  columns = []
   for x, f in zip(maps, factors):
     if (x.shape[0], x.shape[1] * f, x.shape[2] * f, x.shape[3]) != (b, out_h, out_w, c):
       raise ValueError(f'upsample_bilinear_sum: map {x.shape} x {f} does not land on the '
                        f'{(b, out_h, out_w, c)} grid of the first map')
-    mh = jnp.asarray(_align_corners_matrix(x.shape[1], out_h), x.dtype)
-    columns.append(jnp.einsum('oh,bhwc->wboc', mh, x, precision=jax.lax.Precision.HIGHEST))
-    matrices.append(_align_corners_matrix(x.shape[2], out_w))
-  stacked = jnp.concatenate(columns, axis=0)
-  mw = jnp.asarray(np.concatenate(matrices, axis=1), stacked.dtype)
-  out = jnp.matmul(mw, stacked.reshape(stacked.shape[0], -1), precision=jax.lax.Precision.HIGHEST)
+    ((starts, span),), mh = _banded_matrices((x.shape[1],), out_h)
+    rows = jnp.einsum('jps,jbswc->wbjpc', jnp.asarray(mh, x.dtype),
+                      _windows(x, starts, span, axis=1), precision=hi)
+    columns.append(rows.reshape(x.shape[2], -1))  # [W_in, B * H_out * C]
+  windows, mw = _banded_matrices(tuple(x.shape[2] for x in maps), out_w)
+  stacked = jnp.concatenate([_windows(col, starts, span, axis=0)
+                             for col, (starts, span) in zip(columns, windows)], axis=1)
+  out = jnp.einsum('jps,jsn->jpn', jnp.asarray(mw, stacked.dtype), stacked, precision=hi)
   return out.reshape(out_w, b, out_h, c).transpose(1, 2, 0, 3)
 
 
