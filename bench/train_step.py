@@ -6,6 +6,7 @@ r"""Train-step time: our jitted step vs the PyTorch reference (same model, losse
   python bench/train_step.py --all --iters 2          # every README row (one compile per row: long)
   python bench/train_step.py --sizes 512 --impls ours --remat none dots block --compile_only
   python bench/train_step.py --sizes 256 --allocator tcmalloc   # both sides with tcmalloc
+  python bench/train_step.py --sizes 512 --batch 1 --rounds 3    # ours, torch, ours, torch, ...
 
 One optimizer step = forward of A and B through the siamese model, the four losses (train/losses.py)
 (BCE + Dice + focal + BCL, config.loss weights), backward, gradient-norm clipping when
@@ -17,7 +18,9 @@ tests/torch_ref/losses.py. Random weights and inputs: timing does not depend on 
 Every measurement runs in its own process (the simulated CPU device count must be set before
 JAX starts, and peak memory is per process). Ours is timed after a compile + warm-up step;
 torch after one warm-up step. Reported: min and median seconds per step, examples/s, and the
-ratio torch / ours (> 1 means ours is faster). `--devices 1 8` additionally times our step on
+ratio torch / ours (> 1 means ours is faster). `--rounds N` alternates the two N times per row
+(ours, torch, ours, torch...) and adds the median of the per-round ratios and the ratio of the
+best times, which a slow spell of the machine during one side's run cannot skew. `--devices 1 8` additionally times our step on
 1 and on 8 simulated CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count), data- and
 fsdp-sharded, at --device_batch (a multiple of 8): on a 2-core machine this measures sharding
 overhead, not a speed-up.
@@ -32,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 
 from _common import VARIANTS
@@ -210,6 +214,10 @@ def main():
                  help="ours: compile and print XLA's memory / FLOP analysis, run nothing")
   p.add_argument('--allocator', default='system', choices=['system', 'tcmalloc', 'jemalloc'],
                  help='host allocator preloaded into every child (ours and torch alike)')
+  p.add_argument('--rounds', type=positive_int, default=1,
+                 help='per row, run ours and torch alternately this many times (fresh processes) '
+                 'and print every round\'s ratio, their median and the ratio of the best times: '
+                 'the VM\'s speed drifts over minutes, so one pair of runs can mislead')
   p.add_argument('--all', action='store_true',
                  help='every row of the README table: Swin-B 256/b2, 512/b1, 512/b2 (ours, '
                  'remat block), ResNet-50 + Transformer BEV and HGNetv2 at 256/b2')
@@ -257,19 +265,31 @@ def main():
     rows = [(args.variant, size, args.batch, args.impls, args.remat) for size in args.sizes]
   for variant, size, batch, impls, remats in rows:
     print(f'== {variant}, batch {batch}, {size} px', flush=True)
-    res = {}
-    for impl in impls:
-      if impl == 'torch' and args.compile_only:
-        continue
-      for remat in (remats if impl == 'ours' else ['none']):
-        r = child(impl, batch, size, remat=remat, variant=variant)
-        res.setdefault(impl, r)  # the ratio line uses the first policy
-    if res.get('ours') and res.get('torch'):
-      o, t = res['ours'], res['torch']
-      print(f'{variant} batch {batch} at {size} px: torch/ours step time {t["s"] / o["s"]:.2f}x '
-            f'({o["examples_per_s"]:.2f} vs {t["examples_per_s"]:.2f} ex/s), memory ours/torch '
-            f'{o["peak_mb"] / max(t["peak_mb"], 1e-9):.2f}, GFLOP/step ours {o["gflop"]:.0f} (XLA, '
-            f'every op) vs torch {t["gflop"]:.0f} (flop_counter)', flush=True)
+    pairs = []
+    for k in range(args.rounds):
+      if args.rounds > 1:
+        print(f'-- round {k + 1} of {args.rounds}', flush=True)
+      res = {}
+      for impl in impls:
+        if impl == 'torch' and args.compile_only:
+          continue
+        for remat in (remats if impl == 'ours' else ['none']):
+          r = child(impl, batch, size, remat=remat, variant=variant)
+          res.setdefault(impl, r)  # the ratio line uses the first policy
+      if res.get('ours') and res.get('torch'):
+        o, t = res['ours'], res['torch']
+        pairs.append((o, t))
+        print(f'{variant} batch {batch} at {size} px: torch/ours step time {t["s"] / o["s"]:.2f}x '
+              f'({o["examples_per_s"]:.2f} vs {t["examples_per_s"]:.2f} ex/s), memory ours/torch '
+              f'{o["peak_mb"] / max(t["peak_mb"], 1e-9):.2f}, GFLOP/step ours {o["gflop"]:.0f} '
+              f'(XLA, every op) vs torch {t["gflop"]:.0f} (flop_counter)', flush=True)
+    if len(pairs) > 1:
+      ratios = sorted(t['s'] / o['s'] for o, t in pairs)
+      best_o, best_t = min(o['s'] for o, _ in pairs), min(t['s'] for _, t in pairs)
+      print(f'{variant} batch {batch} at {size} px over {len(pairs)} alternating rounds: '
+            f'torch/ours {", ".join(f"{r:.2f}x" for r in ratios)}; median '
+            f'{statistics.median(ratios):.2f}x; best times {best_o:.2f} vs {best_t:.2f} s '
+            f'({best_t / best_o:.2f}x)', flush=True)
 
   runs = {}
   for n in args.devices:

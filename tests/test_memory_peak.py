@@ -100,6 +100,18 @@ def test_parts_times_every_part(variant, parts):
   assert bad.returncode == 2 and 'multiple of 32' in bad.stderr.splitlines()[-1], bad.stderr
 
 
+@pytest.mark.slow  # two rounds of ours and torch on the demo model (~3 min)
+def test_train_step_rounds_alternate_and_summarise():
+  out = _run_bench('bench/train_step.py', '--variant', 'demo', '--sizes', '64', '--iters', '1',
+                   '--rounds', '2')
+  assert out.returncode == 0, out.stderr[-2000:]
+  lines = out.stdout.splitlines()
+  starts = [line.split()[0] for line in lines if line.startswith(('ours ', 'torch '))]
+  assert starts == ['ours', 'torch', 'ours', 'torch'], out.stdout
+  summary = [line for line in lines if 'over 2 alternating rounds' in line]
+  assert len(summary) == 1 and 'median' in summary[0] and 'best times' in summary[0], out.stdout
+
+
 @pytest.mark.slow  # compiles and profiles the demo train step (~45 s)
 def test_profile_step_writes_every_op_to_a_table(tmp_path):
   tsv = tmp_path / 'ops.tsv'
