@@ -20,10 +20,10 @@ JAX starts, and peak memory is per process). Ours is timed after a compile + war
 torch after one warm-up step. Reported: min and median seconds per step, examples/s, and the
 ratio torch / ours (> 1 means ours is faster). `--rounds N` alternates the two N times per row
 (ours, torch, ours, torch...) and adds the median of the per-round ratios and the ratio of the
-best times, which a slow spell of the machine during one side's run cannot skew. `--devices 1 8` additionally times our step on
-1 and on 8 simulated CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count), data- and
-fsdp-sharded, at --device_batch (a multiple of 8): on a 2-core machine this measures sharding
-overhead, not a speed-up.
+best times, which a slow spell of the machine during one side's run cannot skew.
+`--devices 1 8` additionally times our step on 1 and on 8 simulated CPU devices
+(XLA_FLAGS=--xla_force_host_platform_device_count), data- and fsdp-sharded, at --device_batch
+(a multiple of 8): on a 2-core machine this measures sharding overhead, not a speed-up.
 
 --allocator preloads the same host allocator into every child, ours and torch alike:
 'system' (glibc malloc), 'tcmalloc' or 'jemalloc' with freed pages kept

@@ -154,11 +154,10 @@ def _banded_matrices(sizes_in: tuple[int, ...], size_out: int):
     m = _align_corners_matrix(n, size_out)
     span = max(int(hi[(j + 1) * block - 1] - lo[j * block]) + 1 for j in range(n_blocks))
     starts = tuple(min(int(lo[j * block]), n - span) for j in range(n_blocks))
-    rows = m.reshape(n_blocks, block, n).copy()
+    rows = m.reshape(n_blocks, block, n)
     matrices.append(np.stack([r[:, s:s + span] for r, s in zip(rows, starts)]))
-    for r, s in zip(rows, starts):  # every weight of a block's rows lies inside its window
-      r[:, s:s + span] = 0
-    assert not rows.any(), (n, size_out)
+    # Every weight of a block's rows lies inside its window (the windows hold all non-zeros).
+    assert np.count_nonzero(matrices[-1]) == np.count_nonzero(m), (n, size_out)
     windows.append((starts, span))
   return tuple(windows), np.concatenate(matrices, axis=2)
 
@@ -189,7 +188,7 @@ def upsample_bilinear_sum(maps: Sequence[jax.Array], factors: Sequence[int]) -> 
     raise ValueError(f'upsample_bilinear_sum: {len(maps)} maps for {len(factors)} factors')
   b, h0, w0, c = maps[0].shape
   out_h, out_w = h0 * factors[0], w0 * factors[0]
-  hi = jax.lax.Precision.HIGHEST
+  precision = jax.lax.Precision.HIGHEST
   columns = []
   for x, f in zip(maps, factors):
     if (x.shape[0], x.shape[1] * f, x.shape[2] * f, x.shape[3]) != (b, out_h, out_w, c):
@@ -197,12 +196,13 @@ def upsample_bilinear_sum(maps: Sequence[jax.Array], factors: Sequence[int]) -> 
                        f'{(b, out_h, out_w, c)} grid of the first map')
     ((starts, span),), mh = _banded_matrices((x.shape[1],), out_h)
     rows = jnp.einsum('jps,jbswc->wbjpc', jnp.asarray(mh, x.dtype),
-                      _windows(x, starts, span, axis=1), precision=hi)
+                      _windows(x, starts, span, axis=1), precision=precision)
     columns.append(rows.reshape(x.shape[2], -1))  # [W_in, B * H_out * C]
   windows, mw = _banded_matrices(tuple(x.shape[2] for x in maps), out_w)
   stacked = jnp.concatenate([_windows(col, starts, span, axis=0)
                              for col, (starts, span) in zip(columns, windows)], axis=1)
-  out = jnp.einsum('jps,jsn->jpn', jnp.asarray(mw, stacked.dtype), stacked, precision=hi)
+  out = jnp.einsum('jps,jsn->jpn', jnp.asarray(mw, stacked.dtype), stacked,
+                   precision=precision)
   return out.reshape(out_w, b, out_h, c).transpose(1, 2, 0, 3)
 
 
