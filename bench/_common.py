@@ -30,6 +30,14 @@ def positive_int(text: str) -> int:
   return value
 
 
+def image_size(text: str) -> int:
+  """argparse type: an image side in pixels, a positive multiple of 32 (the backbone stride)."""
+  value = positive_int(text)
+  if value % 32:
+    raise argparse.ArgumentTypeError(f'{text!r} is not a multiple of 32 (the backbone stride)')
+  return value
+
+
 def timed(step, iters: int) -> list[float]:
   """Wall seconds of each of `iters` calls of step() (which must block until its work is done)."""
   times = []

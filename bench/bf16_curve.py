@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import time
 
+from _common import image_size
 from _common import positive_int
 import train_step
 
@@ -33,7 +34,7 @@ def curve(variant: str, size: int, batch: int, steps: int, dtype: str):
 def main():
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   p.add_argument('--variant', default='demo')
-  p.add_argument('--size', type=positive_int, default=64)
+  p.add_argument('--size', type=image_size, default=64)
   p.add_argument('--batch', type=positive_int, default=2)
   p.add_argument('--steps', type=positive_int, default=20)
   args = p.parse_args()

@@ -16,6 +16,7 @@ import json
 import time
 
 from _common import VARIANTS
+from _common import image_size
 from _common import positive_int
 from _common import rss_mb as _rss_mb
 from _common import run_child
@@ -82,7 +83,7 @@ def main():
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   p.add_argument('--variant', default='swin_base_patch4_window7_224',
                  choices=VARIANTS)
-  p.add_argument('--size', type=positive_int, default=512)
+  p.add_argument('--size', type=image_size, default=512)
   p.add_argument('--batches', type=positive_int, nargs='+', default=[1, 4])
   p.add_argument('--iters', type=positive_int, default=5)
   p.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'])

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 
 from _common import VARIANTS
+from _common import image_size
 from _common import positive_int
 from _common import timed
 from _common import variant_config
@@ -101,13 +102,11 @@ def part_functions(variant: str, batch: int, size: int, parts) -> dict:
 def main():
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   p.add_argument('--variant', default='swin_base_patch4_window7_224', choices=VARIANTS)
-  p.add_argument('--size', type=positive_int, default=512)
+  p.add_argument('--size', type=image_size, default=512)
   p.add_argument('--batch', type=positive_int, default=1)
   p.add_argument('--iters', type=positive_int, default=3)
   p.add_argument('--parts', nargs='+', choices=PARTS, default=list(PARTS))
   args = p.parse_args()
-  if args.size % 32:
-    p.error(f'--size must be a multiple of 32 (the backbone stride), got {args.size}')
   fns = part_functions(args.variant, args.batch, args.size, args.parts)
   print(f'== {args.variant}, batch {args.batch}, {args.size} px: forward + backward per part')
   for name in args.parts:

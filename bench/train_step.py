@@ -39,6 +39,7 @@ import statistics
 import time
 
 from _common import VARIANTS
+from _common import image_size
 from _common import positive_int
 from _common import rss_mb
 from _common import run_child
@@ -65,7 +66,7 @@ def _summary(impl: str, device: str, batch: int, size: int, times: list[float], 
 def add_step_args(p, size: int, remat: str | None) -> None:
   """--variant --size --batch --dtype --remat of one of our steps (profile_step, memory_peak)."""
   p.add_argument('--variant', default=VARIANTS[0], choices=VARIANTS)
-  p.add_argument('--size', type=positive_int, default=size)
+  p.add_argument('--size', type=image_size, default=size)
   p.add_argument('--batch', type=positive_int, default=2)
   p.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'])
   p.add_argument('--remat', default=remat, choices=['none', 'dots', 'block', None])
@@ -199,7 +200,7 @@ def main():
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   p.add_argument('--variant', default='swin_base_patch4_window7_224',
                  choices=VARIANTS)
-  p.add_argument('--sizes', type=positive_int, nargs='+', default=[256, 512])
+  p.add_argument('--sizes', type=image_size, nargs='+', default=[256, 512])
   p.add_argument('--batch', type=positive_int, default=2)
   p.add_argument('--iters', type=positive_int, default=3)
   p.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'])
@@ -207,7 +208,7 @@ def main():
   p.add_argument('--devices', type=positive_int, nargs='*', default=[],
                  help='also time our step on these simulated CPU device counts (e.g. 1 8)')
   p.add_argument('--device_batch', type=positive_int, default=8)
-  p.add_argument('--device_size', type=positive_int, default=128)
+  p.add_argument('--device_size', type=image_size, default=128)
   p.add_argument('--remat', nargs='+', default=['none'], choices=['none', 'dots', 'block'],
                  help='config.model.remat policies for our step (one row each)')
   p.add_argument('--compile_only', action='store_true',

@@ -36,8 +36,19 @@ def _installed(module: str) -> bool:
 
 
 def check_writable(path: str | os.PathLike, what: str) -> None:
-  """Fails early, naming `what` and the fix, when a gs:// path has no backend installed."""
+  """Fails early, naming `what` and the fix, when `path` cannot become a run directory: a local
+  path that is (or lies under) a file or an unwritable directory, a gs:// path with no backend."""
   if not is_remote(path):
+    target = os.path.abspath(path)
+    existing = target
+    while not os.path.exists(existing):  # the deepest part of the path that exists
+      existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+      raise ValueError(f'{what}={os.fspath(path)!r}: {existing} is a file, not a directory '
+                       f'(left as it is); choose another {what}')
+    if not os.access(existing, os.W_OK | os.X_OK):
+      raise ValueError(f'{what}={os.fspath(path)!r}: directory {existing} is not writable by '
+                       f'this user; choose another {what} or fix its permissions')
     return
   missing = []
   if not (_installed('gcsfs') or _installed('tensorflow')):

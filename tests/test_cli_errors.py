@@ -174,6 +174,17 @@ def test_train_config_errors(tmp_path, args, words):
   assert not (tmp_path / 'w').exists()
 
 
+def test_train_workdir_that_is_a_file_is_refused_and_kept(tmp_path):
+  target = tmp_path / 'notes.txt'
+  target.write_text('user data')
+  for workdir in (target, target / 'run'):
+    proc = _subprocess('segchange_jax.train', '--config', 'configs/demo.py', '--workdir',
+                       str(workdir))
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    _one_line_error(proc.stderr, f"--workdir='{workdir}'", f'{target} is a file')
+  assert target.read_text() == 'user data'
+
+
 def test_other_programs(tmp_path):
   bad_pth = tmp_path / 'notes.pth'
   bad_pth.write_text('not a checkpoint')

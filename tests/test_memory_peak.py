@@ -76,6 +76,18 @@ def test_bench_scripts_refuse_non_positive_counts_in_one_line(script, flag, valu
   assert out.stderr.strip().splitlines()[-1].endswith(f"argument {flag}: '{value}' is not a positive integer")
 
 
+@pytest.mark.parametrize('script,flag,value', [
+    ('train_step.py', '--sizes', '100'), ('train_step.py', '--device_size', '80'),
+    ('forward.py', '--size', '50'), ('bf16_curve.py', '--size', '65'),
+    ('memory_peak.py', '--size', '100'), ('parts.py', '--size', '80')])
+def test_bench_scripts_refuse_sizes_off_the_backbone_stride_in_one_line(script, flag, value):
+  out = subprocess.run([sys.executable, f'bench/{script}', flag, value], capture_output=True,
+                       text=True, cwd=REPO, timeout=120)
+  assert out.returncode == 2, out.stderr[-2000:]
+  assert out.stderr.strip().splitlines()[-1].endswith(
+      f"argument {flag}: '{value}' is not a multiple of 32 (the backbone stride)")
+
+
 def _run_bench(*argv, timeout=300):
   # One CPU device, as a user runs it (conftest simulates 8 for the in-process tests).
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}

@@ -140,7 +140,10 @@ def train_and_evaluate(config, workdir: str,
                        should_stop: Callable[[], bool] = lambda: False) -> dict[str, Any]:
   """Trains per `config`, writing everything into `workdir`; returns the final test metrics."""
   is_main = jax.process_index() == 0
-  paths.check_writable(workdir, '--workdir')
+  try:
+    paths.check_writable(workdir, '--workdir')
+  except ValueError as e:
+    raise TrainingError(str(e)) from e
   workdir = paths.resolve(workdir)   # local or gs://
   if is_main:
     workdir.mkdir(parents=True, exist_ok=True)

@@ -38,10 +38,10 @@ def test_disabled_writer_writes_nothing(tmp_path):
   assert writer.drop_after(0) == 0 and not (tmp_path / 'w').exists()
 
 
-def test_gcs_paths_stay_urls_and_fail_early_without_a_backend(monkeypatch):
+def test_gcs_paths_stay_urls_and_fail_early_without_a_backend(monkeypatch, tmp_path):
   assert str(paths.resolve('gs://bucket/runs/x') / 'metrics.csv') == 'gs://bucket/runs/x/metrics.csv'
   assert paths.is_remote('gs://b/x') and not paths.is_remote('/shared/x')
-  paths.check_writable('/shared/runs/x', '--workdir')   # local: nothing to check
+  paths.check_writable(tmp_path / 'runs' / 'x', '--workdir')   # local, not there yet: created later
   monkeypatch.setattr(paths, '_installed', lambda module: False)
   with pytest.raises(ValueError, match=r"--workdir='gs://b/x'.*segchange_jax\[gcs\]"):
     paths.check_writable('gs://b/x', '--workdir')
