@@ -32,10 +32,9 @@ def positive_int(text: str) -> int:
 
 def image_size(text: str) -> int:
   """argparse type: an image side in pixels, a positive multiple of 32 (the backbone stride)."""
-  value = positive_int(text)
-  if value % 32:
-    raise argparse.ArgumentTypeError(f'{text!r} is not a multiple of 32 (the backbone stride)')
-  return value
+  from segchange_jax import config_lib  # pylint: disable=g-import-not-at-top
+  return config_lib.check_stride(positive_int(text), repr(text), argparse.ArgumentTypeError,
+                                 '{name} is not a multiple of {stride} (the backbone stride)')
 
 
 def timed(step, iters: int) -> list[float]:

@@ -28,6 +28,7 @@ def run_ours(variant: str, batch: int, size: int, iters: int, dtype: str) -> dic
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
+
   from segchange_jax.models import segchange  # pylint: disable=g-import-not-at-top
   config = _config(variant)
   config.model.dtype = dtype
@@ -57,6 +58,7 @@ def run_ours(variant: str, batch: int, size: int, iters: int, dtype: str) -> dic
 
 def run_torch(variant: str, batch: int, size: int, iters: int, dtype: str) -> dict:
   import torch  # pylint: disable=g-import-not-at-top
+
   from tests.torch_ref import segchange as ref  # pylint: disable=g-import-not-at-top
   config = _config(variant)
   cuda = torch.cuda.is_available()

@@ -4,7 +4,8 @@ r"""Scene inference throughput and peak memory: our streaming engine vs an upstr
 
 For each scene size a synthetic GeoTIFF pair (EPSG:32618, tiled, deflate) is generated in
 strips, then each method runs in a fresh subprocess so its peak RSS (ru_maxrss) is its own:
-- engine: segchange_jax.infer.run_inference (windowed reads, batches, strip accumulators).
+- engine: segchange_jax.inference.pipeline.run_inference (windowed reads, batches, strip
+  accumulators).
 - upstream-style: whole rasters read into RAM, one window at a time, full-size sum/count
   arrays, output written at the end (engines/inference.py's structure, float sums instead of
   its uint8 overflow, rasterio instead of cv2 for the output).
@@ -29,15 +30,16 @@ from absl import flags
 import numpy as np
 from scipy import ndimage
 
+from segchange_jax import default_config
 from segchange_jax.inference import pipeline as infer_lib
 
+_INFER = default_config.get_config().infer
 _SIZES = flags.DEFINE_list('sizes', ['2048', '8192'], 'Square scene sizes (px).')
-# --window, --overlap, --batch and --checkpoint are segchange_jax.infer's flags.
-_WINDOW = infer_lib._WINDOW  # pylint: disable=protected-access
-_OVERLAP = infer_lib._OVERLAP  # pylint: disable=protected-access
-_BATCH = infer_lib._BATCH  # pylint: disable=protected-access
-_CHECKPOINT = infer_lib._CKPT  # pylint: disable=protected-access
-_ONNX = infer_lib._ONNX  # pylint: disable=protected-access
+_WINDOW = flags.DEFINE_integer('window', _INFER.window, 'Window side (px), as infer --window.')
+_OVERLAP = flags.DEFINE_integer('overlap', _INFER.overlap, 'Window overlap (px).')
+_BATCH = flags.DEFINE_integer('batch', _INFER.batch_size, 'Windows per model call.')
+_CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'Also time this trained model.')
+_ONNX = flags.DEFINE_string('onnx', None, 'Also time this model.onnx (export --format onnx).')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Where scenes are written (default: a temp dir).')
 _CHILD = flags.DEFINE_string('child', None, 'Internal: method,size,a,b,out to run in this process.')
 
@@ -69,6 +71,7 @@ def make_scene(path: str, size: int, changed: bool) -> None:
 def upstream_style(a_path: str, b_path: str, out: str, window: int, overlap: int, predict) -> None:
   """Whole rasters in RAM, one window per call, full-size accumulators, write at the end."""
   import rasterio  # pylint: disable=g-import-not-at-top
+
   from segchange_jax.inference import sliding_window  # pylint: disable=g-import-not-at-top
   with rasterio.open(a_path) as src:
     a = src.read().transpose(1, 2, 0)
@@ -153,7 +156,8 @@ def main(argv: list[str]) -> None:
       r = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, check=True)
       rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
       print(f"{rows[-1]['method']:>17} {size:>6}^2: {rows[-1]['mpix_per_s']:7.2f} MP/s  "
-            f"peak RSS {rows[-1]['peak_rss_mb']:8.1f} MB  ({rows[-1]['seconds']:.1f} s)", flush=True)
+            f"peak RSS {rows[-1]['peak_rss_mb']:8.1f} MB  ({rows[-1]['seconds']:.1f} s)",
+            flush=True)
   if not _CHECKPOINT.value:
     print('model: not timed (pass --checkpoint CKPT to time a trained model in both loops)')
 

@@ -17,8 +17,8 @@ from absl import flags
 
 from configs import base
 from segchange_jax.data import convert
-from segchange_jax.data import synthetic
 from segchange_jax.data import input_pipeline
+from segchange_jax.data import synthetic
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list('workers', ['0', '1', '2'], 'config.data.num_workers values to time '

@@ -49,8 +49,8 @@ def peak_breakdown(dump_dir: str, top: int) -> list[str]:
 def main():
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-  import train_step  # pylint: disable=g-import-not-at-top
   from _common import positive_int  # pylint: disable=g-import-not-at-top
+  import train_step  # pylint: disable=g-import-not-at-top
   train_step.add_step_args(p, size=512, remat='none')
   p.add_argument('--top', type=positive_int, default=25)
   p.add_argument('--dump_dir', default='', help='default: a new temporary directory')

@@ -49,6 +49,7 @@ def part_functions(variant: str, batch: int, size: int, parts) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import ml_collections  # pylint: disable=g-import-not-at-top
+
   from segchange_jax.models import backbones  # pylint: disable=g-import-not-at-top
   from segchange_jax.models import head as head_lib  # pylint: disable=g-import-not-at-top
   from segchange_jax.models import layers  # pylint: disable=g-import-not-at-top

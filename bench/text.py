@@ -43,6 +43,7 @@ def main() -> None:
   import jax  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top  # reference side only
   import transformers  # pylint: disable=g-import-not-at-top
+
   from segchange_jax.text import encoder as encoder_lib  # pylint: disable=g-import-not-at-top
 
   prompts = _prompts(args.batch)
@@ -66,7 +67,8 @@ def main() -> None:
         f'{torch.get_num_threads()}; model {enc.identity}; batch {args.batch}; max abs diff '
         f'{err:.1e}')
   print(f'ours (JAX jit):      {args.batch / t_ours:8.1f} prompts/s ({t_ours * 1e3:.1f} ms/batch)')
-  print(f'transformers torch:  {args.batch / t_theirs:8.1f} prompts/s ({t_theirs * 1e3:.1f} ms/batch)')
+  print(f'transformers torch:  {args.batch / t_theirs:8.1f} prompts/s '
+        f'({t_theirs * 1e3:.1f} ms/batch)')
   print(f'ratio ours/torch: {t_theirs / t_ours:.2f}x')
 
 

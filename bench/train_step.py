@@ -11,8 +11,8 @@ r"""Train-step time: our jitted step vs the PyTorch reference (same model, losse
 One optimizer step = forward of A and B through the siamese model, the four losses (train/losses.py)
 (BCE + Dice + focal + BCL, config.loss weights), backward, gradient-norm clipping when
 config.train.grad_clip_norm > 0, and AdamW with the backbone / head learning rates. Ours is
-segchange_jax.train.train_step.make_train_step (jit, donated state, mesh shardings); the reference is
-tests/torch_ref (timm / torchvision backbones) with torch.optim.AdamW and
+segchange_jax.train.train_step.make_train_step (jit, donated state, mesh shardings); the
+reference is tests/torch_ref (timm / torchvision backbones) with torch.optim.AdamW and
 tests/torch_ref/losses.py. Random weights and inputs: timing does not depend on them.
 
 Every measurement runs in its own process (the simulated CPU device count must be set before
@@ -79,10 +79,11 @@ def build_ours(variant: str, batch: int, size: int, dtype: str, layout: str = 'd
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
+
+  from segchange_jax.models import segchange  # pylint: disable=g-import-not-at-top
+  from segchange_jax.train import param_groups  # pylint: disable=g-import-not-at-top
   from segchange_jax.train import sharding  # pylint: disable=g-import-not-at-top
   from segchange_jax.train import train_step  # pylint: disable=g-import-not-at-top
-  from segchange_jax.train import param_groups  # pylint: disable=g-import-not-at-top
-  from segchange_jax.models import segchange  # pylint: disable=g-import-not-at-top
   n = jax.device_count()
   config = _config(variant, dtype, *((1, n) if layout == 'fsdp' else (n, 1)))
   if remat is not None:
@@ -142,6 +143,7 @@ def run_ours(variant: str, batch: int, size: int, iters: int, dtype: str, layout
 
 def run_torch(variant: str, batch: int, size: int, iters: int, dtype: str) -> dict:
   import torch  # pylint: disable=g-import-not-at-top
+
   from tests.torch_ref import losses as ref_losses  # pylint: disable=g-import-not-at-top
   from tests.torch_ref import segchange as ref  # pylint: disable=g-import-not-at-top
   config = _config(variant, dtype)

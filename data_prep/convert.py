@@ -22,12 +22,15 @@ from absl import flags
 
 from segchange_jax import cli
 from segchange_jax.data import layouts
-from segchange_jax.data.convert import INFO_FILE, ConvertError, convert
+from segchange_jax.data.convert import INFO_FILE
+from segchange_jax.data.convert import ConvertError
+from segchange_jax.data.convert import convert
 
 
 def define_flags() -> None:
-  flags.DEFINE_enum('layout', None, list(layouts.LAYOUTS), 'Raw layout (see segchange_jax.data.layouts).',
-                    required=True)
+  flags.DEFINE_enum('layout', None, list(layouts.layout_names()),
+                    'Raw layout (segchange_jax.data.layouts.REGISTRY), one of:\n'
+                    + layouts.help_text(), required=True)
   flags.DEFINE_string('root', None, 'Raw dataset root.', required=True)
   flags.DEFINE_string('out', None, 'Output folder for shards and dataset_info.json.',
                       required=True)

@@ -5,12 +5,14 @@
                                             splits=('train', 'val', 'test')),
         data_dir='/data/tfds', file_format='array_record')
     builder.download_and_prepare()
-    source = tfds.data_source('seg_change_cd/levir', data_dir='/data/tfds')  # or builder.as_data_source()
+    source = tfds.data_source('seg_change_cd/levir', data_dir='/data/tfds')
+    # or builder.as_data_source()
 
-Features match `segchange_jax.data.records`: image_a / image_b (PNG, RGB), label (PNG, 1 channel),
-file_name, prompt, so `segchange_jax.data.records.decode` reads these shards as well. Pairs are read,
-checked and tiled by `data_prep.convert.convert_pair`; bad pairs fail the build (strict) or are
-skipped with a warning naming them (strict=False).
+Features match `segchange_jax.data.records`: image_a / image_b (PNG, RGB), label (PNG, 1
+channel), file_name, prompt, so `segchange_jax.data.records.decode` reads these shards as well.
+Pairs are listed by `segchange_jax.data.layouts.list_pairs` and read, checked and tiled by
+`segchange_jax.data.convert.convert_pair`; bad pairs fail the build (strict) or are skipped
+with a warning naming them (strict=False).
 """
 
 from __future__ import annotations

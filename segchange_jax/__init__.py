@@ -1,6 +1,6 @@
 """segchange_jax: JAX/Flax SegChange-R1, text-prompted remote-sensing change detection.
 
-Layers, each importing only the ones above it (docs/architecture.md has the data flow):
+Layers (docs/architecture.md: what each may import, and the data flow):
 - base: `config_lib` + `default_config` (every config field, validated once), `cli` (one
   error path for every command), `atomic` (outputs that never destroy a file), `paths`
   (local / gs:// run dirs), `jax_compat` (the only private-JAX access).
@@ -9,6 +9,7 @@ Layers, each importing only the ones above it (docs/architecture.md has the data
 - `interop/`: PyTorch files and rules, Hugging Face Hub, pretrained backbones.
 - `train/`: train step, loop, losses, metrics, optimizer, sharding, checkpoints.
 - `inference/`: predictor (`ChangeDetector`), sliding window, raster I/O, vectors, export.
+- `app/`: the browser app (`python -m segchange_jax.app`).
 - commands (thin `main`s over the above): `python -m segchange_jax.train` (train/__main__.py),
   `.evaluate`, `.infer`, `.export`, `.convert_torch`, `.embed_prompts`.
 """

@@ -1,10 +1,9 @@
 """Host memory allocator check: XLA:CPU and PyTorch's CPU steps allocate their multi-GB working
 set afresh on every step. glibc's malloc serves such blocks with mmap and returns them on free,
-so each step page-faults and zeroes the whole working set again (Swin-B, 256 px, batch 2: 2 M
-page faults and ~9 s of kernel time per 16 s step on 2 cores). tcmalloc or jemalloc with
-decay off keep the pages: measured 1.5x (ours) and 2.2x (torch) faster steps, see README
-"Performance". Preloading is the user's choice (an environment variable set before Python
-starts); this module only detects it and says how.
+so each step page-faults and zeroes the whole working set again. tcmalloc or jemalloc with
+decay off keep the pages, and both frameworks' steps run faster (bench/README.md, "Host
+allocator (CPU)", has the figures). Preloading is the user's choice (an environment variable
+set before Python starts); this module only detects it and says how.
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 Every command that writes files (infer, evaluate, export, embed_prompts, convert_torch) goes
 through this module:
 - `check_output(path, inputs, overwrite)` refuses an output that resolves to any input
-  (symlinks and hard links included) and an existing output unless `overwrite`.
+  (symlinks and hard links included) and an existing output unless `overwrite`;
+  `check_output_dir` the same for an output folder, where an existing empty folder is fine.
 - `atomic_path(path)` / `atomic_open(path)` / `atomic_dir(path)` hand out a temporary name in the
   output's own directory (same filesystem, so the final `os.replace` is atomic) and rename it
   only when the block finished without an exception; on failure the temporary is removed. A
@@ -49,6 +50,13 @@ def check_output(path: str, inputs: Iterable[str] = (), overwrite: bool = False,
     raise OutputError(f'{flag} {path} already exists; pass --overwrite to replace it or choose '
                       f'another {flag}')
   return path
+
+
+def check_output_dir(path: str, inputs: Iterable[str] = (), overwrite: bool = False,
+                     flag: str = '--out') -> str:
+  """`check_output` for an output folder: an existing empty folder is not refused."""
+  empty = os.path.isdir(path) and not os.listdir(path)
+  return check_output(path, inputs, overwrite or empty, flag)
 
 
 def check_distinct(paths: dict[str, str]) -> None:

@@ -21,7 +21,6 @@ DIFF_ATTENTIONS = ('SE', 'CBAM')
 REMAT_POLICIES = ('none', 'dots', 'block')
 DTYPES = ('float32', 'bfloat16')
 SCHEDULERS = ('step', 'plateau', 'cosine')
-LAYOUTS = ('segchange-default', 'segchange-custom', 'opencd', 'sysu', 'changefine-json')
 HGNET_VARIANTS = ('B5',)
 
 
@@ -31,8 +30,31 @@ def backbone_names() -> tuple[str, ...]:
   return tuple(backbones.REGISTRY)
 
 
+def layout_names() -> tuple[str, ...]:
+  """The `data.layout` choices: the layout registry (`segchange_jax.data.layouts`) is their list."""
+  from segchange_jax.data import layouts  # pylint: disable=g-import-not-at-top
+  return layouts.layout_names()
+
+
 class ConfigError(ValueError):
   """A config field has a value we cannot use; the message names the field and the fix."""
+
+
+# The backbones downsample by 32 in all: every image side the model sees is a multiple of it.
+STRIDE = 32
+
+
+def check_stride(value: int, name: str, error: type[Exception] = ConfigError,
+                 message: str = '{name}={value} must be a positive multiple of {stride} '
+                 '(the model stride)') -> int:
+  """`value` if it is a positive multiple of STRIDE, else raises `error(message)`.
+
+  `message` is formatted with `name`, `value` and `stride`; every size check of the package
+  (config fields, --size, --window, image sides, the bench scripts' sizes) goes through here.
+  """
+  if value <= 0 or value % STRIDE:
+    raise error(message.format(name=name, value=value, stride=STRIDE))
+  return value
 
 
 def _config_root(path: str) -> str:
@@ -244,7 +266,7 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
     raise ConfigError(f'config.name={config.name!r} must be a non-empty string (it names the '
                       'run in logs and TensorBoard)')
   _choice(config, 'model.hgnetv2.variant', HGNET_VARIANTS)
-  _choice(config, 'data.layout', LAYOUTS)
+  _choice(config, 'data.layout', layout_names())
   _choice(config, 'train.scheduler', SCHEDULERS)
   _check_pretrained(config)
   _range(config, 'model.num_classes', 1, integer=True)
@@ -277,10 +299,9 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
         raise ConfigError(f'config.model.bev_heads={m.bev_heads} must divide out_dims {m.out_dims}')
   _range(config, 'model.dropout', 0.0, 1.0)
   for dotted in ('model.img_size', 'data.image_size'):
-    _range(config, dotted, 32, integer=True)
-    if _get(config, dotted) % 32:
-      raise ConfigError(f'config.{dotted}={_get(config, dotted)} must be a multiple of 32 '
-                        '(the backbone downsamples by 32)')
+    _range(config, dotted, STRIDE, integer=True)
+    check_stride(_get(config, dotted), f'config.{dotted}', message='{name}={value} must be a '
+                 'multiple of {stride} (the backbone downsamples by {stride})')
   s = m.swin
   if len(s.depths) != 4 or len(s.num_heads) != 4:
     raise ConfigError('config.model.swin.depths and num_heads must have 4 entries each')
@@ -304,7 +325,8 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
     raise ConfigError(f'config.data.augment.gamma_range={a.gamma_range!r} must be (lo, hi) '
                       'with 0 < lo <= hi')
   if len(a.erase_ratio) != 2 or not 0 <= a.erase_ratio[0] <= a.erase_ratio[1] <= 1:
-    raise ConfigError(f'config.data.augment.erase_ratio={a.erase_ratio!r} must be (lo, hi) in [0, 1]')
+    raise ConfigError(f'config.data.augment.erase_ratio={a.erase_ratio!r} must be (lo, hi) '
+                      'in [0, 1]')
   _range(config, 'data.num_workers', 0, integer=True)
   _range(config, 'data.prefetch_buffer', 1, integer=True)
   _range(config, 'data.synthetic.n', 0, integer=True)
@@ -343,12 +365,13 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
   _range(config, 'eval.num_images', 0, integer=True)
 
   i = config.infer
-  _range(config, 'infer.window', 32, integer=True)
-  if i.window % 32:
-    raise ConfigError(f'config.infer.window={i.window} must be a multiple of 32')
+  _range(config, 'infer.window', STRIDE, integer=True)
+  check_stride(i.window, 'config.infer.window', message='{name}={value} must be a multiple of '
+               '{stride}')
   _range(config, 'infer.overlap', 0, integer=True)
   if i.overlap >= i.window:
-    raise ConfigError(f'config.infer.overlap={i.overlap} must be smaller than infer.window={i.window}')
+    raise ConfigError(f'config.infer.overlap={i.overlap} must be smaller than '
+                      f'infer.window={i.window}')
   _range(config, 'infer.batch_size', 1, integer=True)
   _range(config, 'infer.min_area', 0, integer=True)
   _range(config, 'infer.max_perimeter_ratio', 0.0)

@@ -19,6 +19,7 @@ from segchange_jax import atomic
 from segchange_jax import cli
 from segchange_jax import config_lib
 
+
 def define_flags() -> None:
   """Command-line flags (defined only when run as a program)."""
   config_lib.define_config_flag(

@@ -3,8 +3,9 @@
 The upstream SegChange-R1 configs/config.yaml, grouped. It lives in the library (not in the
 repository's `configs/`) because loading a checkpoint rebuilds its config from these fields.
 Experiment files (`configs/base.py` re-exports this `get_config`; `configs/dvcd.py`,
-`configs/levir.py`, ... call it and edit a few fields) stay in the repository. The returned ConfigDict is locked: assigning a
-field that does not exist (a typo in a variant or on the command line) raises at once.
+`configs/levir.py`, ... call it and edit a few fields) stay in the repository. The returned
+ConfigDict is locked: assigning a field that does not exist (a typo in a variant or on the
+command line) raises at once.
 Values are checked by `segchange_jax.config_lib.validate_config`.
 
 Upstream field -> ours (for users coming from configs/config.yaml):
@@ -14,6 +15,8 @@ Upstream field -> ours (for users coming from configs/config.yaml):
   model.desc_embs -> text.embeddings;  training.* -> train.*;  test.* -> eval.*;
   infer.* -> infer.*;  output_dir -> --workdir;  resume -> automatic from --workdir.
 """
+
+from __future__ import annotations
 
 import ml_collections
 
@@ -73,7 +76,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.use_token_connector = False
   c.model.token_dim = 128
   # Backbone start: '' random, 'imagenet' (upstream's weights, fetched from the Hugging Face
-  # Hub), a Hub id or a local timm / torchvision / PPHGNetV2 file (segchange_jax/pretrained.py).
+  # Hub), a Hub id or a local timm / torchvision / PPHGNetV2 file
+  # (segchange_jax/interop/pretrained.py).
   # The upstream variants (dvcd, levir, whu, sysu_fewshot) set 'imagenet'.
   c.model.pretrained = ''
   c.model.img_size = 512
@@ -89,8 +93,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.dtype = 'float32'       # compute dtype; params stay float32
   # Activation memory vs recompute (segchange_jax/models/remat.py): 'none' keeps every
   # activation; 'dots' keeps only matmul outputs inside each block; 'block' keeps only block
-  # inputs (least memory, one extra forward of each block in the backward pass). Swin-B 512 px
-  # batch 2 on CPU: 'block' halves the peak (21.0 -> 10.4 GiB) for 19% more step time.
+  # inputs (least memory, one extra forward of each block in the backward pass), the choice
+  # when memory rather than step time limits the batch or image size.
   c.model.remat = 'none'
   # Backbone shapes; upstream values by default, shrunk in configs/demo.py.
   c.model.swin = ml_collections.ConfigDict()
@@ -112,7 +116,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.text.dim = 768                     # 768 BERT-base, 2048 Phi-1.5, 384 MiniLM, 576 SmolLM2
   c.text.max_tokens = 8
   c.text.embeddings = ''               # precomputed .npz from segchange_jax.embed_prompts
-  c.text.cache_dir = ''                # on-disk prompt-embedding cache ('' = ~/.cache/segchange_jax)
+  # On-disk prompt-embedding cache ('' = ~/.cache/segchange_jax).
+  c.text.cache_dir = ''
   c.text.dtype = 'float32'
   c.text.freeze = True                 # upstream freeze_text_encoder; must stay True (validated)
 

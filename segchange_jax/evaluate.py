@@ -4,11 +4,12 @@ r"""Scores a checkpoint on a dataset split: metrics JSON and worst/best comparis
       [--split test] [--out DIR] [--num_images N] [--rank_by iou|f1]
 
 --checkpoint: a training checkpoints directory, a `convert_torch` output directory, or an
-upstream `.pth` (see segchange_jax.inference.predictor.load_variables). --config describes the data, the text
-encoder and the model; without it the config saved with the checkpoint is used (not possible
-for a `.pth`). Metrics come from the training loop's own code (train_step.eval_outputs,
-metrics.confusion_matrix / compute_metrics via loop.evaluate_split), so they equal what
-training reports for the same checkpoint and split.
+upstream `.pth` (see segchange_jax.interop.checkpoints.load_variables). --config describes the
+data, the text encoder and the model; without it the config saved with the checkpoint is used
+(not possible for a `.pth`). Metrics come from the training loop's own code
+(train/train_step.eval_outputs, train/metrics.confusion_matrix / compute_metrics via
+train/loop.evaluate_split, driven by train/evaluation.evaluate), so they equal what training
+reports for the same checkpoint and split.
 
 Writes into --out (default `eval_<split>`):
 - `metrics_<split>.json`: precision, recall, f1, iou, oa (change class for binary models, macro

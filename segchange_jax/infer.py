@@ -3,9 +3,9 @@ r"""Change detection on a pair of large rasters (or plain images) with a trained
   python -m segchange_jax.infer --checkpoint CKPT --a A.tif --b B.tif \
       --prompt "Buildings with changes" --out change.tif [--polygons change.geojson]
 
---checkpoint: anything segchange_jax.inference.predictor.load_variables reads (training checkpoints, a
-convert_torch output, an export bundle; an upstream .pth with --config). Only the model
-variables are read (not the optimizer state). --window, --overlap, --batch, --threshold and
+--checkpoint: anything segchange_jax.interop.checkpoints.load_variables reads (training
+checkpoints, a convert_torch output, an export bundle; an upstream .pth with --config). Only the
+model variables are read (not the optimizer state). --window, --overlap, --batch, --threshold and
 --prompt default to the checkpoint config's infer.window / infer.overlap / infer.batch_size /
 infer.threshold and data.prompt. A window larger than the raster is clamped (with a warning).
 The prompt embedding comes from --embeddings (an .npz from segchange_jax.embed_prompts or an
@@ -14,7 +14,8 @@ settings (or --text_model).
 
 Outputs never replace an input (refused) nor an existing file (unless --overwrite); each is
 written under a temporary name beside it and renamed when the whole run succeeded
-(segchange_jax.atomic). The format follows the extension; other extensions are refused:
+(segchange_jax.atomic). The format follows the extension (the table of
+segchange_jax/inference/formats.py); other extensions are refused:
 - `--out X.tif`: Cloud-Optimized GeoTIFF (256 px tiles, overviews, deflate) with A's CRS and
   transform, tags CHECKPOINT, PROMPT, THRESHOLD, WINDOW, OVERLAP, SEGCHANGE_JAX_VERSION. Default
   a uint8 mask with a colour table: 0 no change, 1 change (class id for multi-class models),
@@ -27,8 +28,9 @@ written under a temporary name beside it and renamed when the whole run succeede
 - `--preview Q.png`: a small picture A | B | overlay (change red on a darkened B).
 With --probabilities, --postprocess only shapes the polygons (the raster keeps raw probabilities).
 Inputs: a raster file or three single-band files 'R.TIF,G.TIF,B.TIF' per date; band and 16-bit
-rules in segchange_jax/imagery.py, nodata and grid rules in segchange_jax/raster_io.py; A and B
-must share a pixel grid unless --align. Windowing and blending: segchange_jax/sliding_window.py.
+rules in segchange_jax/data/imagery.py, nodata and grid rules in
+segchange_jax/inference/raster_io.py; A and B must share a pixel grid unless --align. Windowing
+and blending: segchange_jax/inference/sliding_window.py.
 Example, Landsat-8 scenes of adjacent WRS rows (B stored as single-band files, 0 = fill):
 
   python -m segchange_jax.infer --checkpoint CKPT --a LC08_..._224078_..._RT.TIF --bands 3,2,1 \
@@ -43,16 +45,24 @@ from absl import flags
 
 from segchange_jax import cli
 from segchange_jax import config_lib
-from segchange_jax.inference.pipeline import check_settings, load_model, run_inference
+from segchange_jax import default_config
+from segchange_jax.inference import formats
+from segchange_jax.inference.pipeline import check_settings
+from segchange_jax.inference.pipeline import run_inference
 
 
 def define_flags() -> None:
-  """Command-line flags (defined only when run as a program, so the module imports cleanly)."""
+  """Command-line flags (defined only when run as a program, so the module imports cleanly).
+
+  The post-processing flags default to default_config's infer.*; --window, --overlap, --batch
+  and --threshold to the checkpoint config's (pipeline.run_inference), and --out, --polygons
+  list the formats of inference/formats.py.
+  """
+  d = default_config.get_config().infer
   config_lib.define_checkpoint_flags()
   flags.DEFINE_string('a', None, 'Date A: raster, "R,G,B" single-band files, or PNG/JPEG.')
   flags.DEFINE_string('b', None, 'Date B, same forms as --a.')
-  flags.DEFINE_string('out', None, 'Output mask: .tif (Cloud-Optimized GeoTIFF) or .png '
-                      '(only for inputs without georeferencing).')
+  flags.DEFINE_string('out', None, f'Output mask: {formats.describe(formats.RASTER)}.')
   flags.DEFINE_boolean('overwrite', False, 'Replace outputs that already exist.')
   flags.DEFINE_string('prompt', None, "Text prompt (default: the checkpoint config's "
                       'data.prompt).')
@@ -68,12 +78,14 @@ def define_flags() -> None:
                        'instead of a mask.')
   flags.DEFINE_string('probability_out', None, 'Also write float32 change '
                       'probabilities to this .tif (COG).')
-  flags.DEFINE_boolean('postprocess', False, 'Drop components failing the shape rules.')
-  flags.DEFINE_integer('min_area', 2500, 'Post-process: minimum component area (px).')
-  flags.DEFINE_float('max_perimeter_ratio', 10.0, 'Post-process: max perimeter/area.')
-  flags.DEFINE_float('min_convexity', 0.8, 'Post-process: min area/convex-hull area.')
-  flags.DEFINE_multi_string('polygons', None, 'Also write change polygons: .geojson '
-                            '(RFC 7946, WGS 84), .gpkg or .fgb (raster CRS); repeatable.')
+  flags.DEFINE_boolean('postprocess', d.postprocess, 'Drop components failing the shape rules.')
+  flags.DEFINE_integer('min_area', d.min_area, 'Post-process: minimum component area (px).')
+  flags.DEFINE_float('max_perimeter_ratio', d.max_perimeter_ratio,
+                     'Post-process: max perimeter/area.')
+  flags.DEFINE_float('min_convexity', d.min_convexity,
+                     'Post-process: min area/convex-hull area.')
+  flags.DEFINE_multi_string('polygons', None, 'Also write change polygons: '
+                            f'{formats.describe(formats.VECTOR)}; repeatable.')
   flags.DEFINE_string('preview', None, 'Also write a small PNG: A | B | change overlay.')
   flags.DEFINE_boolean('align', False, "Reproject B onto A's grid (bilinear WarpedVRT).")
   flags.DEFINE_list('bands', None, '1-based bands to use as R,G,B (e.g. 1,2,3).')
@@ -109,7 +121,7 @@ def main(argv: list[str]) -> None:
     factory = lambda: onnx_runtime.load_model(f.checkpoint, f.onnx, config, f.prompt,
                                               f.embeddings, f.text_model, f.window)
   else:
-    factory = lambda: load_model(f.checkpoint, config, f.prompt, f.embeddings, f.text_model)
+    factory = lambda: _load_jax_model(f.checkpoint, config, f.prompt, f.embeddings, f.text_model)
   stats = run_inference(
       f.a, f.b, f.out, None, window=f.window, overlap=f.overlap,
       batch=f.batch, threshold=f.threshold, probabilities=f.probabilities,
@@ -119,6 +131,12 @@ def main(argv: list[str]) -> None:
       align=f.align, bands=_bands(f.bands), nodata=f.nodata,
       progress=f.progress, gdal_cache_mb=f.gdal_cache_mb, predictor_factory=factory)
   print(f'wrote {f.out}: {stats.windows} windows in {stats.seconds:.1f} s')
+
+
+def _load_jax_model(*args):
+  # Lazy: jax, orbax and the model load only once the flags and outputs were checked.
+  from segchange_jax.inference import predictor  # pylint: disable=g-import-not-at-top
+  return predictor.load_model(*args)
 
 
 def _bands(values: list[str] | None) -> list[int] | None:

@@ -28,8 +28,9 @@ def linear_symbolic_dim(d) -> tuple[str, int, int] | None:
   one symbol, else None.
 
   Why private: jax.export's symbolic dimensions (`_DimExpr`) offer no public way to list their
-  symbols or evaluate them at a value; the ONNX converter (inference/onnx_export.py) needs both
-  to rebuild a batch-dependent shape from the input's runtime shape.
+  symbols or evaluate them at a value; the ONNX converter (inference/jaxpr_onnx.py, handed this
+  function by inference/onnx_export.py) needs both to rebuild a batch-dependent shape from the
+  input's runtime shape.
   """
   get_vars = getattr(d, '_get_vars', None)
   evaluate = getattr(d, '_evaluate', None)
@@ -52,13 +53,12 @@ def unroll_cpu_threefry() -> bool:
   Why private: JAX lowers `threefry2x32` on CPU as a rolled loop (5 x 4 rounds; smaller
   programs, faster compiles), which XLA:CPU runs as a while loop that writes both 32-bit words
   of every element to memory on each iteration. The train step's dropout masks are large (the
-  Transformer BEV's attention weights at 256 px: 268 M elements per layer), and drawing them
-  was over a third of the ResNet-50 variant's step. Unrolled, XLA fuses the 20 rounds into one
-  loop: a 67 M-element mask 1.04 -> 0.07 s on 2 CPU cores. The rule is JAX's own non-CPU
-  lowering; re-registering it changes how the bits are computed, not which bits. It is
-  process-wide and makes big programs slower to compile (each draw site is ~100 ops), so the
-  train step applies it without remat only. Returns False (and changes nothing) when this JAX
-  no longer has the pieces.
+  Transformer BEV's attention weights at 256 px: 268 M elements per layer), so that memory
+  traffic dominated drawing them. Unrolled, XLA fuses the 20 rounds into one loop that keeps
+  the words in registers. The rule is JAX's own non-CPU lowering; re-registering it changes
+  how the bits are computed, not which bits. It is process-wide and makes big programs slower
+  to compile (each draw site is ~100 ops), so the train step applies it without remat only.
+  Returns False (and changes nothing) when this JAX no longer has the pieces.
   """
   try:
     from jax._src.interpreters import mlir  # noqa: TID251 pylint: disable=g-import-not-at-top

@@ -16,8 +16,8 @@ os.environ.setdefault('TRANSFORMERS_OFFLINE', '1')
 
 import pathlib  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position
+import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 # Grain worker processes read absl flags; pytest never parses them.
 if not flags.FLAGS.is_parsed():
@@ -45,6 +45,7 @@ def dataset(tmp_path_factory) -> pathlib.Path:
   """16 synthetic 64 px scenes converted to shards (12 train / 2 val / 2 test), plus a
   prompt-embedding npz of width 16 (no text model), shared by the trainer and multihost tests."""
   import numpy as np  # pylint: disable=g-import-not-at-top
+
   from segchange_jax.data import convert  # pylint: disable=g-import-not-at-top
   from segchange_jax.data import synthetic  # pylint: disable=g-import-not-at-top
   root = tmp_path_factory.mktemp('trainer_data')

@@ -17,7 +17,8 @@ def _maps(tmp_path, *libs):
 
 def test_loaded_reads_the_mapped_libraries(tmp_path):
   assert allocator.loaded(_maps(tmp_path, 'libc.so.6')) == 'system'
-  assert allocator.loaded(_maps(tmp_path, 'libc.so.6', 'libtcmalloc_minimal.so.4.5.10')) == 'tcmalloc'
+  tcmalloc = _maps(tmp_path, 'libc.so.6', 'libtcmalloc_minimal.so.4.5.10')
+  assert allocator.loaded(tcmalloc) == 'tcmalloc'
   assert allocator.loaded(_maps(tmp_path, 'libjemalloc.so.2')) == 'jemalloc'
   assert allocator.loaded(str(tmp_path / 'missing')) == 'system'
 

@@ -12,19 +12,19 @@ import shutil
 import subprocess
 import sys
 
-import numpy as np
-import pytest
 from absl import flags
 from absl.testing import flagsaver
+import numpy as np
+import pytest
 
 from segchange_jax import atomic
 from segchange_jax import cli
 from segchange_jax import infer
 from segchange_jax.inference import pipeline
 from segchange_jax.inference import raster_io
+from segchange_jax.interop import checkpoints
 from tests.eval import tiny
 from tests.infer import scene_helpers as h
-from segchange_jax.interop import checkpoints
 
 if 'checkpoint' not in flags.FLAGS:  # the command defines its flags only when run as one
   infer.define_flags()

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from segchange_jax import config_lib
+from segchange_jax.interop import checkpoints
 from tests.torch_ref import segchange as ref
 from tests.torch_ref import util
-from segchange_jax.interop import checkpoints
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 

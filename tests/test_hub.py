@@ -13,7 +13,8 @@ import sys
 
 import numpy as np
 import pytest
-from safetensors.numpy import load_file, save
+from safetensors.numpy import load_file
+from safetensors.numpy import save
 
 from tests.hub_server import FakeHub
 

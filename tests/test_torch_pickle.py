@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from segchange_jax.interop import torch_pickle
-from segchange_jax.interop import torch_rules as tc
+from segchange_jax.models import torch_rules as tc
 
 
 def _state_dict():

@@ -5,5 +5,6 @@
 
 `ui.py` holds the page (gradio Blocks) and its steps as plain functions (`detect`: the windowed
 engine of `infer` over the pair; `render`: threshold, overlay, area, downloads); `samples.py`
-the bundled synthetic pairs; `__main__.py` the command. Everything runs offline.
+the bundled synthetic pairs; `__main__.py` the command. Everything runs offline. What it may
+import: docs/architecture.md, "Import rules".
 """

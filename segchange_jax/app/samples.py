@@ -68,8 +68,8 @@ def geo_pair() -> tuple[np.ndarray, np.ndarray]:
 
 def write_all(out: pathlib.Path = DATA_DIR) -> None:
   """Writes every sample's files into `out`."""
-  import rasterio  # pylint: disable=g-import-not-at-top
   from PIL import Image  # pylint: disable=g-import-not-at-top
+  import rasterio  # pylint: disable=g-import-not-at-top
   from rasterio.transform import from_origin  # pylint: disable=g-import-not-at-top
   os.makedirs(out, exist_ok=True)
   for stem, index in PNG_SCENES.items():

@@ -14,18 +14,19 @@ import dataclasses
 import os
 import shutil
 import tempfile
-import warnings
 from typing import Any, Callable
+import warnings
 
 import numpy as np
 
 from segchange_jax import atomic
 from segchange_jax import cli
-from segchange_jax.inference import pipeline
-from segchange_jax.inference import sliding_window
-from segchange_jax.inference import raster_io
-from segchange_jax.inference import vectors
 from segchange_jax.app import samples
+from segchange_jax.inference import formats
+from segchange_jax.inference import pipeline
+from segchange_jax.inference import raster_io
+from segchange_jax.inference import sliding_window
+from segchange_jax.inference import vectors
 
 DISPLAY_SIDE = 768   # longest side of the images shown on the page (px)
 BLOCK_ROWS = 512     # rows per pass over the probability file
@@ -244,7 +245,8 @@ def render(run: Run, threshold: float, out_dir: str) -> Rendered:
     with warnings.catch_warnings():
       # Plain images have no CRS: their GeoPackage is in pixel coordinates on purpose.
       warnings.filterwarnings('ignore', message=".*'crs' was not provided")
-      vectors.write(path, vectors.iter_features(mask, transform, raster_io.MASK_NODATA), crs)
+      formats.lookup(path, formats.VECTOR, 'polygons').write(
+          path, vectors.iter_features(mask, transform, raster_io.MASK_NODATA), crs)
     files.append(path)
   changed = int(np.count_nonzero((mask > 0) & (mask != raster_io.MASK_NODATA)))
   valid_px = int(np.count_nonzero(mask != raster_io.MASK_NODATA))
@@ -265,6 +267,12 @@ def user_message(exc: BaseException, paths: tuple[str | None, ...] = ()) -> str:
 
 
 # ---------------------------------------------------------------------------------- page
+
+
+def shown_path(path: str) -> str:
+  """`path` as the user would type it: relative to the working directory when inside it."""
+  rel = os.path.relpath(path)
+  return path if rel == os.pardir or rel.startswith(os.pardir + os.sep) else rel
 
 
 def build(detector, workroot: str) -> Any:
@@ -304,9 +312,9 @@ def build(detector, workroot: str) -> Any:
   names = [s.name for s in samples.SAMPLES]
   with gr.Blocks(title='segchange_jax: change detection') as page:
     gr.Markdown('## segchange_jax: text-prompted change detection\n'
-                f'Checkpoint `{detector.checkpoint}`. Pick a sample pair or upload two dates '
-                '(PNG, JPEG or GeoTIFF on one pixel grid), type what should count as change, '
-                'then **Detect change**. Large rasters run window by window.')
+                f'Checkpoint `{shown_path(detector.checkpoint)}`. Pick a sample pair or upload '
+                'two dates (PNG, JPEG or GeoTIFF on one pixel grid), type what should count as '
+                'change, then **Detect change**. Large rasters run window by window.')
     run_state = gr.State(None)
     with gr.Row():
       with gr.Column(scale=1):

@@ -6,6 +6,5 @@ command line); `synthetic` makes the demo scenes; `shards` makes sure the shards
 exist and fit the model before training; `records` is the record format both sides share;
 `imagery` holds band / bit-depth rules and the ImageNet normalisation used everywhere;
 `augment` and `input_pipeline` are the paired augmentations and the sharded, checkpointable
-Grain iterators. May import: the base modules (config_lib, atomic, paths, cli) and `text/`
-(prompt tables); never train/ or inference/.
+Grain iterators. What this layer may import: docs/architecture.md, "Import rules".
 """

@@ -191,8 +191,8 @@ def convert(layout: str, root: str, out: str, splits: Sequence[str] = ('train', 
   strict=None means strict for every split except 'train'. `list_file` selects names of the
   one split given (few-shot lists); it needs exactly one split.
   """
-  if layout not in layouts.LAYOUTS:
-    raise ConvertError(f'--layout {layout!r} is not one of {layouts.LAYOUTS}')
+  if layout not in layouts.REGISTRY:
+    raise ConvertError(f'--layout {layout!r} is not one of {layouts.layout_names()}')
   if not os.path.isdir(root):
     raise ConvertError(f'--root {root} is not a folder')
   if list_file and len(splits) != 1:

@@ -49,7 +49,8 @@ def select_bands(count: int, bands: Sequence[int] | None, source: str) -> list[i
   if count < 3:
     raise ImageryError(f'{source} has {count} band(s); the model needs 3 (RGB). Stack three '
                        'single-band files into one (e.g. gdalbuildvrt -separate) first.')
-  raise ImageryError(f'{source} has {count} bands; say which three are R, G, B with bands=(r, g, b)')
+  raise ImageryError(f'{source} has {count} bands; say which three are R, G, B with '
+                     'bands=(r, g, b)')
 
 
 def stretch_stats(array: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:

@@ -28,6 +28,7 @@ from typing import Callable, Iterable
 import grain.python as grain
 import numpy as np
 
+from segchange_jax import config_lib
 from segchange_jax.data import augment
 from segchange_jax.data import imagery
 from segchange_jax.data import records
@@ -85,9 +86,10 @@ def _check_sizes(s: dict, size: int, split: str, train: bool) -> None:
     if len(sizes) != 1:
       raise InputError(f'split {split!r} mixes record sizes {sizes}; evaluation batches whole '
                        'records: re-convert with --tile')
-    if sizes[0][0] % 32 or sizes[0][1] % 32:
-      raise InputError(f'split {split!r} records are {sizes[0]}, not a multiple of 32 (the '
-                       'model needs stride-32 maps); re-convert with --tile 512 (or 256)')
+    if any(side % config_lib.STRIDE for side in sizes[0]):
+      raise InputError(f'split {split!r} records are {sizes[0]}, not a multiple of '
+                       f'{config_lib.STRIDE} (the model stride); re-convert with --tile 512 '
+                       '(or 256)')
 
 
 def _prompt_index(prompt: str, prompt_to_index: dict[str, int], default: str) -> int:
@@ -101,7 +103,8 @@ def _prompt_index(prompt: str, prompt_to_index: dict[str, int], default: str) ->
 
 def _to_example(a, b, label, prompt, binary, prompt_to_index, default, mask=1.0) -> dict:
   label = (label > 0) if binary else label
-  return {'image_a': imagery.normalize(a), 'image_b': imagery.normalize(b), 'label': label.astype(np.int32),
+  return {'image_a': imagery.normalize(a), 'image_b': imagery.normalize(b),
+          'label': label.astype(np.int32),
           'prompt_index': np.int32(_prompt_index(prompt, prompt_to_index, default)),
           'mask': np.float32(mask)}
 

@@ -1,18 +1,12 @@
 """Readers of the raw change-detection layouts: each lists the pairs of one split.
 
-Layouts (`--layout` of data_prep.convert):
-  segchange-default  ROOT/{split}/{A,B,label}/<name> + ROOT/{split}/prompts.txt
-  segchange-custom   ROOT/{A,B,label}/<name> + ROOT/list/{split}.txt + ROOT/prompts.txt
-  opencd             ROOT/{split}/{A,B,label}/<name> (LEVIR-CD, WHU-CD in open-cd style).
-                     Flat root (ROOT/{A,B,label}, no split folders): ROOT/list/{split}.txt
-                     selects the split's names when it exists, otherwise the whole root is the
-                     one split named by --splits (more than one split is then an error).
-  sysu               ROOT/{split}/{time1,time2,label}/<name>
-  changefine-json    ROOT/*_{split}.json (COCO style, see `_changefine`); image paths absolute
-                     or relative to the JSON's folder; RLE masks stand in for a missing label.
-A reader never checks files: it returns the paths a pair should have and the converter reports
-each missing or bad one by name. A name present in B or label but not in A is listed too (its
-A path does not exist), so that it is reported rather than dropped.
+`REGISTRY` is the one list of layouts: `--layout` of data_prep.convert, its --help and the
+validation of `config.data.layout` all read it. A reader is registered with
+`@register_layout(name, description)` and called as `reader(root, split, num_splits)`; its
+docstring describes the folder structure. A reader never checks files: it returns the paths a
+pair should have and the converter reports each missing or bad one by name. A name present in B
+or label but not in A is listed too (its A path does not exist), so that it is reported rather
+than dropped.
 """
 
 from __future__ import annotations
@@ -22,10 +16,10 @@ import glob
 import json
 import os
 import re
+from typing import Callable
 
 import numpy as np
 
-LAYOUTS = ('segchange-default', 'segchange-custom', 'opencd', 'sysu', 'changefine-json')
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.tif', '.tiff', '.bmp')
 
 
@@ -43,6 +37,57 @@ class Pair:
   prompt: str = ''
   # changefine-json: (height, width, [(value, rle), ...]) used when `label` is missing.
   rle: tuple | None = None
+
+
+# reader(root, split, num_splits) -> the split's pairs; num_splits is how many splits the run
+# converts (a flat root that holds one split needs it).
+Reader = Callable[[str, str, int], list[Pair]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """A registered layout: its reader and the one line `--layout` help shows for it."""
+  name: str
+  reader: Reader
+  description: str
+
+
+# layout name -> Layout, in registration order.
+REGISTRY: dict[str, Layout] = {}
+
+
+def register_layout(name: str, description: str) -> Callable[[Reader], Reader]:
+  """Decorator registering `reader(root, split, num_splits) -> list[Pair]` as layout `name`.
+
+  `description` is one line for --help (the folder structure in short). A name registered
+  twice is an error, so two readers never compete for one `--layout` value.
+  """
+  if not isinstance(name, str) or not re.fullmatch(r'[A-Za-z0-9][A-Za-z0-9_.-]*', name):
+    raise ValueError(f'layout name {name!r}: use letters, digits, "-", "_" or "." (it is a '
+                     'command-line value)')
+  if not isinstance(description, str) or not description.strip() or '\n' in description:
+    raise ValueError(f'layout {name!r}: the description must be one non-empty line')
+
+  def decorate(reader: Reader) -> Reader:
+    if not callable(reader):
+      raise TypeError(f'layout {name!r}: the reader must be callable, got {reader!r}')
+    if name in REGISTRY:
+      old = REGISTRY[name].reader
+      raise ValueError(f'layout {name!r} is already registered (by '
+                       f'{old.__module__}.{old.__qualname__})')
+    REGISTRY[name] = Layout(name, reader, description.strip())
+    return reader
+  return decorate
+
+
+def layout_names() -> tuple[str, ...]:
+  """The registered layout names, in registration order."""
+  return tuple(REGISTRY)
+
+
+def help_text() -> str:
+  """One line per registered layout, `name: description`, for --help."""
+  return '\n'.join(f'{layout.name}: {layout.description}' for layout in REGISTRY.values())
 
 
 def read_prompts(path: str) -> dict[str, str]:
@@ -115,43 +160,79 @@ def _require_dir(path: str, layout: str, hint: str) -> None:
 
 def list_pairs(layout: str, root: str, split: str, num_splits: int = 1) -> list[Pair]:
   """Pairs of `split` under `root` in `layout` (sorted by name unless a list file orders them)."""
-  if layout == 'segchange-default':
-    base = os.path.join(root, split)
-    _require_dir(base, layout, 'expected ROOT/{split}/{A,B,label} and ROOT/{split}/prompts.txt')
-    return _folder_pairs(base, ('A', 'B', 'label'), None,
-                         read_prompts(os.path.join(base, 'prompts.txt')))
-  if layout == 'segchange-custom':
-    _require_dir(os.path.join(root, 'A'), layout, 'expected ROOT/{A,B,label} and ROOT/list/')
-    names = read_name_list(os.path.join(root, 'list', f'{split}.txt'))
-    return _folder_pairs(root, ('A', 'B', 'label'), names,
-                         read_prompts(os.path.join(root, 'prompts.txt')))
-  if layout in ('opencd', 'sysu'):
-    subdirs = ('A', 'B', 'label') if layout == 'opencd' else ('time1', 'time2', 'label')
-    base = os.path.join(root, split)
-    if os.path.isdir(base):
-      return _folder_pairs(base, subdirs, None, {})
-    if layout == 'opencd' and os.path.isdir(os.path.join(root, 'A')):
-      list_file = os.path.join(root, 'list', f'{split}.txt')
-      if os.path.isfile(list_file):
-        return _folder_pairs(root, subdirs, read_name_list(list_file), {})
-      if num_splits != 1:
-        raise LayoutError(f'{root} has no split folders and no list/{split}.txt: a flat opencd '
-                          'root is one split; pass a single --splits NAME')
-      return _folder_pairs(root, subdirs, None, {})
-    raise LayoutError(f'{base} does not exist: expected ROOT/{split}/{{{",".join(subdirs)}}}')
-  if layout == 'changefine-json':
-    return _changefine(root, split)
-  raise LayoutError(f'unknown layout {layout!r}; one of {LAYOUTS}')
+  if layout not in REGISTRY:
+    raise LayoutError(f'unknown layout {layout!r}; one of {layout_names()}')
+  return REGISTRY[layout].reader(root, split, num_splits)
 
 
-def _changefine(root: str, split: str) -> list[Pair]:
-  """ChangeFine COCO-style JSON (whudk/ChangeFine scripts/cd2json.py).
+@register_layout('segchange-default', 'ROOT/{split}/{A,B,label}, ROOT/{split}/prompts.txt')
+def _segchange_default(root: str, split: str, num_splits: int) -> list[Pair]:
+  """SegChange-R1's default layout: one folder per split, prompts.txt beside A, B, label."""
+  del num_splits
+  layout = 'segchange-default'
+  base = os.path.join(root, split)
+  _require_dir(base, layout, 'expected ROOT/{split}/{A,B,label} and ROOT/{split}/prompts.txt')
+  return _folder_pairs(base, ('A', 'B', 'label'), None,
+                       read_prompts(os.path.join(base, 'prompts.txt')))
 
-  images[]: {id, width, height, oldpath, newpath, labelpath}; annotations[]: {image_id,
-  category_id, segmentation: RLE of one label value}; categories: 'unknown' or a list of
-  {id: pixel value, name}: category_id holds the name, so the value is looked up by name
-  (255 when unknown).
+
+@register_layout('segchange-custom',
+                 'ROOT/{A,B,label}, ROOT/list/{split}.txt, ROOT/prompts.txt')
+def _segchange_custom(root: str, split: str, num_splits: int) -> list[Pair]:
+  """SegChange-R1's custom layout: one folder of all pairs, a list file selects each split."""
+  del num_splits
+  _require_dir(os.path.join(root, 'A'), 'segchange-custom',
+               'expected ROOT/{A,B,label} and ROOT/list/')
+  names = read_name_list(os.path.join(root, 'list', f'{split}.txt'))
+  return _folder_pairs(root, ('A', 'B', 'label'), names,
+                       read_prompts(os.path.join(root, 'prompts.txt')))
+
+
+@register_layout('opencd', 'ROOT/{split}/{A,B,label} or a flat ROOT/{A,B,label} (LEVIR-CD, WHU)')
+def _opencd(root: str, split: str, num_splits: int) -> list[Pair]:
+  """open-cd style (LEVIR-CD, WHU-CD): ROOT/{split}/{A,B,label}/<name>.
+
+  Flat root (ROOT/{A,B,label}, no split folders): ROOT/list/{split}.txt selects the split's
+  names when it exists, otherwise the whole root is the one split named by --splits (more
+  than one split is then an error).
   """
+  subdirs = ('A', 'B', 'label')
+  base = os.path.join(root, split)
+  if os.path.isdir(base):
+    return _folder_pairs(base, subdirs, None, {})
+  if os.path.isdir(os.path.join(root, 'A')):
+    list_file = os.path.join(root, 'list', f'{split}.txt')
+    if os.path.isfile(list_file):
+      return _folder_pairs(root, subdirs, read_name_list(list_file), {})
+    if num_splits != 1:
+      raise LayoutError(f'{root} has no split folders and no list/{split}.txt: a flat opencd '
+                        'root is one split; pass a single --splits NAME')
+    return _folder_pairs(root, subdirs, None, {})
+  raise LayoutError(f'{base} does not exist: expected ROOT/{split}/{{{",".join(subdirs)}}}')
+
+
+@register_layout('sysu', 'ROOT/{split}/{time1,time2,label} (SYSU-CD)')
+def _sysu(root: str, split: str, num_splits: int) -> list[Pair]:
+  """SYSU-CD: ROOT/{split}/{time1,time2,label}/<name>."""
+  del num_splits
+  subdirs = ('time1', 'time2', 'label')
+  base = os.path.join(root, split)
+  if os.path.isdir(base):
+    return _folder_pairs(base, subdirs, None, {})
+  raise LayoutError(f'{base} does not exist: expected ROOT/{split}/{{{",".join(subdirs)}}}')
+
+
+@register_layout('changefine-json', 'ROOT/*_{split}.json, ChangeFine COCO style with RLE masks')
+def _changefine(root: str, split: str, num_splits: int) -> list[Pair]:
+  """ChangeFine COCO-style JSON (whudk/ChangeFine scripts/cd2json.py): ROOT/*_{split}.json.
+
+  Image paths are absolute or relative to the JSON's folder. images[]: {id, width, height,
+  oldpath, newpath, labelpath}; annotations[]: {image_id, category_id, segmentation: RLE of
+  one label value}; categories: 'unknown' or a list of {id: pixel value, name}: category_id
+  holds the name, so the value is looked up by name (255 when unknown); the RLE masks stand
+  in for a missing label file.
+  """
+  del num_splits
   found = sorted(glob.glob(os.path.join(root, f'*_{split}.json')))
   if len(found) != 1:
     raise LayoutError(f'expected exactly one {root}/*_{split}.json for changefine-json, '

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import os
 
-import jax
 from absl import logging
+import jax
 from jax.experimental import multihost_utils
 
 from segchange_jax import paths

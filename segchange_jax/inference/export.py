@@ -1,25 +1,32 @@
-"""Inference bundle: Orbax params, config, prompt embeddings and a serialized StableHLO model.
+"""StableHLO export: the model as a serialized `jax.export` module inside a bundle.
 
-The library behind `python -m segchange_jax.export` (its docstring describes the bundle and how
-to run it with jax alone).
+`model.stablehlo` holds `logits = f(image_a, image_b, text_emb)` with a symbolic batch `b`;
+the weights are closed-over constants, so jax alone runs the file (no params, no model code).
+It is as large as the weights, and a serialized module must stay under 2 GB. The rest of the
+bundle (variables, prompts, signature, README) is inference/bundle.py's.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Sequence
 
-import numpy as np
+from segchange_jax import config_lib
+from segchange_jax.inference import bundle
 
-from segchange_jax import atomic
+FORMAT = bundle.BundleFormat(
+    name='stablehlo', title='StableHLO (jax.export)', model_file='model.stablehlo',
+    runtime='jax',
+    load=("import jax\n\n"
+          "with open('model.stablehlo', 'rb') as f:\n"
+          "  model = jax.export.deserialize(bytearray(f.read()))"),
+    call='np.asarray(model.call(image_a, image_b, text_emb))',
+    notes=('The module is lowered for the platforms {platforms} (jax {jax_version}); '
+           '`jax.export.deserialize` needs a jax at least as new as the one that wrote it.'))
+MODEL_FILE = FORMAT.model_file
 
-MODEL_FILE = 'model.stablehlo'
-PROMPTS_FILE = 'prompts.npz'
-SIGNATURE_FILE = 'signature.json'
-README_FILE = 'README.md'
 
-class ExportError(ValueError):
+class ExportError(bundle.BundleError):
   """The bundle cannot be written as asked; the message names the flag and the fix."""
 
 
@@ -31,9 +38,9 @@ def export_forward(config, variables: dict, size: int,
   """
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
   from segchange_jax.models import segchange  # pylint: disable=g-import-not-at-top
-  if size <= 0 or size % 32:
-    raise ExportError(f'--size={size} must be a positive multiple of 32 (the model stride)')
+  config_lib.check_stride(size, '--size', ExportError)
   model = segchange.build_model(config)
   consts = jax.tree.map(jnp.asarray, variables)
 
@@ -58,62 +65,18 @@ def load_exported(directory: str):
     return jax.export.deserialize(bytearray(f.read()))
 
 
-def load_prompts(directory: str) -> dict[str, np.ndarray]:
-  """{prompt: embedding [T, L]} from the bundle's prompts.npz."""
-  from segchange_jax.text import cache  # pylint: disable=g-import-not-at-top
-  return cache.load_npz(os.path.join(directory, PROMPTS_FILE))[0]
-
-
 def write_bundle(out: str, config, variables: dict, prompts: Sequence[str] | None = None,
                  embeddings: str | None = None, size: int | None = None,
                  platforms: Sequence[str] | None = ('cpu', 'cuda'),
                  overwrite: bool = False) -> dict[str, Any]:
-  """Writes the bundle described in the module docstring; returns the signature dict.
+  """Writes a bundle (inference/bundle.py) with model.stablehlo; returns the signature dict."""
 
-  The bundle is assembled in a temporary folder beside `out` and renamed when complete; an
-  existing bundle is replaced only with `overwrite`.
-  """
-  size = int(size or config.infer.window)
-  if os.path.exists(out) and not overwrite and (
-      not os.path.isdir(out) or os.listdir(out)):
-    raise ExportError(f'--out {out} already exists; pass --overwrite to replace it or choose '
-                      'another folder')
-  from segchange_jax.text import prompts as prompts_lib  # pylint: disable=g-import-not-at-top
-  if prompts and embeddings:
-    raise ExportError('give --prompts or --embeddings, not both')
-  names, emb = prompts_lib.embed(config, prompts or None, npz=embeddings)
-  exported = export_forward(config, variables, size, platforms)
-  with atomic.atomic_dir(out) as tmp:
-    signature = _write_files(tmp, config, variables, names, emb, exported, size)
-  return signature
+  def write_model(path: str, size: int) -> dict[str, Any]:
+    import jax  # pylint: disable=g-import-not-at-top
+    exported = export_forward(config, variables, size, platforms)
+    with open(path, 'wb') as f:
+      f.write(exported.serialize())
+    return {'platforms': list(exported.platforms), 'jax_version': jax.__version__}
 
-
-def _write_files(out, config, variables, names, emb, exported, size) -> dict[str, Any]:
-  import jax  # pylint: disable=g-import-not-at-top
-  from segchange_jax.data import imagery  # pylint: disable=g-import-not-at-top
-  from segchange_jax.text import prompts  # pylint: disable=g-import-not-at-top
-  from segchange_jax.interop import checkpoints  # pylint: disable=g-import-not-at-top
-  checkpoints.save_variables(out, config, variables)
-  prompts.write_npz(os.path.join(out, PROMPTS_FILE), names, emb, '', config.text.model)
-  with open(os.path.join(out, MODEL_FILE), 'wb') as f:
-    f.write(exported.serialize())
-  t, dim = emb.shape[1:]
-  k = int(config.model.num_classes)
-  signature = {
-      'function': 'logits = f(image_a, image_b, text_emb)',
-      'inputs': {'image_a': {'shape': ['b', size, size, 3], 'dtype': 'float32'},
-                 'image_b': {'shape': ['b', size, size, 3], 'dtype': 'float32'},
-                 'text_emb': {'shape': ['b', int(t), int(dim)], 'dtype': 'float32'}},
-      'output': {'logits': {'shape': ['b', size, size, k], 'dtype': 'float32'}},
-      'image_normalisation': {'scale': 1 / 255, 'mean': [round(float(v), 6) for v in imagery.IMAGENET_MEAN],
-                              'std': [round(float(v), 6) for v in imagery.IMAGENET_STD], 'channels': 'RGB'},
-      'decision': ('change = sigmoid(logits[..., 0]) > threshold' if k == 1
-                   else 'class = argmax(logits, -1)'),
-      'threshold': float(config.infer.threshold),
-      'platforms': list(exported.platforms), 'prompts': names,
-      'jax_version': jax.__version__, 'text_model': config.text.model}
-  with open(os.path.join(out, SIGNATURE_FILE), 'w') as f:
-    json.dump(signature, f, indent=2)
-  with open(os.path.join(out, README_FILE), 'w') as f:
-    f.write('# SegChange inference bundle\n\n' + __doc__.split('\n\n', 1)[1] + '\n')
-  return signature
+  return bundle.write(out, config, variables, FORMAT, write_model, prompts, embeddings, size,
+                      overwrite, error=ExportError)

@@ -12,6 +12,7 @@ import os
 
 import numpy as np
 
+from segchange_jax.inference import bundle
 from segchange_jax.inference import onnx_export
 
 
@@ -66,7 +67,6 @@ def load(checkpoint: str | None, onnx_file: str | None, config=None,
   prompts.npz when it holds that prompt (no text encoder needed).
   """
   from segchange_jax import config_lib  # pylint: disable=g-import-not-at-top
-  from segchange_jax.inference import export  # pylint: disable=g-import-not-at-top
   path = find_model(checkpoint, onnx_file)
   det = OnnxDetector(path)
   if window is not None and int(window) != det.size:
@@ -82,9 +82,9 @@ def load(checkpoint: str | None, onnx_file: str | None, config=None,
   config = config.copy_and_resolve_references()
   config.infer.window = det.size
   prompt = prompt if prompt is not None else config.data.prompt
-  bundle_prompts = os.path.join(folder, export.PROMPTS_FILE)
+  bundle_prompts = os.path.join(folder, bundle.PROMPTS_FILE)
   if embeddings is None and text_model is None and os.path.isfile(bundle_prompts):
-    if prompt in export.load_prompts(folder):
+    if prompt in bundle.load_prompts(folder):
       embeddings = bundle_prompts
   if (int(config.text.max_tokens), int(config.text.dim)) != det.text_shape:
     raise OnnxBackendError(f'the config\'s text shape does not fit {path}, which takes '

@@ -3,8 +3,9 @@
 The library behind `python -m segchange_jax.infer` (its docstring lists the outputs and input
 forms): `run_inference` validates the settings and output paths, opens the pair
 (`raster_io`), runs the windowed engine (`sliding_window`) with a predict function, and writes
-the mask, probabilities, polygons and preview together (`atomic.Outputs`). `load_model` turns
-any checkpoint into such a predict function.
+the mask, probabilities, polygons and preview together (`atomic.Outputs`) in the formats the
+extensions pick from `formats.FORMATS`. `predictor.load_model` turns any checkpoint into such a
+predict function; settings nobody gives come from `default_config` (infer.*).
 """
 
 from __future__ import annotations
@@ -19,16 +20,19 @@ import numpy as np
 
 from segchange_jax import atomic
 from segchange_jax import cli
+from segchange_jax import config_lib
+from segchange_jax import default_config
 from segchange_jax.data import imagery
+from segchange_jax.inference import formats
 from segchange_jax.inference import postprocess
-from segchange_jax.inference import sliding_window
 from segchange_jax.inference import raster_io
 from segchange_jax.inference import scene_outputs
+from segchange_jax.inference import sliding_window
 from segchange_jax.inference import vectors
 
 PredictFn = sliding_window.PredictFn
-RASTER_SUFFIXES = ('.tif', '.tiff')
-DEFAULTS = dict(window=512, overlap=64, batch=8, threshold=0.5)
+# The settings of a run that neither the caller nor a checkpoint config gives.
+DEFAULT_INFER = default_config.get_config().infer
 
 
 @dataclasses.dataclass
@@ -56,7 +60,8 @@ def detector_predictor(detector, text_embeddings: np.ndarray) -> PredictFn:
 
   def predict(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     batch_emb = np.broadcast_to(emb[:1], (a.shape[0],) + emb.shape[1:])
-    return logits_to_probs(detector.predict_logits(imagery.normalize(a), imagery.normalize(b), batch_emb))
+    return logits_to_probs(detector.predict_logits(imagery.normalize(a), imagery.normalize(b),
+                                                   batch_emb))
   return predict
 
 
@@ -65,9 +70,9 @@ def check_settings(window: int | None = None, overlap: int | None = None,
   """Refuses flag values the engine cannot use (None = not given)."""
   cli.positive('batch', batch)
   cli.in_open_unit_interval('threshold', threshold)
-  if window is not None and (window < 32 or window % 32):
-    raise cli.UsageError(f'--window={window} must be a positive multiple of 32 (the model '
-                         'stride), e.g. 512')
+  if window is not None:
+    config_lib.check_stride(window, '--window', cli.UsageError, '{name}={value} must be a '
+                            'positive multiple of {stride} (the model stride), e.g. 512')
   if overlap is not None and overlap < 0:
     raise cli.UsageError(f'--overlap={overlap} must be >= 0')
   if window is not None and overlap is not None and overlap >= window:
@@ -76,12 +81,14 @@ def check_settings(window: int | None = None, overlap: int | None = None,
 
 def clamp_window(window: int, overlap: int, height: int, width: int,
                  quiet: bool = False) -> tuple[int, int]:
-  """(window, overlap) fitted to a raster smaller than the window (multiple of 32, with a
-  warning), so no window is padded by reflection: padding would change the prediction."""
+  """(window, overlap) fitted to a raster smaller than the window (a multiple of the model
+  stride, with a warning), so no window is padded by reflection: padding would change the
+  prediction."""
+  stride = config_lib.STRIDE
   side = min(height, width)
-  if window <= side or side < 32:
+  if window <= side or side < stride:
     return window, overlap
-  new = side // 32 * 32
+  new = side // stride * stride
   new_overlap = min(overlap, new // 4)
   if not quiet:
     print(f'warning: --window {window} is larger than the {width}x{height} raster; using '
@@ -92,14 +99,12 @@ def clamp_window(window: int, overlap: int, height: int, width: int,
 def _check_outputs(a: str, b: str, out: str, probabilities: bool, probs_path: str | None,
                    polygons: Sequence[str], preview: str | None, overwrite: bool) -> None:
   """Formats by extension and the never-destroy rules, before any input is opened."""
-  ext = os.path.splitext(out)[1].lower()
-  if ext not in RASTER_SUFFIXES + ('.png',):
-    raise atomic.OutputError(f'--out {out}: unsupported output format {ext!r}; use .tif '
-                             '(GeoTIFF) or .png (inputs without georeferencing only)')
-  if ext == '.png' and probabilities:
-    raise atomic.OutputError(f'--out {out}: probabilities need a .tif output')
-  if probs_path and os.path.splitext(probs_path)[1].lower() not in RASTER_SUFFIXES:
-    raise atomic.OutputError(f'--probability_out {probs_path}: use a .tif (GeoTIFF) path')
+  out_format = formats.lookup(out, formats.RASTER, '--out')
+  if probabilities:
+    formats.check_probabilities(out_format, out, '--out')
+  if probs_path:
+    formats.check_probabilities(formats.lookup(probs_path, formats.RASTER, '--probability_out'),
+                                probs_path, '--probability_out')
   if preview and os.path.splitext(preview)[1].lower() != '.png':
     raise atomic.OutputError(f'--preview {preview}: use a .png path')
   outputs = {'--out': out, '--probability_out': probs_path, '--preview': preview}
@@ -110,22 +115,28 @@ def _check_outputs(a: str, b: str, out: str, probabilities: bool, probs_path: st
   for flag, p in outputs.items():
     if p:
       atomic.check_output(p, inputs, overwrite, flag.split(' ')[0])
+  for p in polygons:
+    formats.lookup(p, formats.VECTOR, '--polygons')
 
 
 def run_inference(a: str, b: str, out: str, predict_probs: PredictFn | None, *,
                   channels: int = 1, window: int | None = None, overlap: int | None = None,
                   batch: int | None = None, threshold: float | None = None,
-                  probabilities: bool = False, do_postprocess: bool = False,
-                  min_area: int = 2500, max_perimeter_ratio: float = 10.0,
-                  min_convexity: float = 0.8, polygons_path: str | Sequence[str] | None = None,
+                  probabilities: bool = False,
+                  do_postprocess: bool = DEFAULT_INFER.postprocess,
+                  min_area: int = DEFAULT_INFER.min_area,
+                  max_perimeter_ratio: float = DEFAULT_INFER.max_perimeter_ratio,
+                  min_convexity: float = DEFAULT_INFER.min_convexity,
+                  polygons_path: str | Sequence[str] | None = None,
                   probs_path: str | None = None, preview_path: str | None = None,
                   overwrite: bool = False, align: bool = False, bands=None,
                   nodata: float | None = None, progress: bool = True, gdal_cache_mb: int = 256,
                   tags: dict | None = None,
-                  predictor_factory: Callable[[], Model] | None = None) -> sliding_window.SceneStats:
+                  predictor_factory: Callable[[], Model] | None = None
+                  ) -> sliding_window.SceneStats:
   """Runs the whole pipeline (module docstring); returns what the engine did.
 
-  Settings left at None come from the factory's config (config.infer.*), else DEFAULTS.
+  Settings left at None come from the factory's config (config.infer.*), else DEFAULT_INFER.
   `predictor_factory` (if given) builds the model after the inputs and outputs were checked.
   """
   import rasterio  # pylint: disable=g-import-not-at-top
@@ -154,13 +165,11 @@ def _open_source(a, b, bands, nodata, align):
 
 
 def _resolve(settings: dict, config) -> dict:
-  """Flag values where given, else the checkpoint config's infer.*, else DEFAULTS."""
-  from_config = {}
-  if config is not None:
-    from_config = dict(window=int(config.infer.window), overlap=int(config.infer.overlap),
-                       batch=int(config.infer.batch_size),
-                       threshold=float(config.infer.threshold))
-  out = {k: v if v is not None else from_config.get(k, DEFAULTS[k]) for k, v in settings.items()}
+  """Flag values where given, else the checkpoint config's infer.*, else DEFAULT_INFER."""
+  infer = DEFAULT_INFER if config is None else config.infer
+  from_config = dict(window=int(infer.window), overlap=int(infer.overlap),
+                     batch=int(infer.batch_size), threshold=float(infer.threshold))
+  out = {k: v if v is not None else from_config[k] for k, v in settings.items()}
   if out['overlap'] >= out['window']:
     raise cli.UsageError(f'overlap {out["overlap"]} must be smaller than window {out["window"]} '
                          '(--overlap / --window or the checkpoint config)')
@@ -172,16 +181,15 @@ def _run_inference(a, b, out, predict_probs, *, channels, settings, probabilitie
                    probs_path, preview_path, align, bands, nodata, progress, tags,
                    predictor_factory):
   import tqdm  # pylint: disable=g-import-not-at-top
-  plain_out = os.path.splitext(out)[1].lower() == '.png'
+  out_format = formats.lookup(out, formats.RASTER, '--out')
+  vector_formats = [formats.lookup(p, formats.VECTOR, '--polygons') for p in polygons]
   source = _open_source(a, b, bands, nodata, align)
   scratch: list[str] = []
   bar = None
   try:
-    if plain_out and source.georeferenced:
-      raise atomic.OutputError(f'--out {out}: PNG would drop the georeferencing of the inputs; '
-                               'use a .tif output')
-    for p in polygons:
-      vectors.check_path(p, source.georeferenced)
+    formats.check_inputs(out_format, out, '--out', source.georeferenced)
+    for p, fmt in zip(polygons, vector_formats):
+      formats.check_inputs(fmt, p, '--polygons', source.georeferenced)
     # The bar starts before the slow steps (loading, compiling) so the first seconds say so.
     bar = tqdm.tqdm(total=None, desc='loading model', unit='win', disable=not progress,
                     mininterval=0.5, dynamic_ncols=True)
@@ -202,30 +210,26 @@ def _run_inference(a, b, out, predict_probs, *, channels, settings, probabilitie
       probe = np.asarray(predict_probs(dummy, dummy))
       channels = 1 if probe.ndim == 3 else probe.shape[-1]
     # reset() also restarts the clock, so the rate shown is windows/s, not load + compile.
-    bar.reset(total=len(sliding_window.Grid(source.height, source.width, window, overlap).windows()))
-    sinks = []
-    if plain_out:
-      mask_sink = raster_io.PlainSink(None, source.height, source.width, threshold)
-    else:
-      scratch.append(atomic.temp_name(out))
-      mask_sink = raster_io.GeoTiffSink(scratch[-1], source.height, source.width, source.crs,
-                                       source.transform, channels, probabilities, threshold,
-                                       tags)
-    sinks.append(mask_sink)
+    grid = sliding_window.Grid(source.height, source.width, window, overlap)
+    bar.reset(total=len(grid.windows()))
+    # Every raster output streams into a scratch GeoTIFF that its format's writer copies at the end.
+    scratch.append(_scratch_name(out))
+    mask_sink = raster_io.GeoTiffSink(scratch[-1], source.height, source.width, source.crs,
+                                      source.transform, channels, probabilities, threshold, tags)
+    sinks = [mask_sink]
     probs_sink = None
     if probs_path:
-      scratch.append(atomic.temp_name(probs_path))
+      scratch.append(_scratch_name(probs_path))
       probs_sink = raster_io.GeoTiffSink(scratch[-1], source.height, source.width, source.crs,
                                         source.transform, channels, True, threshold, tags)
       sinks.append(probs_sink)
     try:
-      stats = sliding_window.run_scene(source, predict_probs, raster_io.TeeSink(sinks), window=window,
-                              overlap=overlap, batch_size=batch, channels=channels,
-                              progress=progress, bar=bar)
+      stats = sliding_window.run_scene(source, predict_probs, raster_io.TeeSink(sinks),
+                                       window=window, overlap=overlap, batch_size=batch,
+                                       channels=channels, progress=progress, bar=bar)
     finally:
       for sink in sinks:
-        if isinstance(sink, raster_io.GeoTiffSink):
-          sink.close()
+        sink.close()
     bar.set_description('writing outputs')
     with atomic.Outputs() as outs:
       mask, nodata_value = None, None
@@ -234,20 +238,15 @@ def _run_inference(a, b, out, predict_probs, *, channels, settings, probabilitie
         if do_postprocess:
           mask = postprocess.filter_components(mask, min_area, max_perimeter_ratio,
                                                min_convexity, nodata_value)
-          if plain_out:
-            mask_sink.mask = mask
-          elif not probabilities:  # rewrite the scratch mask in one go
+          if not probabilities:  # rewrite the scratch mask in one go
             scene_outputs.rewrite_mask(mask_sink.path, mask)
-      if plain_out:
-        mask_sink.path = outs.path(out)
-        mask_sink.close()
-      else:
-        raster_io.write_cog(mask_sink.path, outs.path(out), probabilities)
+      out_format.write(mask_sink.path, outs.path(out), probabilities)
       if probs_sink is not None:
-        raster_io.write_cog(probs_sink.path, outs.path(probs_path), True)
-      for p in polygons:
-        vectors.write(outs.path(p), vectors.iter_features(mask, source.transform, nodata_value),
-                      source.crs)
+        formats.lookup(probs_path, formats.RASTER, '--probability_out').write(
+            probs_sink.path, outs.path(probs_path), True)
+      for p, fmt in zip(polygons, vector_formats):
+        fmt.write(outs.path(p), vectors.iter_features(mask, source.transform, nodata_value),
+                  source.crs)
       if preview_path:
         scene_outputs.write_preview(outs.path(preview_path), source, mask, nodata_value)
     return stats
@@ -260,22 +259,11 @@ def _run_inference(a, b, out, predict_probs, *, channels, settings, probabilitie
         os.remove(p)
 
 
+def _scratch_name(path: str) -> str:
+  """A temporary GeoTIFF name beside the output `path` (GDAL picks the driver by extension)."""
+  return atomic.temp_name(os.path.splitext(path)[0] + '.tif')
+
+
 def _version() -> str:
   import segchange_jax  # pylint: disable=g-import-not-at-top
   return segchange_jax.__version__
-
-
-def load_model(checkpoint: str, config=None, prompt: str | None = None,
-               embeddings: str | None = None, text_model: str | None = None) -> Model:
-  """Loads the checkpoint (variables only, checked against its config) and embeds the prompt
-  (default the config's data.prompt)."""
-  # Lazy: `infer` imports this module before its flags are checked; jax, orbax and the model
-  # load only when a model is needed.
-  from segchange_jax.inference import predictor  # pylint: disable=g-import-not-at-top
-  from segchange_jax.interop import checkpoints  # pylint: disable=g-import-not-at-top
-  from segchange_jax.text import prompts  # pylint: disable=g-import-not-at-top
-  config, variables = checkpoints.load_checkpoint(checkpoint, config)
-  prompt = prompt if prompt is not None else config.data.prompt
-  emb = prompts.embed_one(config, prompt, npz=embeddings, text_model=text_model)
-  tags = dict(CHECKPOINT=os.path.abspath(checkpoint), PROMPT=prompt)
-  return Model(detector_predictor(predictor.ChangeDetector(config, variables), emb), config, tags)

@@ -1,7 +1,8 @@
 """Shape post-processing of change masks and their export as polygons.
 
 Filter (upstream's large-raster post-processing): keep an 8-connected change component when
-  area >= min_area px, perimeter / area <= max_perimeter_ratio, area / convex-hull area >= min_convexity.
+  area >= min_area px, perimeter / area <= max_perimeter_ratio and
+  area / convex-hull area >= min_convexity.
 Perimeter is the number of exposed pixel edges (outer boundary and holes, px); the convex hull is
 taken over pixel corners, so a filled rectangle has convexity exactly 1.
 Unlike upstream (per 512 window, before blending), we filter the blended scene mask, so
@@ -13,11 +14,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from affine import Affine
 import cv2
 import numpy as np
 import rasterio.features
 import shapely.geometry
-from affine import Affine
 
 _CORNERS = np.array([[-0.5, -0.5], [-0.5, 0.5], [0.5, -0.5], [0.5, 0.5]], np.float32)
 
@@ -66,7 +67,8 @@ def filter_components(mask: np.ndarray, min_area: int, max_perimeter_ratio: floa
   return out
 
 
-def polygons(mask: np.ndarray, transform: Affine | None, crs: Any, nodata: int | None = None) -> dict:
+def polygons(mask: np.ndarray, transform: Affine | None, crs: Any,
+             nodata: int | None = None) -> dict:
   """GeoJSON FeatureCollection of change regions in the raster's CRS.
 
   Properties: value (class id), area (map units^2; px^2 without georeferencing), area_px.

@@ -19,8 +19,8 @@ checkpoint directory of `segchange_jax.train` (`state/` + `config/` under a step
 
 from __future__ import annotations
 
-import os
 import dataclasses
+import os
 from typing import Any
 
 import jax
@@ -28,8 +28,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from segchange_jax.models import segchange
+from segchange_jax import config_lib
 from segchange_jax.interop import checkpoints
+from segchange_jax.models import segchange
 
 
 @dataclasses.dataclass
@@ -69,7 +70,8 @@ class ChangeDetector:
   @classmethod
   def from_checkpoint(cls, path: str, config: ml_collections.ConfigDict | None = None,
                       embeddings: str | None = None) -> 'ChangeDetector':
-    """Loads `path` (see interop.checkpoints.load_variables); `embeddings`: optional embed_prompts .npz."""
+    """Loads `path` (see interop.checkpoints.load_variables); `embeddings`: an optional
+    embed_prompts .npz."""
     return cls(*checkpoints.load_variables(path, config), embeddings=embeddings,
                checkpoint=os.path.abspath(os.fspath(path)))
 
@@ -87,8 +89,9 @@ class ChangeDetector:
       t = np.broadcast_to(t[None], (a.shape[0], *t.shape))
     if a.ndim != 4 or a.shape[-1] != 3 or a.shape != b.shape:
       raise ValueError(f'images must both be [B, H, W, 3] (got {a.shape} and {b.shape})')
-    if a.shape[1] % 32 or a.shape[2] % 32:
-      raise ValueError(f'image size {a.shape[1:3]} must be a multiple of 32 (pad or crop)')
+    for side in a.shape[1:3]:
+      config_lib.check_stride(side, 'image size', ValueError, f'image size {a.shape[1:3]} must '
+                              'be a multiple of {stride} (pad or crop)')
     if t.shape[0] != a.shape[0] or t.shape[-1] != self.config.text.dim:
       raise ValueError(f'text embeddings {t.shape} must be [B={a.shape[0]}, T, '
                        f'{self.config.text.dim}] (config text.dim)')
@@ -115,8 +118,8 @@ class ChangeDetector:
     Windows, overlap, batch and threshold default to the config's infer.* values.
     """
     from segchange_jax.inference import pipeline  # pylint: disable=g-import-not-at-top
-    from segchange_jax.inference import sliding_window  # pylint: disable=g-import-not-at-top
     from segchange_jax.inference import raster_io  # pylint: disable=g-import-not-at-top
+    from segchange_jax.inference import sliding_window  # pylint: disable=g-import-not-at-top
     threshold = float(self.config.infer.threshold if threshold is None else threshold)
     pipeline.check_settings(threshold=threshold)
     raster = [x for x in (image_a, image_b)
@@ -147,9 +150,9 @@ class ChangeDetector:
                     **kwargs):
     """`python -m segchange_jax.infer` as a function: whole scenes in bounded memory.
 
-    `kwargs` are segchange_jax.infer.run_inference's (window, overlap, batch, threshold,
-    probs_path, polygons_path, preview_path, overwrite, align, bands, nodata, progress, ...);
-    settings left out come from the config. Returns the engine's SceneStats.
+    `kwargs` are segchange_jax.inference.pipeline.run_inference's (window, overlap, batch,
+    threshold, probs_path, polygons_path, preview_path, overwrite, align, bands, nodata,
+    progress, ...); settings left out come from the config. Returns the engine's SceneStats.
     """
     from segchange_jax.inference import pipeline  # pylint: disable=g-import-not-at-top
     prompt = self.config.data.prompt if prompt is None else prompt
@@ -158,3 +161,17 @@ class ChangeDetector:
     kwargs.setdefault('progress', False)
     return pipeline.run_inference(os.fspath(a_path), os.fspath(b_path), os.fspath(out), None,
                                predictor_factory=factory, **kwargs)
+
+
+def load_model(checkpoint: str, config=None, prompt: str | None = None,
+               embeddings: str | None = None, text_model: str | None = None):
+  """`pipeline.Model` of a checkpoint (variables only, checked against its config) and the
+  prompt's embedding (default the config's data.prompt): what `infer --backend jax` runs."""
+  from segchange_jax.inference import pipeline  # pylint: disable=g-import-not-at-top
+  from segchange_jax.text import prompts  # pylint: disable=g-import-not-at-top
+  config, variables = checkpoints.load_checkpoint(checkpoint, config)
+  prompt = prompt if prompt is not None else config.data.prompt
+  emb = prompts.embed_one(config, prompt, npz=embeddings, text_model=text_model)
+  tags = dict(CHECKPOINT=os.path.abspath(checkpoint), PROMPT=prompt)
+  return pipeline.Model(pipeline.detector_predictor(ChangeDetector(config, variables), emb),
+                        config, tags)

@@ -1,7 +1,9 @@
-"""Scene inputs and outputs for `segchange_jax.inference.sliding_window`: GeoTIFF (windowed) and plain images.
+"""Scene inputs and outputs of `segchange_jax.inference.sliding_window`: GeoTIFF (windowed) and
+plain images.
 
 Inputs. One date is a raster path, or three single-band rasters 'R.TIF,G.TIF,B.TIF' stacked in
-that order (e.g. Landsat B4,B3,B2 files; `bands=` then applies only to a single-file date); bands and bit depth follow `segchange_jax.data.imagery`
+that order (e.g. Landsat B4,B3,B2 files; `bands=` then applies only to a single-file date);
+bands and bit depth follow `segchange_jax.data.imagery`
 (16-bit: per-band 2-98 % stretch with statistics from a decimated read of the whole raster,
 so every window uses the same mapping). Validity follows GDAL's dataset mask (nodata value,
 alpha band or internal mask; for a stack, valid where any file is valid); `nodata=` overrides
@@ -10,20 +12,22 @@ B must be on A's grid (CRS, transform, shape); `align=True` reprojects B onto A'
 (bilinear, rasterio WarpedVRT), and pixels outside B's footprint become nodata.
 PNG/JPEG pairs (no georeferencing) are read whole: they are small by nature.
 
-Outputs: rows stream into a scratch tiled GeoTIFF (`GeoTiffSink`), which `write_cog` copies
-into a Cloud-Optimized GeoTIFF (internal 256 px tiles, overviews, deflate) once the scene is
-finished; mask outputs carry a colour table. Naming and renaming: segchange_jax.atomic.
+Outputs: rows stream into a scratch tiled GeoTIFF (`GeoTiffSink`), which the output format's
+writer (inference/formats.py) copies once the scene is finished: `write_cog` into a
+Cloud-Optimized GeoTIFF (internal 256 px tiles, overviews, deflate; mask outputs carry a colour
+table), `write_png` into a PNG mask. Naming and renaming: segchange_jax.atomic.
 """
 
 from __future__ import annotations
 
 import os
 from typing import Sequence
+import warnings
 
 import numpy as np
 import rasterio
-import rasterio.errors
 from rasterio.enums import Resampling
+import rasterio.errors
 from rasterio.vrt import WarpedVRT
 from rasterio.windows import Window
 
@@ -117,7 +121,8 @@ class RasterDate:
 
   def _warp(self, ds, reference: tuple) -> WarpedVRT:
     crs, transform, height, width = reference
-    kw = dict(crs=crs, transform=transform, height=height, width=width, resampling=Resampling.bilinear)
+    kw = dict(crs=crs, transform=transform, height=height, width=width,
+              resampling=Resampling.bilinear)
     if self.nodata is not None:
       kw.update(src_nodata=self.nodata, nodata=self.nodata)
     elif ds.nodata is None:
@@ -130,7 +135,8 @@ class RasterDate:
       shape = None if out_shape is None else (len(idx),) + out_shape
       arrays.append(ds.read(idx, window=window, out_shape=shape, resampling=Resampling.nearest))
       if self.nodata is None:
-        masks.append(ds.dataset_mask(window=window, out_shape=out_shape, resampling=Resampling.nearest) > 0)
+        masks.append(ds.dataset_mask(window=window, out_shape=out_shape,
+                                     resampling=Resampling.nearest) > 0)
     arr = np.concatenate(arrays).transpose(1, 2, 0)
     if self.nodata is not None:
       valid = ~np.all(arr == self.nodata, axis=-1)
@@ -165,8 +171,8 @@ class RasterDate:
 class RasterPair:
   """A and B GeoTIFF dates on A's grid (the engine's PairSource)."""
 
-  def __init__(self, a: str, b: str, bands: Sequence[int] | None = None, nodata: float | None = None,
-               align: bool = False):
+  def __init__(self, a: str, b: str, bands: Sequence[int] | None = None,
+               nodata: float | None = None, align: bool = False):
     self.a = RasterDate(a, bands, nodata)
     b_raw = RasterDate(b, bands, nodata)
     if _same_grid(self.a.grid, b_raw.grid):
@@ -264,7 +270,8 @@ def _as_rgb(x, name: str) -> tuple[np.ndarray, np.ndarray]:
   return np.ascontiguousarray(x), np.ones(x.shape[:2], bool)
 
 
-def encode(probs: np.ndarray, valid: np.ndarray, probabilities: bool, threshold: float) -> np.ndarray:
+def encode(probs: np.ndarray, valid: np.ndarray, probabilities: bool,
+           threshold: float) -> np.ndarray:
   """Finished rows -> output values [C or 1, rows, W] (mask uint8 or float32 probabilities)."""
   if probabilities:
     out = np.where(valid[..., None], probs, np.nan).astype(np.float32)
@@ -294,9 +301,11 @@ class GeoTiffSink:
       profile.update(count=channels, dtype='float32', nodata=float('nan'), predictor=3)
     else:
       profile.update(count=1, dtype='uint8', nodata=MASK_NODATA)
-    if transform is None:
-      profile.pop('transform')
-    self.ds = rasterio.open(path, 'w', **profile)
+    with warnings.catch_warnings():
+      if transform is None:  # plain inputs: a scratch without georeferencing on purpose
+        profile.pop('transform')
+        warnings.simplefilter('ignore', rasterio.errors.NotGeoreferencedWarning)
+      self.ds = rasterio.open(path, 'w', **profile)
     if not probabilities:
       self.ds.write_colormap(1, MASK_COLORS)
     if tags:
@@ -353,8 +362,26 @@ class PlainSink:
     self.mask[row0:row0 + m.shape[0]] = np.where(m == MASK_NODATA, 0, m)
 
   def close(self) -> None:
-    from PIL import Image  # pylint: disable=g-import-not-at-top
-    if not self.saved:  # binary masks as 0/255 so they are visible; class ids as they are
-      scale = 255 if self.mask.max() <= 1 else 1
-      Image.fromarray(self.mask * scale).save(self.path, format='PNG')
+    if not self.saved:
+      save_png_mask(self.path, self.mask)
       self.saved = True
+
+
+def save_png_mask(path: str, mask: np.ndarray) -> None:
+  """A uint8 mask (nodata already 0) as PNG: binary masks as 0/255 so they are visible, class
+  ids as they are."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  scale = 255 if mask.max() <= 1 else 1
+  Image.fromarray(mask * scale).save(path, format='PNG')
+
+
+def write_png(src: str, dst: str, probabilities: bool = False) -> None:
+  """Copies the scratch mask GeoTIFF `src` to a PNG `dst` (nodata written as 0); the
+  georeferencing is dropped, so it is for inputs without any."""
+  if probabilities:
+    raise ValueError(f'{dst}: a PNG holds a mask, not probabilities')
+  with warnings.catch_warnings():  # plain inputs: the scratch has no geotransform on purpose
+    warnings.simplefilter('ignore', rasterio.errors.NotGeoreferencedWarning)
+    with rasterio.open(src) as ds:
+      mask = ds.read(1)
+  save_png_mask(dst, np.where(mask == MASK_NODATA, 0, mask).astype(np.uint8))

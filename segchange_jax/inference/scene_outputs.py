@@ -3,7 +3,9 @@ shape-filtered rewrite and the preview picture. These hold the whole mask (1 byt
 
 from __future__ import annotations
 
+import contextlib
 import os
+import warnings
 
 import numpy as np
 
@@ -12,12 +14,9 @@ from segchange_jax.inference import raster_io
 PREVIEW_SIDE = 512  # longest side of each preview panel (px)
 
 
-def whole_mask(sink, probabilities: bool, threshold: float) -> tuple[np.ndarray, int | None]:
-  """The finished class mask (uint8) and its nodata value, for the whole-scene passes."""
-  import rasterio  # pylint: disable=g-import-not-at-top
-  if isinstance(sink, raster_io.PlainSink):
-    return (sink.mask > 0).astype(np.uint8) if sink.mask.max() <= 1 else sink.mask.copy(), None
-  with rasterio.open(sink.path) as ds:
+def whole_mask(sink, probabilities: bool, threshold: float) -> tuple[np.ndarray, int]:
+  """The finished class mask (uint8) of the scratch GeoTIFF `sink` and its nodata value."""
+  with _scratch(sink.path) as ds:
     if probabilities:  # shapes come from the thresholded first band
       p = ds.read(1)
       mask = np.where(np.isnan(p), raster_io.MASK_NODATA, p > threshold).astype(np.uint8)
@@ -29,13 +28,24 @@ def whole_mask(sink, probabilities: bool, threshold: float) -> tuple[np.ndarray,
 def rewrite_mask(path: str, mask: np.ndarray) -> None:
   """Replaces the scratch mask's pixels (tiles of a compressed file are best written once)."""
   import rasterio  # pylint: disable=g-import-not-at-top
-  with rasterio.open(path) as ds:
+  with _scratch(path) as ds:
     profile, tags, cmap = ds.profile, ds.tags(), ds.colormap(1)
   os.remove(path)
   with rasterio.open(path, 'w', **profile) as ds:
     ds.write(mask[None])
     ds.update_tags(**tags)
     ds.write_colormap(1, cmap)
+
+
+@contextlib.contextmanager
+def _scratch(path: str):
+  """The scratch GeoTIFF opened for reading; plain inputs leave it without georeferencing on
+  purpose, so rasterio's warning about that is silenced."""
+  import rasterio  # pylint: disable=g-import-not-at-top
+  with warnings.catch_warnings():
+    warnings.simplefilter('ignore', rasterio.errors.NotGeoreferencedWarning)
+    with rasterio.open(path) as ds:
+      yield ds
 
 
 def write_preview(path: str, source, mask: np.ndarray, nodata: int | None) -> None:

@@ -59,7 +59,8 @@ class Sink(Protocol):
 def window_starts(size: int, window: int, overlap: int) -> np.ndarray:
   """Start offsets along one axis: stride window - overlap, last one clamped to the edge."""
   if window <= 0 or not 0 <= overlap < window:
-    raise ValueError(f'window={window}, overlap={overlap}: need window > 0 and 0 <= overlap < window')
+    raise ValueError(f'window={window}, overlap={overlap}: need window > 0 and '
+                     '0 <= overlap < window')
   if size <= window:
     return np.zeros(1, np.int64)
   starts = np.arange(0, size - window, window - overlap)
@@ -132,7 +133,8 @@ class StripAccumulator:
     need = end_row - self.base
     if need > self.psum.shape[0]:
       extra = need - self.psum.shape[0]
-      self.psum = np.concatenate([self.psum, np.zeros((extra, self.width, self.channels), np.float32)])
+      self.psum = np.concatenate(
+          [self.psum, np.zeros((extra, self.width, self.channels), np.float32)])
       self.wsum = np.concatenate([self.wsum, np.zeros((extra, self.width), np.float32)])
       self.valid = np.concatenate([self.valid, np.zeros((extra, self.width), bool)])
     self.rows = max(self.rows, need)
@@ -185,7 +187,8 @@ def _model_batch(x: np.ndarray, window: int, batch_size: int) -> np.ndarray:
   """Pads a [n, h, w, 3] batch to [batch_size, window, window, 3] (reflect, then zeros)."""
   n, h, w, _ = x.shape
   if h < window or w < window:
-    x = np.pad(x, ((0, 0), (0, window - h), (0, window - w), (0, 0)), mode='reflect' if min(h, w) > 1 else 'edge')
+    x = np.pad(x, ((0, 0), (0, window - h), (0, window - w), (0, 0)),
+               mode='reflect' if min(h, w) > 1 else 'edge')
   if n < batch_size:
     x = np.concatenate([x, np.zeros((batch_size - n,) + x.shape[1:], x.dtype)])
   return x
@@ -243,7 +246,8 @@ def run_scene(source: PairSource, predict_probs: PredictFn, sink: Sink, *, windo
         if probs.ndim == 3:
           probs = probs[..., None]
         if probs.shape[-1] != channels:
-          raise ValueError(f'predict_probs returned {probs.shape[-1]} channels, expected {channels}')
+          raise ValueError(f'predict_probs returned {probs.shape[-1]} channels, expected '
+                           f'{channels}')
         probs = probs[:n, :h, :w]
         stats.predicted_batches += 1
       else:  # nothing valid: skip the model, the rows become nodata anyway

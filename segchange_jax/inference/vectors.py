@@ -1,10 +1,10 @@
 """Change polygons as GIS vector files, written feature by feature (never one big dict).
 
-Formats follow the file extension:
-- `.geojson` / `.json`: RFC 7946 GeoJSON: coordinates in WGS 84 longitude/latitude
-  (EPSG:4326, no `crs` member), exterior rings counter-clockwise, 7 decimals (~1 cm).
-- `.gpkg` (GeoPackage) and `.fgb` (FlatGeobuf): the raster's own CRS, through pyogrio (GDAL/OGR),
-  written in chunks of CHUNK features.
+The writers (`infer` picks one by the file extension from inference/formats.py):
+- `write_geojson`: RFC 7946 GeoJSON: coordinates in WGS 84 longitude/latitude (EPSG:4326, no
+  `crs` member), exterior rings counter-clockwise, 7 decimals (~1 cm).
+- `write_ogr`: GeoPackage, FlatGeobuf or another OGR driver, in the raster's own CRS, through
+  pyogrio (GDAL/OGR), written in chunks of CHUNK features.
 Every feature carries `value` (class id), `area` (map units^2 of the raster CRS, computed on the
 native geometry, not on the reprojected one) and `area_px`.
 """
@@ -12,36 +12,17 @@ native geometry, not on the reprojected one) and `area_px`.
 from __future__ import annotations
 
 import json
-import os
 from typing import Any, Iterable, Iterator
 
+from affine import Affine
 import numpy as np
 import rasterio.features
 import rasterio.warp
 import shapely
 import shapely.geometry
-from affine import Affine
 
-GEOJSON_SUFFIXES = ('.geojson', '.json')
-OGR_DRIVERS = {'.gpkg': 'GPKG', '.fgb': 'FlatGeobuf'}
-SUFFIXES = GEOJSON_SUFFIXES + tuple(OGR_DRIVERS)
 CHUNK = 4096
 DECIMALS = 7
-
-
-class VectorError(ValueError):
-  """A vector output cannot be written as asked; the message names the flag and the fix."""
-
-
-def check_path(path: str, georeferenced: bool, flag: str = '--polygons') -> None:
-  """Refuses an unknown extension, and GeoJSON for inputs without a CRS (RFC 7946 is WGS 84)."""
-  ext = os.path.splitext(path)[1].lower()
-  if ext not in SUFFIXES:
-    raise VectorError(f'{flag} {path}: unsupported vector format {ext!r}; use .geojson '
-                      '(RFC 7946, WGS 84), .gpkg (GeoPackage) or .fgb (FlatGeobuf)')
-  if ext in GEOJSON_SUFFIXES and not georeferenced:
-    raise VectorError(f'{flag} {path}: GeoJSON (RFC 7946) needs georeferenced inputs; these have '
-                      'no CRS. Use .gpkg or .fgb (pixel coordinates)')
 
 
 def iter_features(mask: np.ndarray, transform: Affine | None, nodata: int | None = None
@@ -74,10 +55,11 @@ def write_geojson(path: str, features: Iterable[tuple[Any, int, float, int]], cr
   return n
 
 
-def write_ogr(path: str, features: Iterable[tuple[Any, int, float, int]], crs) -> int:
-  """Streams polygons in the raster CRS to a GeoPackage / FlatGeobuf; returns the count."""
+def write_ogr(path: str, features: Iterable[tuple[Any, int, float, int]], crs,
+              driver: str = 'GPKG') -> int:
+  """Streams polygons in the raster CRS to an OGR `driver` file (GPKG, FlatGeobuf, ...);
+  returns the number of features."""
   import pyogrio.raw  # pylint: disable=g-import-not-at-top
-  driver = OGR_DRIVERS[os.path.splitext(path)[1].lower()]
   crs_wkt = crs.to_wkt() if crs is not None else None
   n, chunk = 0, []
 
@@ -98,10 +80,3 @@ def write_ogr(path: str, features: Iterable[tuple[Any, int, float, int]], crs) -
     flush(n == 0)
     n += len(chunk)
   return n
-
-
-def write(path: str, features: Iterable[tuple[Any, int, float, int]], crs) -> int:
-  """Writes `features` in the format of `path`'s extension (module docstring)."""
-  if os.path.splitext(path)[1].lower() in GEOJSON_SUFFIXES:
-    return write_geojson(path, features, crs)
-  return write_ogr(path, features, crs)

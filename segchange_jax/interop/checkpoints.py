@@ -7,8 +7,7 @@
   output, export bundles);
 - upstream `.pth` files (through `torch_pickle` and the model's torch rules).
 `load_variables` takes any of them; `load_checkpoint` also checks the variables fit the
-config's model; `merge` places loaded arrays onto a (sharded) target tree by path and shape
-(config.init_from, config.model.pretrained).
+config's model. Placing loaded arrays onto a (sharded) target tree is `interop/merge.py`.
 """
 
 from __future__ import annotations
@@ -18,18 +17,18 @@ import json
 import os
 from typing import Any
 
+from etils import epath
 import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
-from etils import epath
 
 from segchange_jax import config_lib
 from segchange_jax import paths
 from segchange_jax.interop import pretrained
 from segchange_jax.interop import torch_pickle
-from segchange_jax.interop import torch_rules
 from segchange_jax.models import segchange
+from segchange_jax.models import torch_rules
 
 VARIABLES_DIR = 'variables'  # a variables folder: VARIABLES_DIR/ (Orbax) + CONFIG_FILE
 CONFIG_FILE = 'config.json'
@@ -187,35 +186,3 @@ def load_checkpoint(path: str, config=None):
                           f'differences (path, shape): {diff}); pass the --config it was trained '
                           'with')
   return config, variables
-
-
-def merge(target: dict, source: dict) -> tuple[dict, dict[str, Any]]:
-  """Takes each target leaf from `source` where path and shape agree.
-
-  Args:
-    target: {collection: tree} of jax arrays (possibly sharded).
-    source: {collection: tree} of numpy arrays.
-
-  Returns:
-    (merged variables placed like `target`, report with 'loaded', 'skipped', 'unused').
-  """
-  src = torch_rules.flatten(source)
-  loaded, skipped = [], []
-
-  def take(path, leaf):
-    key = torch_rules.path_names(path)
-    name = '/'.join(key)
-    if key not in src:
-      skipped.append(f'{name}: not in the checkpoint')
-      return leaf
-    value = np.asarray(src[key])
-    if value.shape != leaf.shape:
-      skipped.append(f'{name}: checkpoint {value.shape} vs model {tuple(leaf.shape)}')
-      return leaf
-    loaded.append(name)
-    return jax.device_put(value.astype(leaf.dtype), leaf.sharding)
-
-  merged = jax.tree_util.tree_map_with_path(take, target)
-  used = {tuple(n.split('/')) for n in loaded}
-  unused = ['/'.join(k) for k in src if k not in used and k[0] in target]
-  return merged, {'loaded': len(loaded), 'skipped': skipped, 'unused': unused}

@@ -25,9 +25,10 @@ from typing import Any
 import numpy as np
 
 from segchange_jax.interop import hub
+from segchange_jax.interop import merge
 from segchange_jax.interop import torch_pickle
 from segchange_jax.models import backbones
-from segchange_jax.interop import torch_rules as tc
+from segchange_jax.models import torch_rules as tc
 
 FIELD = 'config.model.pretrained'
 # Hub ids of the weights upstream loads: timm's default Swin-B tag, torchvision's
@@ -213,14 +214,13 @@ def convert(sd: dict[str, np.ndarray], model_cfg, expected: dict[tuple[str, ...]
 
 def load(config, params: Any, model_state: dict) -> tuple[Any, dict, dict[str, Any]]:
   """(params, model_state, report) with the backbone taken from `config.model.pretrained`."""
-  from segchange_jax.interop import checkpoints  # pylint: disable=g-import-not-at-top
   spec = config.model.pretrained
   path = resolve(spec, config.model.backbone)
   target = {'params': params, **model_state}
   expected = {k: tuple(v.shape) for k, v in tc.flatten(target).items()
               if len(k) > 1 and k[1] == 'backbone'}
   source, report = convert(read_state_dict(path), config.model, expected, path)
-  merged, merge_report = checkpoints.merge(target, source)
+  merged, merge_report = merge.merge(target, source)
   if merge_report['loaded'] != report['loaded'] or merge_report['unused']:
     raise AssertionError(f'pretrained merge disagrees with the conversion: {merge_report}')
   params = merged.pop('params')

@@ -14,8 +14,8 @@ import io
 import os
 import pickle
 import struct
-import zipfile
 from typing import Any
+import zipfile
 
 import numpy as np
 

@@ -3,7 +3,7 @@
 The library behind `python -m segchange_jax.convert_torch`: `to_flax` reads an upstream
 `.pth` (with the config naming its variant) and writes our variables dir; `to_torch` writes
 any of our checkpoints as an upstream-compatible safetensors state_dict. Both go through each
-module's `torch_rules` (segchange_jax.interop.torch_rules), so a round trip is exact.
+module's `torch_rules` (segchange_jax.models.torch_rules), so a round trip is exact.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ def to_flax(checkpoint: str, config, out: str) -> int:
 def to_torch(checkpoint: str, config, out: str) -> int:
   """Our checkpoint -> upstream state_dict in `out` (.safetensors); returns #tensors."""
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+
   from segchange_jax.models import segchange  # pylint: disable=g-import-not-at-top
   config, variables = checkpoints.load_variables(checkpoint, config)
   sd = segchange.export_torch_state_dict(config, variables)

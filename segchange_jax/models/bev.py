@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from segchange_jax.models import layers
 from segchange_jax.models import remat as remat_lib
-from segchange_jax.interop import torch_rules as tc
+from segchange_jax.models import torch_rules as tc
 
 # Queries per chunk when attention dropout forces an explicit softmax (training only).
 _DROPOUT_QUERY_CHUNK = 1024
@@ -187,9 +187,11 @@ class BEVTransformer(nn.Module):
 def build_bev(model_cfg, dim: int, dtype: Any, name: str) -> nn.Module:
   policy = remat_lib.policy_of(model_cfg)
   if model_cfg.bev == 'LinearAttention':
-    return remat_lib.wrap(BEVLinearAttention, policy, (2,))(dim, model_cfg.bev_heads, model_cfg.bev_dim_head, dtype, name=name)
-  return remat_lib.wrap(BEVTransformer, policy, (2,))(dim, model_cfg.bev_heads, model_cfg.bev_transformer_layers,
-                        model_cfg.bev_transformer_ffn, model_cfg.dropout, dtype, name=name)
+    return remat_lib.wrap(BEVLinearAttention, policy, (2,))(
+        dim, model_cfg.bev_heads, model_cfg.bev_dim_head, dtype, name=name)
+  return remat_lib.wrap(BEVTransformer, policy, (2,))(
+      dim, model_cfg.bev_heads, model_cfg.bev_transformer_layers,
+      model_cfg.bev_transformer_ffn, model_cfg.dropout, dtype, name=name)
 
 
 # ------------------------------------------------------------------------------ torch mapping

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 
 from segchange_jax.models import layers
 from segchange_jax.models import remat as remat_lib
-from segchange_jax.interop import torch_rules as tc
+from segchange_jax.models import torch_rules as tc
 
 
 def _split(t, heads):
@@ -75,7 +75,7 @@ def _scores(x, qk):
   """x [B, N, C] . qk [B, Q, H, C] -> [B, Q, H, N] float32.
 
   Computed as x @ qk^T ([N, Q*H], x in its own layout) and the small result transposed: as
-  qk @ x^T, XLA materialised x^T, a full-resolution transpose (0.25 s of the 512 px step).
+  qk @ x^T, XLA materialised x^T, a full-resolution transpose.
   """
   s = jnp.einsum('bnc,bqhc->bnqh', x, qk.astype(x.dtype))
   return s.astype(jnp.float32).transpose(0, 2, 3, 1)
@@ -107,7 +107,7 @@ def _attend_pool_bwd(res, g):
   ds = p * (dp - jnp.sum(p * dp, -1, keepdims=True))  # softmax VJP
   # Both input-gradient terms (scores and pooling) as ONE product over the stacked queries: one
   # full-resolution result instead of one per term, all of which autodiff kept until their sum
-  # (5 x 0.5 GB at the 512 px batch 2 train step's memory peak).
+  # (at the train step's memory peak).
   lhs = jnp.concatenate([ds, p * keep], axis=1).astype(x.dtype)
   rhs = jnp.concatenate([qk.astype(x.dtype), g_pooled.astype(x.dtype)], axis=1)
   dx = jnp.einsum('bqhn,bqhc->bnc', lhs, rhs)
@@ -131,7 +131,10 @@ def attend_pixels(x, qk, keep=None):
 
 
 def finish_cross(pooled, wsum, w, heads: int):
-  """Pooled pixels -> W_v per head (+ the weight sum times b_v), merge heads, out_proj -> [B, Q, C]."""
+  """Pooled pixels -> W_v per head (+ the weight sum times b_v), merge heads, out_proj.
+
+  Returns [B, Q, C].
+  """
   _, _, (wv, bv), (wo, bo) = w
   v = jnp.einsum('bqhc,chd->bqhd', pooled, _split(wv, heads))
   v = v + wsum[..., None].astype(v.dtype) * _split(bv, heads)

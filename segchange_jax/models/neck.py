@@ -5,7 +5,7 @@ Per scale: 3x3 conv -> GroupNorm -> ReLU -> bilinear x stride (align_corners=Tru
 
 Exact rewrite: bilinear upsampling and the 1x1 fusion conv are both linear and act on different
 axes, so conv(concat(up(h_i))) = sum_i up(h_i @ W_i) + b. The 1x1 conv runs at each scale's own
-resolution instead of on a 4x-wide full-resolution concat (~137 GFLOP saved per 512^2 pair).
+resolution instead of on a 4x-wide full-resolution concat.
 The EGA's closing 1x1 conv is returned unapplied (`layers.DeferredDense`): the mask head only
 uses the map linearly and folds that conv into its own weights.
 """
@@ -20,9 +20,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from segchange_jax.models import kernels
 from segchange_jax.models import layers
 from segchange_jax.models import remat as remat_lib
-from segchange_jax.interop import torch_rules as tc
+from segchange_jax.models import torch_rules as tc
 
 STRIDES = (4, 8, 16, 32)
 SCHARR_X = np.array([[-3., 0., 3.], [-10., 0., 10.], [-3., 0., 3.]], np.float32)
@@ -99,7 +100,7 @@ class Neck(nn.Module):
       h = nn.relu(layers.group_norm(self.gn_groups, self.dtype, f'scale_gn_{i}')(h))
       # The fusion conv's slice for this scale, applied before upsampling (exact rewrite).
       projected.append(h @ kernel[i * self.dim:(i + 1) * self.dim])
-    out = layers.upsample_bilinear_sum(projected, STRIDES[:n]) + bias.astype(self.dtype)
+    out = kernels.upsample_bilinear_sum(projected, STRIDES[:n]) + bias.astype(self.dtype)
     if self.fpn_type == 'FPN':
       out = nn.relu(layers.group_norm(self.gn_groups, self.dtype, 'fusion_gn')(out))
     if self.use_token_connector:

@@ -14,8 +14,7 @@ On CPU the step must be compiled with `compiler_options(...)`: `jax.checkpoint` 
 recomputation with an optimization barrier, which XLA:GPU keeps until after scheduling but
 XLA:CPU removes early (its `cse_barrier_expander` pass runs before fusion and scheduling). After
 that, CSE merges the recomputation back into the forward pass or the scheduler runs it long
-before the backward pass needs it, and remat saves nothing (at 512 px batch 2 'block' needed
-more memory than 'none').
+before the backward pass needs it, and remat saves nothing (or even costs memory).
 """
 
 from __future__ import annotations

@@ -6,19 +6,18 @@ Inputs are NHWC ImageNet-normalised images; text embeddings [B, T, L]; output lo
 
 from __future__ import annotations
 
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 
+from segchange_jax.models import backbones
 from segchange_jax.models import bev as bev_lib
 from segchange_jax.models import diff as diff_lib
 from segchange_jax.models import head as head_lib
 from segchange_jax.models import layers
 from segchange_jax.models import neck as neck_lib
-from segchange_jax.interop import torch_rules as tc
-from segchange_jax.models import backbones
+from segchange_jax.models import torch_rules as tc
 
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
@@ -52,7 +51,8 @@ class SegChangeModel(nn.Module):
     for i, (f, dim) in enumerate(zip(feats, m.out_dims)):
       f = layers.dense(dim, dtype, f'conv_list_{i}')(f)
       # BEV has no batch statistics: both times in one call.
-      out.append(bev_lib.build_bev(m, dim, dtype, f'bev_{i}')(f, train))  # positional: remat static arg
+      # `train` positional: remat's static argument.
+      out.append(bev_lib.build_bev(m, dim, dtype, f'bev_{i}')(f, train))
     diffs = diff_lib.FeatureDiff(m.diff_attention, dtype, m.get('remat', 'none'),
                                  name='feature_diff')(
         [f[:b] for f in out], [f[b:] for f in out], train)

@@ -4,6 +4,5 @@ Flax BERT / Phi / Llama (`bert.py`, `phi.py`, `llama.py`, shared `layers.py`) lo
 Hugging Face safetensors or GGUF (`loading.py`, `gguf_io.py`) behind `encoder.TextEncoder`;
 `cache.py` computes each distinct prompt once and keeps it on disk; `prompts.py` is the one
 place a prompt becomes the model's [P, T, L] input (from an .npz, the cache or the encoder).
-May import: base modules and `interop/hub.py` (Hub ids); nothing from models/, data/, train/
-or inference/.
+What this layer may import: docs/architecture.md, "Import rules".
 """

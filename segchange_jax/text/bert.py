@@ -10,9 +10,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
+from flax import linen as nn
 import jax
 import jax.numpy as jnp
-from flax import linen as nn
 
 from segchange_jax.text import layers
 

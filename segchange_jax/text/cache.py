@@ -99,8 +99,8 @@ def embed_prompts(text_cfg, prompts: Sequence[str], encoder: Any = None) -> np.n
     missing = [p for p in live if p not in table]
     if missing:
       raise KeyError(f'text.embeddings={text_cfg.embeddings!r} lacks {len(missing)} prompt(s), '
-                     f'e.g. {missing[:3]}; regenerate it with python -m segchange_jax.embed_prompts '
-                     'over all prompts.txt files')
+                     f'e.g. {missing[:3]}; regenerate it with python -m '
+                     'segchange_jax.embed_prompts over all prompts.txt files')
   else:
     enc = encoder if encoder is not None else get_encoder(text_cfg)
     if enc.dim != dim or enc.max_tokens != t:

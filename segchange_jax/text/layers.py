@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from flax import linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import linen as nn
 
 
 def resolve_dtype(dtype: Any) -> jnp.dtype:

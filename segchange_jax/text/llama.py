@@ -9,9 +9,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
+from flax import linen as nn
 import jax
 import jax.numpy as jnp
-from flax import linen as nn
 
 from segchange_jax.text import layers
 
@@ -40,7 +40,8 @@ class LlamaConfig:
     if 'rope_theta' in rope:
       kw['rope_theta'] = rope['rope_theta']
     scaling = cfg.get('rope_scaling') or {}
-    rope_type = rope.get('rope_type') or scaling.get('rope_type') or scaling.get('type') or 'default'
+    rope_type = (rope.get('rope_type') or scaling.get('rope_type') or scaling.get('type')
+                 or 'default')
     if rope_type != 'default':
       raise ValueError(f'config.json rope type {rope_type!r} is not supported (only "default")')
     layers.activation(kw.get('hidden_act', 'silu'))

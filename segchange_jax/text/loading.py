@@ -14,13 +14,18 @@ import os
 import pathlib
 from typing import Any, Callable, Iterator
 
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec
 import numpy as np
-from flax import traverse_util
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from segchange_jax.text import bert, layers, llama, phi
+from segchange_jax.text import bert
+from segchange_jax.text import layers
+from segchange_jax.text import llama
+from segchange_jax.text import phi
 
 
 @dataclasses.dataclass(frozen=True)

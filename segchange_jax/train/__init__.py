@@ -6,7 +6,7 @@ prompt table, steps, evaluation, checkpoints, logs: `train_and_evaluate`), `loss
 `sharding` (the data x fsdp mesh), `checkpointing` (Orbax managers, exact resume; reading any
 checkpoint is interop/checkpoints.py), `summary` (metrics.csv + TensorBoard), `distributed`
 (multi-process start-up), `init_from`, `evaluation` (scoring a checkpoint on a split).
-`python -m segchange_jax.train` runs `__main__.py`. May import: base modules, models/,
-text/, data/, interop/; never inference/.
+`python -m segchange_jax.train` runs `__main__.py`. What this layer may import:
+docs/architecture.md, "Import rules".
 This file imports nothing, so `python -m segchange_jax.train` starts fast.
 """

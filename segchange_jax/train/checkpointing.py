@@ -158,8 +158,8 @@ class Checkpointer:
 def restore_params(path: str, target_params: Any = None) -> Any:
   """The 'params' of a saved TrainState (for config.init_from).
 
-  `path`: anything `interop.checkpoints.find_step_dir` accepts. With `target_params` the arrays take its shapes
-  and shardings; without, they come back as host numpy arrays.
+  `path`: anything `interop.checkpoints.find_step_dir` accepts. With `target_params` the
+  arrays take its shapes and shardings; without, they come back as host numpy arrays.
   """
   step_dir = checkpoints.find_step_dir(path)
   if step_dir is None:

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import os
 
-import jax
 from absl import logging
+import jax
 
 
 def _cluster_detected() -> bool:

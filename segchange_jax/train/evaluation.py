@@ -100,12 +100,13 @@ def evaluate(config, variables: dict, split: str, out_dir: str, num_images: int 
              checkpoint: str = '') -> dict[str, Any]:
   """Scores `split`, writes metrics JSON, per-example CSV and images; returns the metrics."""
   import jax  # pylint: disable=g-import-not-at-top
+
+  from segchange_jax.models import segchange  # pylint: disable=g-import-not-at-top
+  from segchange_jax.text import prompts  # pylint: disable=g-import-not-at-top
+  from segchange_jax.train import loop  # pylint: disable=g-import-not-at-top
   from segchange_jax.train import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
   from segchange_jax.train import sharding  # pylint: disable=g-import-not-at-top
   from segchange_jax.train import train_step  # pylint: disable=g-import-not-at-top
-  from segchange_jax.train import loop  # pylint: disable=g-import-not-at-top
-  from segchange_jax.text import prompts  # pylint: disable=g-import-not-at-top
-  from segchange_jax.models import segchange  # pylint: disable=g-import-not-at-top
 
   info = input_pipeline.load_dataset_info(config.data.shards_dir)
   if split not in info['splits']:
@@ -184,6 +185,7 @@ def _write_per_example(path: str, cms: np.ndarray, source) -> None:
 def _write_images(folder: str, ranked: dict, source, rank_by: str, scores: np.ndarray,
                   binary: bool) -> None:
   import cv2  # pylint: disable=g-import-not-at-top
+
   from segchange_jax.data import records  # pylint: disable=g-import-not-at-top
   os.makedirs(folder, exist_ok=True)
   for kind, items in ranked.items():

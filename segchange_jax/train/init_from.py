@@ -11,11 +11,11 @@ from __future__ import annotations
 import os
 from typing import Any
 
-
 from segchange_jax.interop import checkpoints
+from segchange_jax.interop import merge
 from segchange_jax.interop import torch_pickle
 from segchange_jax.models import segchange
-from segchange_jax.interop import torch_rules
+from segchange_jax.models import torch_rules
 
 
 def _source_variables(path: str, config) -> dict:
@@ -40,7 +40,7 @@ def load(config, params: Any, model_state: dict) -> tuple[Any, dict, dict[str, A
     raise FileNotFoundError(f'config.init_from={path!r} does not exist')
   source = {k: dict(v) for k, v in _source_variables(path, config).items()}
   target = {'params': params, **model_state}
-  merged, report = checkpoints.merge(target, source)
+  merged, report = merge.merge(target, source)
   params = merged.pop('params')
   report['path'] = os.path.abspath(path)
   return params, merged, report

@@ -1,6 +1,6 @@
 """The training loop: data, prompt table, sharded state, steps, evaluation, checkpoints, logs.
 
-Pure pieces live in train_lib / losses / metrics / optim / sharding; this module only drives
+Pure pieces live in train_step / losses / metrics / optim / sharding; this module only drives
 them and does the I/O. Every process runs the same code; only process 0 writes logs.
 """
 
@@ -10,28 +10,28 @@ import json
 import time
 from typing import Any, Callable
 
+from absl import logging
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
-from absl import logging
-from jax.experimental import multihost_utils
 
 from segchange_jax import allocator
 from segchange_jax import atomic
 from segchange_jax import jax_compat
-from segchange_jax.train import checkpointing
-from segchange_jax.data import shards
-from segchange_jax.train import init_from
+from segchange_jax import paths
 from segchange_jax.data import input_pipeline
+from segchange_jax.data import shards
+from segchange_jax.models import segchange
+from segchange_jax.text import prompts
+from segchange_jax.train import checkpointing
+from segchange_jax.train import init_from
 from segchange_jax.train import metrics as metrics_lib
 from segchange_jax.train import optim
-from segchange_jax import paths
+from segchange_jax.train import param_groups
 from segchange_jax.train import sharding
 from segchange_jax.train import summary
 from segchange_jax.train import train_step
-from segchange_jax.text import prompts
-from segchange_jax.train import param_groups
-from segchange_jax.models import segchange
 
 
 class TrainingError(RuntimeError):
@@ -93,8 +93,9 @@ def _compile_then_align(step_fn: Callable, name: str, timeout_s: int,
   """Compile `step_fn` at its first call; multi-process: wait for all processes, then run.
 
   Compile times differ between hosts (a busy CPU, a compilation-cache miss on one host); CPU
-  clusters (gloo) fail a collective whose participants arrive more than 30 s apart, and other
-  backends would just idle. Aligning after compiling keeps the first collective together.
+  clusters (gloo) fail a collective whose participants arrive further apart than its timeout,
+  and other backends would just idle. Aligning after compiling keeps the first collective
+  together.
   `on_compiled(compiled)` runs once (e.g. to log XLA's cost analysis; no extra compile).
   """
   if jax.process_count() == 1 and on_compiled is None:
@@ -166,8 +167,9 @@ def train_and_evaluate(config, workdir: str,
   train_iter, steps_per_epoch = input_pipeline.create_train_iterator(config, prompt_to_index)
   if steps_per_epoch < 1:
     raise TrainingError(
-        f'{shards_dir}: {info["splits"][config.data.train_split]["num_examples"]} training examples '
-        f'are fewer than one batch of {config.train.batch_size}; lower --config.train.batch_size')
+        f'{shards_dir}: {info["splits"][config.data.train_split]["num_examples"]} training '
+        f'examples are fewer than one batch of {config.train.batch_size}; lower '
+        '--config.train.batch_size')
   total_steps = config.train.max_steps or config.train.epochs * steps_per_epoch
   size = config.data.image_size
   sample = {k: jax.ShapeDtypeStruct((config.train.batch_size, size, size, 3), jnp.float32)

@@ -3,7 +3,8 @@
 Binary (K=1) follows upstream models/losses/loss.py exactly when every example is valid:
   BCE: mean of BCEWithLogits over all pixels of the batch.
   Dice: p = sigmoid(z); 1 - (2 sum(p y) + 1) / (sum p + sum y + 1), sums over the WHOLE batch.
-  Focal: pt = p if y else 1 - p; mean of -alpha (1 - pt)^gamma log(pt + 1e-6) (alpha on every pixel).
+  Focal: pt = p if y else 1 - p; mean of -alpha (1 - pt)^gamma log(pt + 1e-6) (alpha on every
+    pixel).
   BCL: d = |z - y| on logits; sum_{y=1} d / n_pos + sum_{y=0} max(0, m - d) / n_neg (0 if count 0).
 Multi-class (K>1):
   CE: mean cross-entropy; Dice: softmax, per (example, class) dice with smooth 1, averaged over
@@ -137,5 +138,6 @@ def total_loss(logits: Array, labels: Array, mask: Array | None,
   else:
     parts = multiclass_losses(logits, labels, mask, **kw)
   total = (loss_config['weight_ce'] * parts['ce'] + loss_config['weight_dice'] * parts['dice']
-           + loss_config['weight_focal'] * parts['focal'] + loss_config['weight_bcl'] * parts['bcl'])
+           + loss_config['weight_focal'] * parts['focal']
+           + loss_config['weight_bcl'] * parts['bcl'])
   return total, parts

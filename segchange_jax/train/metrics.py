@@ -58,8 +58,9 @@ def compute_metrics(cm: np.ndarray) -> dict[str, float | list[float]]:
   """precision, recall, f1, iou, oa from an int [C,C] (true, predicted) confusion matrix.
 
   C == 2: scores of class 1 (change), plus `f1_all_change`, the F1 of predicting change
-  everywhere (2p / (1 + p) for a changed-pixel fraction p). C > 2: macro averages plus per-class lists
-  (`precision_per_class`, ...), averaged over classes present in labels or predictions.
+  everywhere (2p / (1 + p) for a changed-pixel fraction p). C > 2: macro averages plus
+  per-class lists (`precision_per_class`, ...), averaged over classes present in labels or
+  predictions.
   """
   cm = np.asarray(cm, np.int64)
   tp = np.diag(cm)

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from segchange_jax.interop import torch_rules
+from segchange_jax.models import torch_rules
 
 LabelFn = Callable[[tuple[str, ...]], str]
 
@@ -43,7 +43,8 @@ def default_label_fn(names: tuple[str, ...]) -> str:
 def param_labels(params: Any, label_fn: LabelFn = default_label_fn,
                  frozen_mask: Any = None) -> Any:
   """Pytree of 'head' / 'backbone' / 'frozen' labels matching `params`."""
-  labels = jax.tree_util.tree_map_with_path(lambda p, _: label_fn(torch_rules.path_names(p)), params)
+  labels = jax.tree_util.tree_map_with_path(lambda p, _: label_fn(torch_rules.path_names(p)),
+                                            params)
   if frozen_mask is not None:
     labels = jax.tree.map(lambda l, f: FROZEN if f else l, labels, frozen_mask)
   return labels
@@ -59,7 +60,8 @@ def make_schedule(config, base_lr: float, steps_per_epoch: int) -> optax.Schedul
   """
   t = config.train
   if steps_per_epoch < 1:
-    raise ValueError(f'steps_per_epoch={steps_per_epoch} must be >= 1 (is the training split empty?)')
+    raise ValueError(f'steps_per_epoch={steps_per_epoch} must be >= 1 (is the training split '
+                     'empty?)')
   if t.scheduler == 'step':
     return optax.exponential_decay(base_lr, transition_steps=steps_per_epoch * t.lr_drop,
                                    decay_rate=t.lr_gamma, staircase=True)

@@ -13,10 +13,10 @@ from typing import Any, Callable
 import jax
 import ml_collections
 
-from segchange_jax.train import optim
 from segchange_jax.models import segchange
+from segchange_jax.models import torch_rules
 from segchange_jax.models.backbones import backbone_frozen_param_paths
-from segchange_jax.interop import torch_rules
+from segchange_jax.train import optim
 
 
 def lr_label_fn(config: ml_collections.ConfigDict) -> optim.LabelFn:

@@ -18,15 +18,18 @@ from __future__ import annotations
 from typing import Any, Callable, Mapping
 
 import flax
+from flax import struct
 import jax
 import jax.numpy as jnp
-import optax
-from flax import struct
 from jax.sharding import Mesh
+import optax
 
 from segchange_jax import jax_compat
 from segchange_jax.models import remat as remat_lib
-from segchange_jax.train import losses, metrics, optim, sharding
+from segchange_jax.train import losses
+from segchange_jax.train import metrics
+from segchange_jax.train import optim
+from segchange_jax.train import sharding
 
 Batch = Mapping[str, jax.Array]
 BATCH_KEYS = ('image_a', 'image_b', 'label', 'prompt_index', 'mask')
@@ -161,8 +164,8 @@ def make_train_step(model, config, mesh: Mesh, state_shardings: Any):
   'lr_scale', 'cm' (int32 confusion-matrix increment, for train OA).
   """
   # Dropout masks: same bits, drawn without XLA:CPU's rolled threefry loop (jax_compat). Not
-  # under remat: copied into every recomputed block, the unrolled form made XLA's compile of a
-  # Swin-B step 4x+ slower (128 px, 'block': 125 s rolled, >475 s unrolled). Process-wide once set.
+  # under remat: copied into every recomputed block, the unrolled form makes XLA's compile of
+  # the step several times slower. Process-wide once set.
   if remat_lib.policy_of(config.model) == 'none':
     jax_compat.unroll_cpu_threefry()
   def train_step(state: TrainState, batch: Batch, text_table: jax.Array):

@@ -51,6 +51,7 @@ def run_sample(url: str, screenshot: str | None = None, timeout_s: float = 300,
   without files.
   """
   from playwright.sync_api import sync_playwright  # pylint: disable=g-import-not-at-top
+
   from segchange_jax.app import ui  # pylint: disable=g-import-not-at-top
   with sync_playwright() as p:
     browser = p.chromium.launch(executable_path=chromium(), headless=True,

@@ -8,9 +8,9 @@ import re
 
 import pytest
 
-from segchange_jax.inference import predictor
 from segchange_jax.app import samples
 from segchange_jax.app import ui
+from segchange_jax.inference import predictor
 from tests.app import browser
 from tests.eval import tiny
 

@@ -10,15 +10,15 @@ import subprocess
 import sys
 
 import numpy as np
+from PIL import Image
 import pytest
 import rasterio
-from PIL import Image
 from rasterio.transform import from_origin
 
 from segchange_jax import cli
-from segchange_jax.inference import raster_io
 from segchange_jax.app import samples
 from segchange_jax.app import ui
+from segchange_jax.inference import raster_io
 from tests.eval import tiny
 
 
@@ -184,6 +184,7 @@ def test_command_serves_the_page(repo_root, tmp_path):
   """`python -m segchange_jax.app --checkpoint DIR --port N` loads the checkpoint and serves."""
   import time  # pylint: disable=g-import-not-at-top
   import urllib.request  # pylint: disable=g-import-not-at-top
+
   from tests.app import browser  # pylint: disable=g-import-not-at-top
   npz = tiny.write_embeddings(tmp_path / 'p.npz', ['Buildings appearing or vanishing.'])
   tiny.save_checkpoint(tmp_path / 'ckpt', tiny.tiny_config(embeddings=npz))
@@ -217,3 +218,11 @@ def test_infer_only_flags_are_refused(repo_root):
   assert out.returncode == 2
   lines = out.stderr.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith('error: ') and 'window' in lines[0], lines
+
+
+def test_checkpoint_path_is_shown_as_typed_inside_the_working_directory(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  inside = os.path.join(str(tmp_path), 'runs', 'demo', 'checkpoints')
+  assert ui.shown_path(inside) == os.path.join('runs', 'demo', 'checkpoints')
+  outside = os.path.dirname(str(tmp_path))
+  assert ui.shown_path(outside) == outside

@@ -5,10 +5,10 @@ import os
 import subprocess
 import sys
 
+from array_record.python import array_record_data_source
 import numpy as np
 import pytest
 
-from array_record.python import array_record_data_source
 from segchange_jax.data import convert
 from segchange_jax.data import records
 

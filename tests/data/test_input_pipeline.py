@@ -8,10 +8,10 @@ import pytest
 
 from configs import base
 from segchange_jax.data import convert
-from segchange_jax.data import synthetic
-from segchange_jax.data import input_pipeline as ip
 from segchange_jax.data import imagery
+from segchange_jax.data import input_pipeline as ip
 from segchange_jax.data import records
+from segchange_jax.data import synthetic
 
 
 @pytest.fixture(scope='module')

@@ -3,14 +3,15 @@
 import os
 import sys
 
+from array_record.python import array_record_data_source
 import numpy as np
 
-from array_record.python import array_record_data_source
 from segchange_jax.data import records
 
 
 def test_build_and_read_without_tensorflow(tmp, helpers):
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
   from data_prep import tfds_builder  # pylint: disable=g-import-not-at-top
   root = os.path.join(tmp, 'raw')
   pairs = helpers.write_folder(os.path.join(root, 'train'), ['a.png', 'b.png', 'c.png'])

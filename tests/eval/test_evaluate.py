@@ -14,13 +14,13 @@ import jax
 import numpy as np
 import pytest
 
-from segchange_jax.inference import predictor
-from segchange_jax.train import evaluation
-from segchange_jax.data import input_pipeline
 from segchange_jax.data import imagery
+from segchange_jax.data import input_pipeline
 from segchange_jax.data import records
-from tests.eval import tiny
+from segchange_jax.inference import predictor
 from segchange_jax.interop import checkpoints
+from segchange_jax.train import evaluation
+from tests.eval import tiny
 
 
 @pytest.fixture(scope='module')

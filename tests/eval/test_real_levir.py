@@ -26,10 +26,10 @@ import numpy as np
 import pytest
 
 from segchange_jax import config_lib
+from segchange_jax.interop import checkpoints
 from segchange_jax.train import evaluation
 from segchange_jax.train import loop
 from tests.eval import tiny
-from segchange_jax.interop import checkpoints
 
 SPLIT = 'all'  # any name without a list/<name>.txt: the whole flat root
 MISSING = 'test_113_0256.png'

@@ -12,8 +12,8 @@ import jax
 import numpy as np
 
 from segchange_jax import config_lib
-from segchange_jax.models import segchange
 from segchange_jax.interop import checkpoints
+from segchange_jax.models import segchange
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 SIZE = 64
@@ -63,7 +63,8 @@ def write_embeddings(path, prompts, dim: int = TEXT_DIM, tokens: int = 8, seed: 
 
 def make_dataset(root, n: int = 30) -> tuple[str, str, dict]:
   """Synthetic 64 px scenes converted to shards; (shards_dir, embeddings npz, dataset_info)."""
-  from segchange_jax.data import convert, synthetic  # pylint: disable=g-import-not-at-top
+  from segchange_jax.data import convert  # pylint: disable=g-import-not-at-top
+  from segchange_jax.data import synthetic  # pylint: disable=g-import-not-at-top
   root = pathlib.Path(root)
   synthetic.generate(str(root / 'raw'), n, SIZE, seed=0)
   info = convert.convert('segchange-default', str(root / 'raw'), str(root / 'shards'))

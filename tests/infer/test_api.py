@@ -1,4 +1,5 @@
-"""ChangeDetector.predict / predict_scene (the Python API) and the README snippet that shows them."""
+"""ChangeDetector.predict / predict_scene (the Python API) and the README snippet that shows
+them."""
 
 from __future__ import annotations
 
@@ -6,14 +7,14 @@ import os
 import re
 
 import numpy as np
+from PIL import Image
 import pytest
 import rasterio
-from PIL import Image
 
 from segchange_jax.inference import predictor
+from segchange_jax.interop import checkpoints
 from tests.eval import tiny
 from tests.infer import scene_helpers as h
-from segchange_jax.interop import checkpoints
 
 PROMPT = 'Buildings appearing or vanishing.'
 
@@ -97,6 +98,7 @@ def test_readme_snippet_runs(detector, tmp_path, monkeypatch):
 def test_training_checkpoint_restores_variables_only(detector, tmp_path):
   """A training checkpoint (state with optimizer moments) yields just params + model state."""
   import jax  # pylint: disable=g-import-not-at-top
+
   from segchange_jax.train import checkpointing  # pylint: disable=g-import-not-at-top
   _, det, variables = detector
   params = variables['params']

@@ -7,17 +7,17 @@ import os
 import subprocess
 import sys
 
+from affine import Affine
 import numpy as np
-import pytest
+from PIL import Image
 import pyogrio
 import pyogrio.raw
+import pytest
 import rasterio
+from rasterio.enums import ColorInterp
 import rasterio.warp
 import shapely
 import shapely.geometry
-from affine import Affine
-from rasterio.enums import ColorInterp
-from PIL import Image
 
 from segchange_jax.data import imagery
 from segchange_jax.inference import pipeline
@@ -147,7 +147,8 @@ def test_cli_help_and_grid_error(tmp_path, repo_root):
   b_path = h.write_tif(tmp_path / 'b.tif', b, crs='EPSG:32619')
   out = tmp_path / 'o.tif'
   r = subprocess.run([sys.executable, '-m', 'segchange_jax.infer', '--checkpoint', 'none',
-                      '--a', a_path, '--b', b_path, '--out', str(out), '--window', '64', '--overlap', '16'],
+                      '--a', a_path, '--b', b_path, '--out', str(out), '--window', '64',
+                      '--overlap', '16'],
                      cwd=repo_root, env=env, capture_output=True, text=True, timeout=120)
   assert r.returncode == 2 and 'different pixel grids' in r.stderr and '--align' in r.stderr
   assert not out.exists() and not (tmp_path / 'o.tif.partial').exists()
@@ -184,7 +185,8 @@ def test_failure_leaves_no_output(pair, tmp_path):
     return h.box_change(x, y)
   out = str(tmp_path / 'o.tif')
   with pytest.raises(RuntimeError, match='fell over'):
-    pipeline.run_inference(pair[0], pair[1], out, flaky, polygons_path=str(tmp_path / 'p.geojson'), **KW)
+    pipeline.run_inference(pair[0], pair[1], out, flaky,
+                           polygons_path=str(tmp_path / 'p.geojson'), **KW)
   assert sorted(os.listdir(tmp_path)) == ['a.tif', 'b.tif']
 
 
@@ -210,7 +212,8 @@ def test_postprocess_and_polygons_in_map_units(tmp_path):
   _, _, geoms, fields = pyogrio.raw.read(gpkg)
   assert fields[1][0] == pytest.approx(360000.0) and fields[2][0] == 3600
   xs = shapely.from_wkb(geoms[0]).exterior.coords.xy[0]
-  assert min(xs) == pytest.approx(500000.0 + 30 * 10) and max(xs) == pytest.approx(500000.0 + 90 * 10)
+  assert min(xs) == pytest.approx(500000.0 + 30 * 10)
+  assert max(xs) == pytest.approx(500000.0 + 90 * 10)
   # GeoJSON: RFC 7946 (WGS 84 lon/lat, no crs member, counter-clockwise exterior).
   fc = json.load(open(gj))
   assert 'crs' not in fc

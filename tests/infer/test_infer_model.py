@@ -15,9 +15,8 @@ import pytest
 import rasterio
 
 import segchange_jax
-
-from segchange_jax.inference import predictor
 from segchange_jax.inference import pipeline
+from segchange_jax.inference import predictor
 from segchange_jax.text import prompts
 from tests.eval import tiny
 from tests.infer import scene_helpers as h

@@ -99,8 +99,8 @@ def test_rgbn_drops_nir_or_selects(shared_data, tmp_path):
   a_path = str(shared_data / 'geotiff/rgbn_4band.tif')
   b_path = _copy_with_change(a_path, tmp_path / 'b.tif', (100, 160, 200, 260))
   b_nir = _copy_with_change(a_path, tmp_path / 'bn.tif', (100, 160, 200, 260), bands=[3])
-  run = lambda name, **kw: (pipeline.run_inference(a_path, b_path, str(tmp_path / name), h.box_change,
-                                                probabilities=True, **KW, **kw),
+  run = lambda name, **kw: (pipeline.run_inference(a_path, b_path, str(tmp_path / name),
+                                                   h.box_change, probabilities=True, **KW, **kw),
                             _read(str(tmp_path / name))[0])[1]
   default = run('d.tif')
   np.testing.assert_array_equal(default, run('s.tif', bands=[1, 2, 3]))

@@ -1,4 +1,5 @@
-"""Engine tests (segchange_jax.inference.sliding_window) with in-memory sources and toy predictors."""
+"""Engine tests (segchange_jax.inference.sliding_window) with in-memory sources and toy
+predictors."""
 
 from __future__ import annotations
 
@@ -46,8 +47,8 @@ class MemSink:
 def _run(a, b, predict, window, overlap, batch=3, valid=None, channels=1, block_rows=16):
   src = MemPair(a, b, valid)
   sink = MemSink(a.shape[0], a.shape[1], channels, block_rows)
-  stats = sliding_window.run_scene(src, predict, sink, window=window, overlap=overlap, batch_size=batch,
-                          channels=channels, progress=False)
+  stats = sliding_window.run_scene(src, predict, sink, window=window, overlap=overlap,
+                                   batch_size=batch, channels=channels, progress=False)
   assert sink.next_row == a.shape[0]
   return sink, stats, src
 
@@ -148,7 +149,8 @@ def test_raster_smaller_than_window_is_padded_and_cropped(hh, ww):
   assert stats.windows == 1 and seen == [(2, 32, 32, 3)]
   mode = 'reflect' if min(hh, ww) > 1 else 'edge'
   pad = ((0, 32 - hh), (0, 32 - ww), (0, 0))
-  expected = h.box_change(np.pad(a, pad, mode=mode)[None], np.pad(b, pad, mode=mode)[None])[0, :hh, :ww]
+  expected = h.box_change(np.pad(a, pad, mode=mode)[None],
+                          np.pad(b, pad, mode=mode)[None])[0, :hh, :ww]
   np.testing.assert_allclose(sink.probs[..., 0], expected, atol=1e-6)
 
 
@@ -172,7 +174,8 @@ def test_nodata_is_neutral_for_the_model_and_nodata_in_output():
   by = np.concatenate(ys)[:len(origins)]
   for (y0, x0), wa, wb in zip(origins, ax, by):
     inv = ~valid[y0:y0 + 32, x0:x0 + 32]
-    assert np.all(wa[inv] == sliding_window.NEUTRAL_RGB) and np.all(wb[inv] == sliding_window.NEUTRAL_RGB)
+    assert np.all(wa[inv] == sliding_window.NEUTRAL_RGB)
+    assert np.all(wb[inv] == sliding_window.NEUTRAL_RGB)
 
 
 def test_all_nodata_batches_skip_the_model():

@@ -1,4 +1,5 @@
-"""HGNetv2-B5 backbone: upstream key names, parity with a clean-room torch reference, frozen stem."""
+"""HGNetv2-B5 backbone: upstream key names, parity with a clean-room torch reference, frozen
+stem."""
 
 import pathlib
 
@@ -10,11 +11,14 @@ import pytest
 import torch
 
 from configs import base
-from segchange_jax.interop import torch_rules
-from segchange_jax.models.backbones import backbone_channels, backbone_frozen_param_paths
-from segchange_jax.models.backbones import backbone_torch_mapping, build_backbone
+from segchange_jax.models import torch_rules
+from segchange_jax.models.backbones import backbone_channels
+from segchange_jax.models.backbones import backbone_frozen_param_paths
+from segchange_jax.models.backbones import backbone_torch_mapping
+from segchange_jax.models.backbones import build_backbone
 from segchange_jax.models.backbones import hgnetv2
-from tests.torch_ref.hgnetv2 import FrozenBN, HGNetv2Ref
+from tests.torch_ref.hgnetv2 import FrozenBN
+from tests.torch_ref.hgnetv2 import HGNetv2Ref
 
 PREFIX = 'dual_encoder.encoder.'
 TSV = pathlib.Path(__file__).resolve().parents[1] / 'upstream_keys' / 'state_dict_v3_hgnetv2.tsv'

@@ -3,13 +3,14 @@
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 import numpy as np
 import pytest
 import torch
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from segchange_jax.models import layers
-from segchange_jax.models.backbones import norms
+from segchange_jax.models import norms
 
 C = 6
 

@@ -311,7 +311,8 @@ def test_config_values(tmp_path, repo_root):
   # Upstream variants start from ImageNet weights, the demo from random ones.
   for name, want in (('levir', 'imagenet'), ('dvcd', 'imagenet'), ('whu', 'imagenet'),
                      ('sysu_fewshot', 'imagenet'), ('demo', ''), ('demo_llm', '')):
-    assert config_lib.load_config(str(repo_root / f'configs/{name}.py')).model.pretrained == want, name
+    config = config_lib.load_config(str(repo_root / f'configs/{name}.py'))
+    assert config.model.pretrained == want, name
 
 
 def test_saved_configs_with_the_old_boolean_still_load():

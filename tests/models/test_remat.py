@@ -1,4 +1,5 @@
-"""config.model.remat: same loss and gradients as no remat, less train-step memory; bad values rejected."""
+"""config.model.remat: same loss and gradients as no remat, less train-step memory; bad values
+rejected."""
 
 import flax.linen as nn
 import jax
@@ -11,7 +12,10 @@ from segchange_jax.models import remat as remat_lib
 from segchange_jax.models.backbones import swin
 from segchange_jax.train import train_step
 from tests.models.test_segchange import small_config
-from tests.train.test_train_step import B, make_batches, setup, text_table
+from tests.train.test_train_step import B
+from tests.train.test_train_step import make_batches
+from tests.train.test_train_step import setup
+from tests.train.test_train_step import text_table
 from tests.train.traincore_toy import toy_config
 
 

@@ -13,8 +13,10 @@ import torch
 import torchvision
 
 from configs import base
-from segchange_jax.interop import torch_rules
-from segchange_jax.models.backbones import backbone_channels, backbone_torch_mapping, build_backbone
+from segchange_jax.models import torch_rules
+from segchange_jax.models.backbones import backbone_channels
+from segchange_jax.models.backbones import backbone_torch_mapping
+from segchange_jax.models.backbones import build_backbone
 from segchange_jax.models.backbones import resnet
 
 TSV = pathlib.Path(__file__).resolve().parents[1] / 'upstream_keys' / 'state_dict_v2_resnet50.tsv'

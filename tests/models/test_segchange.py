@@ -10,14 +10,15 @@ import pytest
 import torch
 
 from configs import base
-from segchange_jax.models import segchange
 from segchange_jax.interop import checkpoints
-from segchange_jax.interop import torch_rules as tc
+from segchange_jax.models import segchange
+from segchange_jax.models import torch_rules as tc
 from tests.torch_ref import segchange as ref
 from tests.torch_ref import util
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
-UPSTREAM_KEYS = pathlib.Path(__file__).resolve().parents[1] / 'upstream_keys'  # tests/upstream_keys/README.md
+# tests/upstream_keys/README.md says where these key lists come from.
+UPSTREAM_KEYS = pathlib.Path(__file__).resolve().parents[1] / 'upstream_keys'
 TSV = {'swin_base_patch4_window7_224': 'state_dict_v1_swin.tsv',
        'resnet50': 'state_dict_v2_resnet50.tsv', 'hgnetv2': 'state_dict_v3_hgnetv2.tsv'}
 

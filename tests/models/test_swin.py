@@ -10,14 +10,16 @@ import numpy as np
 import pytest
 
 from configs import base
-from segchange_jax.interop import torch_rules as tc
-from segchange_jax.models.backbones import backbone_torch_mapping, swin
+from segchange_jax.models import torch_rules as tc
+from segchange_jax.models.backbones import backbone_torch_mapping
+from segchange_jax.models.backbones import swin
 
 torch = pytest.importorskip('torch')
 timm = pytest.importorskip('timm')
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
-UPSTREAM_KEYS = pathlib.Path(__file__).resolve().parents[1] / 'upstream_keys'  # tests/upstream_keys/README.md
+# tests/upstream_keys/README.md says where these key lists come from.
+UPSTREAM_KEYS = pathlib.Path(__file__).resolve().parents[1] / 'upstream_keys'
 UPSTREAM_PREFIX = 'dual_encoder.encoder.backbone.'
 SMALL = dict(embed_dim=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8))
 

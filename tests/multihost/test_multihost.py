@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 
 from configs import base
-from segchange_jax.train import checkpointing
 from segchange_jax.data import input_pipeline
+from segchange_jax.train import checkpointing
 from tests.multihost import local_cluster
 
 DIM = 16  # width of the `dataset` fixture's embeddings (tests/conftest.py)

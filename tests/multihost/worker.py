@@ -16,10 +16,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import base
-from segchange_jax.train import distributed
 from segchange_jax.data import input_pipeline
-from segchange_jax.train import sharding
+from segchange_jax.train import distributed
 from segchange_jax.train import loop
+from segchange_jax.train import sharding
 
 
 def main(shards: str, out: str, coordinator: str, num_processes: int, process_id: int) -> None:

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from configs import base
-from segchange_jax.text import prompts as prompts_lib
 from segchange_jax.text import cache as cache_lib
 from segchange_jax.text import encoder as encoder_lib
+from segchange_jax.text import prompts as prompts_lib
 
 PROMPTS = ['Buildings with changes, Mound changes.', '', 'a road', 'a road']
 
@@ -22,7 +22,8 @@ def enc(minilm_dir):
 
 def _text_cfg(minilm_dir, tmp_path, embeddings=''):
   cfg = base.get_config().text
-  cfg.model, cfg.dim, cfg.cache_dir, cfg.embeddings = str(minilm_dir), 384, str(tmp_path), embeddings
+  cfg.model, cfg.dim = str(minilm_dir), 384
+  cfg.cache_dir, cfg.embeddings = str(tmp_path), embeddings
   return cfg
 
 

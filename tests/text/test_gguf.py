@@ -11,7 +11,9 @@ pytest.importorskip('gguf')
 pytest.importorskip('accelerate')
 
 from segchange_jax.text import encoder as encoder_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
-from segchange_jax.text import gguf_io, llama, loading  # pylint: disable=g-import-not-at-top,wrong-import-position
+from segchange_jax.text import gguf_io  # pylint: disable=g-import-not-at-top,wrong-import-position
+from segchange_jax.text import llama  # pylint: disable=g-import-not-at-top,wrong-import-position
+from segchange_jax.text import loading  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 PROMPTS = ['Buildings with changes, Mound changes.', '', 'a road']
 
@@ -84,7 +86,8 @@ def test_smollm_gguf_two_layers_vs_transformers_processing(smollm_gguf):
     p = t.name.split('.')
     if p[0] == 'blk' and int(p[1]) >= 2:
       continue
-    w = proc.process(np.asarray(quants.dequantize(t.data, t.tensor_type), np.float32), t.name).weights
+    w = proc.process(np.asarray(quants.dequantize(t.data, t.tensor_type), np.float32),
+                     t.name).weights
     hf_name = (f'layers.{p[1]}.{blk[p[2]]}.weight' if p[0] == 'blk' else f'{names[p[0]]}.weight')
     sd[hf_name] = torch.from_numpy(np.array(w))
   missing, unexpected = ref_model.load_state_dict(sd, strict=False)

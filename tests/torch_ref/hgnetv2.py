@@ -1,8 +1,9 @@
 """Clean-room PyTorch reference of HGNetv2-B5 (use_lab off, all 4 stages returned).
 
-Written from the description in segchange_jax/models/backbones/hgnetv2.py and docs/architecture.md, for
-parity tests only. Module attribute names are chosen so that `state_dict()` keys equal
-upstream's (`stem.stem1.conv.weight`, `stages.2.blocks.0.layers.3.conv2.bn.running_var`, ...).
+Written from the description in segchange_jax/models/backbones/hgnetv2.py and
+docs/architecture.md, for parity tests only. Module attribute names are chosen so that
+`state_dict()` keys equal upstream's (`stem.stem1.conv.weight`,
+`stages.2.blocks.0.layers.3.conv2.bn.running_var`, ...).
 Works in NCHW, as torch does.
 """
 

@@ -19,7 +19,8 @@ def torch_binary(z, y, alpha=0.6, gamma=2.0, margin=2.0):
   d = (z - y).abs()
   pos, neg = y == 1, y == 0
   lp = (d * pos).sum() / pos.sum() if pos.sum() > 0 else torch.zeros(())
-  ln = (torch.clamp(margin - d, min=0) * neg).sum() / neg.sum() if neg.sum() > 0 else torch.zeros(())
+  ln = ((torch.clamp(margin - d, min=0) * neg).sum() / neg.sum() if neg.sum() > 0
+        else torch.zeros(()))
   return {'ce': ce, 'dice': dice, 'focal': focal, 'bcl': lp + ln}
 
 

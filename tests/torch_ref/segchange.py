@@ -1,8 +1,9 @@
 """Clean-room PyTorch reference of SegChange-R1's non-backbone parts, written from
 docs/architecture.md.
 
-Attribute names are chosen so that `state_dict()` keys equal upstream's (tests/upstream_keys/*.tsv);
-the computations follow the stage descriptions of docs/architecture.md literally (no fast rewrites), NCHW.
+Attribute names are chosen so that `state_dict()` keys equal upstream's
+(tests/upstream_keys/*.tsv); the computations follow the stage descriptions of
+docs/architecture.md literally (no fast rewrites), NCHW.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import math
 import torch
 from torch import nn
 import torch.nn.functional as F
-
 
 # ----------------------------------------------------------------------------------- BEV
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from segchange_jax.interop import torch_rules as tc
+from segchange_jax.models import torch_rules as tc
 
 
 def state_dict_numpy(module: torch.nn.Module) -> dict[str, np.ndarray]:

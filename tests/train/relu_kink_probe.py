@@ -48,7 +48,8 @@ from tests.models.test_segchange import upstream_config
 from tests.torch_ref import losses as ref_losses
 from tests.torch_ref import segchange as ref
 from tests.torch_ref import util
-from tests.train.test_step_parity import _rel, _step_config
+from tests.train.test_step_parity import _rel
+from tests.train.test_step_parity import _step_config
 
 VARIANT = 'swin_base_patch4_window7_224'
 
@@ -82,7 +83,7 @@ def capture(out: str, size: int = 256, batch: int = 2, seed: int = 0) -> None:
 def capture32(cap_path: str, size: int = 256, batch: int = 2, seed: int = 0) -> None:
   """Adds the DiffBlock inputs as a float32 model computes them: torch f32 and ours (jit)."""
   from segchange_jax.models import segchange  # pylint: disable=g-import-not-at-top
-  from segchange_jax.interop import torch_rules as tc  # pylint: disable=g-import-not-at-top
+  from segchange_jax.models import torch_rules as tc  # pylint: disable=g-import-not-at-top
   with open(cap_path, 'rb') as f:
     cap = pickle.load(f)
   config = _step_config(upstream_config(VARIANT), batch)
@@ -114,7 +115,8 @@ def capture32(cap_path: str, size: int = 256, batch: int = 2, seed: int = 0) -> 
   cap['fb_ours32'] = [nchw(o[batch:]) for o in outs]
   for k in range(4):
     print(f'scale {k}: BEV output rel err vs f64: torch f32 '
-          f'{_rel(cap["fa_torch32"][k], cap["fa"][k]):.1e}, ours {_rel(cap["fa_ours32"][k], cap["fa"][k]):.1e}')
+          f'{_rel(cap["fa_torch32"][k], cap["fa"][k]):.1e}, '
+          f'ours {_rel(cap["fa_ours32"][k], cap["fa"][k]):.1e}')
   with open(cap_path, 'wb') as f:
     pickle.dump(cap, f)
 
@@ -176,8 +178,8 @@ def _torch_block(fd, k, dtype, a, b, ct):
   r.retain_grad()
   att(r).backward(torch.from_numpy(ct).to(dtype))
   nhwc = lambda x: x.detach().double().numpy().transpose(0, 2, 3, 1)
-  g = {'diff_conv/kernel': convk[0].weight.grad[:, :, 0, 0].T, 'diff_bn/scale': convk[1].weight.grad,
-       'diff_bn/bias': convk[1].bias.grad,
+  g = {'diff_conv/kernel': convk[0].weight.grad[:, :, 0, 0].T,
+       'diff_bn/scale': convk[1].weight.grad, 'diff_bn/bias': convk[1].bias.grad,
        'attention/spatial_conv/kernel': att.spatial_attention[0].weight.grad.permute(2, 3, 1, 0),
        'attention/spatial_bn/bias': att.spatial_attention[1].bias.grad}
   g = {n: v.detach().double().numpy() for n, v in g.items()}

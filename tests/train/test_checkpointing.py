@@ -3,8 +3,13 @@
 import jax
 import numpy as np
 
-from segchange_jax.train import checkpointing, sharding, train_step
-from tests.train.test_train_step import _mesh_cfg, make_batches, setup, text_table
+from segchange_jax.train import checkpointing
+from segchange_jax.train import sharding
+from segchange_jax.train import train_step
+from tests.train.test_train_step import _mesh_cfg
+from tests.train.test_train_step import make_batches
+from tests.train.test_train_step import setup
+from tests.train.test_train_step import text_table
 from tests.train.traincore_toy import ToyModel
 
 

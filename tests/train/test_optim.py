@@ -74,7 +74,8 @@ def test_default_label_fn_follows_backbone_in_name():
                                                      'head': {'z': 3}}})
   assert labels == {'params': {'backbone': {'x': 'backbone'}, 'backbone_proj': {'y': 'backbone'},
                                'head': {'z': 'head'}}}
-  custom = optim.param_labels({'a': 1, 'b': 2}, label_fn=lambda n: 'backbone' if n[-1] == 'a' else 'head',
+  custom = optim.param_labels({'a': 1, 'b': 2},
+                              label_fn=lambda n: 'backbone' if n[-1] == 'a' else 'head',
                               frozen_mask={'a': True, 'b': False})
   assert custom == {'a': 'frozen', 'b': 'head'}
 

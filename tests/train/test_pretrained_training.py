@@ -7,9 +7,9 @@ import jax
 import numpy as np
 import pytest
 
-from segchange_jax.train import checkpointing
 from segchange_jax import config_lib
 from segchange_jax.interop import pretrained
+from segchange_jax.train import checkpointing
 from segchange_jax.train import loop
 from tests.train.conftest import tiny_overrides
 

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 from segchange_jax import config_lib
+from segchange_jax.models import segchange
+from segchange_jax.train import param_groups
 from segchange_jax.train import sharding
 from segchange_jax.train import train_step
-from segchange_jax.train import param_groups
-from segchange_jax.models import segchange
 
 B, S, STEPS, TEXT_DIM = 8, 64, 3, 16
 

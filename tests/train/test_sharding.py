@@ -2,8 +2,8 @@
 
 import jax
 import jax.numpy as jnp
-import pytest
 from jax.sharding import PartitionSpec as P
+import pytest
 
 from segchange_jax.train import sharding
 from tests.train.traincore_toy import toy_config

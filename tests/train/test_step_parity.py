@@ -45,11 +45,13 @@ import optax
 import pytest
 import torch
 
-from segchange_jax.train import optim, train_step
 from segchange_jax.models import segchange
+from segchange_jax.models import torch_rules as tc
+from segchange_jax.train import optim
 from segchange_jax.train import param_groups
-from segchange_jax.interop import torch_rules as tc
-from tests.models.test_segchange import small_config, upstream_config
+from segchange_jax.train import train_step
+from tests.models.test_segchange import small_config
+from tests.models.test_segchange import upstream_config
 from tests.torch_ref import losses as ref_losses
 from tests.torch_ref import segchange as ref
 from tests.torch_ref import util
@@ -198,7 +200,8 @@ def step_parity(config, size: int, batch: int = 2, seed: int = 0, ref_runs: int 
 
   flat = lambda t: tc.flatten(jax.tree.map(np.asarray, t))
   stats_o, stats_t = flat(model_state['batch_stats']), flat(stats_t)
-  # Per statistic: ours vs torch float32, ours vs float64, torch float32's own (envelope) vs float64.
+  # Per statistic: ours vs torch float32, ours vs float64, torch float32's own (envelope) vs
+  # float64.
   stat_err = {p: (_rel(stats_o[p], stats_t[p]), _rel(stats_o[p], stats64[p]), stat_envelope[p])
               for p in stats_t}
   params_only = lambda d: {p: v for p, v in d.items() if p[0] == 'params'}
@@ -227,7 +230,8 @@ def step_parity(config, size: int, batch: int = 2, seed: int = 0, ref_runs: int 
           d / (1e-3 * config.train.lr + 2 * np.finfo(np.float32).eps * np.abs(at[p][m])))))
   worst_grad = max((p for p in grad if grad[p][1] < 1),
                    key=lambda p: grad[p][0] / max(1e-4, 4 * grad[p][1]))
-  return {'loss': (float(loss_o), loss32, loss64), 'loss_rel': abs(float(loss_o) - loss32) / abs(loss32),
+  return {'loss': (float(loss_o), loss32, loss64),
+          'loss_rel': abs(float(loss_o) - loss32) / abs(loss32),
           'stat_err': stat_err, 'grad': grad, 'worst_grad': worst_grad, 'after_err': after_err,
           'gmax': gmax, 'lr': config.train.lr, 'compared': compared[0] / max(compared[1], 1),
           'ref_runs': ref_runs}
@@ -242,9 +246,11 @@ def report(name: str, r: dict) -> str:
   stat = st[worst_stat] if st else (0.0, 0.0, 0.0)
   runs = f' (torch f32: envelope of {1 + r["ref_runs"]} runs)' if r['ref_runs'] else ''
   return (f'{name}{runs}: loss rel err {r["loss_rel"]:.1e}; BN stats max rel err {stat[0]:.1e} '
-          f'({"/".join(worst_stat)}; vs float64: ours {stat[1]:.1e}, torch f32 {stat[2]:.1e}); grads vs float64: ours max {max(defined):.1e}, torch f32 max '
+          f'({"/".join(worst_stat)}; vs float64: ours {stat[1]:.1e}, torch f32 {stat[2]:.1e}); '
+          f'grads vs float64: ours max {max(defined):.1e}, torch f32 max '
           f'{max(v[1] for v in g.values() if v[1] < 1):.1e} ({len(g) - len(defined)} tensors with '
-          f'an exactly-zero gradient: ours max {max(v[3] for v in g.values() if v[1] >= 1) / r["gmax"]:.0e} of '
+          'an exactly-zero gradient: ours max '
+          f'{max(v[3] for v in g.values() if v[1] >= 1) / r["gmax"]:.0e} of '
           f'max|grad|); worst tensor relative to its bound (ours / torch '
           f'f32, vs f64) {"/".join(w[1:])} {g[w][0]:.1e} / {g[w][1]:.1e}; params after AdamW max '
           f'abs diff {max(v[0] for v in r["after_err"].values()):.1e} (lr {r["lr"]:g}) on the '

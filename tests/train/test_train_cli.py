@@ -1,4 +1,5 @@
-"""`python -m segchange_jax.train` as a user runs it: SIGTERM saves a checkpoint, a rerun resumes."""
+"""`python -m segchange_jax.train` as a user runs it: SIGTERM saves a checkpoint, a rerun
+resumes."""
 
 import csv
 import os

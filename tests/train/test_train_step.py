@@ -5,8 +5,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from segchange_jax.train import metrics, sharding, train_step
-from tests.train.traincore_toy import ToyModel, toy_config
+from segchange_jax.train import metrics
+from segchange_jax.train import sharding
+from segchange_jax.train import train_step
+from tests.train.traincore_toy import ToyModel
+from tests.train.traincore_toy import toy_config
 
 B, S, P_TEXT = 8, 16, 3
 

@@ -8,9 +8,9 @@ import jax
 import numpy as np
 import pytest
 
-from segchange_jax.train import checkpointing
 from segchange_jax import config_lib
 from segchange_jax.data import shards
+from segchange_jax.train import checkpointing
 from segchange_jax.train import loop
 from tests.train.conftest import tiny_overrides
 
@@ -80,7 +80,7 @@ def _assert_same_run(workdir_a, workdir_b, config):
       assert json.load(fa) == json.load(fb)
 
 
-@pytest.mark.slow  # one more full tiny run: 80-340 s on 2 busy cores
+@pytest.mark.slow  # one more full tiny training run
 def test_same_command_twice_gives_identical_metrics_and_checkpoints(full_run, tmp_path):
   """Reproducibility: a second run of the same config repeats metrics.csv and params exactly."""
   config, full, _ = full_run
@@ -166,8 +166,10 @@ def test_reverse_export_of_a_trained_checkpoint_gives_torch_the_same_logits(full
   reference: the same eval-mode logits, running BatchNorm statistics included."""
   import subprocess  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
-  import torch  # pylint: disable=g-import-not-at-top
+
   from safetensors.torch import load_file  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+
   from segchange_jax import ChangeDetector  # pylint: disable=g-import-not-at-top
   from tests.torch_ref import segchange as ref  # pylint: disable=g-import-not-at-top
   from tests.torch_ref import util  # pylint: disable=g-import-not-at-top

@@ -24,9 +24,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from segchange_jax.interop import torch_rules
 from segchange_jax.models import layers
-from segchange_jax.models.backbones.norms import FrozenBatchNorm
+from segchange_jax.models import torch_rules
+from segchange_jax.models.norms import FrozenBatchNorm
 
 # BatchNorm: in training each time is its own call (upstream: statistics updated twice).
 USES_BATCH_STATS = True

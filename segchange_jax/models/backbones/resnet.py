@@ -18,9 +18,9 @@ import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
 
-from segchange_jax.interop import torch_rules
 from segchange_jax.models import layers
-from segchange_jax.models.backbones.norms import BatchNorm
+from segchange_jax.models import torch_rules
+from segchange_jax.models.norms import BatchNorm
 
 EXPANSION = 4
 # torchvision: kaiming_normal_(mode='fan_out', nonlinearity='relu') for every conv.

@@ -21,9 +21,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from segchange_jax.models import layers
+from segchange_jax.models import kernels
 from segchange_jax.models import remat as remat_lib
-from segchange_jax.interop import torch_rules as tc
+from segchange_jax.models import torch_rules as tc
 
 _LN_EPS = 1e-5
 _dense_init = nn.initializers.truncated_normal(0.02)  # timm's ViT-style Linear init
@@ -120,7 +120,7 @@ class WindowAttention(nn.Module):
                        ((2 * self.window_size - 1)**2, self.num_heads), jnp.float32)
     index = relative_position_index(self.window_size)
     bias = table[index.reshape(-1)].reshape(n, n, self.num_heads).transpose(2, 0, 1)  # [h, N, N]
-    logits = layers.add_broadcast(logits.astype(jnp.float32), bias)
+    logits = kernels.add_broadcast(logits.astype(jnp.float32), bias)
     if shift:  # the shift mask is built for the padded map, as timm's
       logits = logits + jnp.asarray(shift_mask(hp, wp, ws, shift))[:, None]  # over batch, heads
     # Softmax in float32 also under bfloat16 compute: the -100 mask and the bias need the range.
@@ -150,8 +150,7 @@ def _drop_path(module: nn.Module, x: jax.Array, rate: float, train: bool) -> jax
   mask = jax.random.bernoulli(module.make_rng('dropout'), keep, (b,))
   # Stored by a scatter, which XLA never fuses into a consumer: otherwise XLA:CPU fuses the
   # (unrolled) threefry hash into the full-size select below and recomputes it for every
-  # element (~0.5 s of a 512 px Swin-B step). optimization_barrier does not stop it: XLA:CPU
-  # drops barriers before fusion.
+  # element. optimization_barrier does not stop it: XLA:CPU drops barriers before fusion.
   mask = jnp.zeros_like(mask).at[jnp.arange(b)].set(mask).reshape((b,) + (1,) * (x.ndim - 1))
   return jnp.where(mask, x / keep, 0).astype(x.dtype)
 

@@ -1,16 +1,16 @@
 """Batch normalisation with PyTorch semantics, for NHWC maps.
 
-`BatchNorm` is the model's only batch-statistics normalisation (ResNet here, and through
-`layers.batch_norm` the feature-difference, CBAM and EGA BNs). It differs from
+`BatchNorm` is the model's only batch-statistics normalisation (the ResNet backbone, and
+through `layers.batch_norm` the feature-difference, CBAM and EGA BNs). It differs from
 `flax.linen.BatchNorm` in two ways that matter for parity with torch training: the running
-variance is updated with the UNBIASED batch variance (n / (n - 1)), as torch.nn.BatchNorm2d does,
-while normalisation uses the biased one; and the variance is two-pass (mean of squared
+variance is updated with the UNBIASED batch variance (n / (n - 1)), as torch.nn.BatchNorm2d
+does, while normalisation uses the biased one; and the variance is two-pass (mean of squared
 deviations), not flax's E[x^2] - E[x]^2, which loses float32 precision for channels whose mean
-is large against their spread (full Swin-B at 256 px: 4.1e-6 vs 1.3e-7 relative at stride 32). Statistics reduce over every axis but the
-last with plain `jnp.mean`, so under `jit` with a batch sharded over devices XLA computes global
-(cross-device) statistics, like torch SyncBatchNorm, and n is the global count; no `axis_name`
-needed. A module applied twice in one step (the siamese backbone) updates its statistics twice,
-as torch does.
+is large against their spread. Statistics reduce over every axis but the last with plain
+`jnp.mean`, so under `jit` with a batch sharded over devices XLA computes global (cross-device)
+statistics, like torch SyncBatchNorm, and n is the global count; no `axis_name` needed. A
+module applied twice in one step (the siamese backbone) updates its statistics twice, as torch
+does.
 
 `FrozenBatchNorm` is torchvision/DETR's FrozenBatchNorm2d: a fixed affine map built from four
 tensors kept in the 'frozen' collection, which training never updates.

@@ -1,6 +1,8 @@
-"""Convolution rewrites (layers.GroupedConv, ShiftedConv, DepthwiseConv) equal flax nn.Conv: params, values, grads."""
+"""The convolution modules of layers.py equal flax nn.Conv: parameters, values, gradients.
 
-import itertools
+GroupedConv, ShiftedConv, DepthwiseConv and every dispatch path of ConvNoBias; the kernels they
+compute with are tested against their plain forms in test_kernels.py.
+"""
 
 import flax.linen as nn
 import jax
@@ -26,7 +28,8 @@ def _assert_same_as(ours: nn.Module, ref: nn.Module, x: jax.Array) -> None:
 
 def test_grouped_conv_matches_feature_group_conv():
   x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 9, 11, 32)), jnp.float32)
-  _assert_same_as(layers.GroupedConv(4, 7), nn.Conv(4, (7, 7), padding=3, feature_group_count=4), x)
+  _assert_same_as(layers.GroupedConv(4, 7),
+                  nn.Conv(4, (7, 7), padding=3, feature_group_count=4), x)
 
 
 def test_shifted_conv_matches_conv():
@@ -55,25 +58,3 @@ def test_conv_no_bias_matches_nn_conv(kernel, stride, padding, groups):
   _assert_same_as(layers.ConvNoBias(6, kernel, stride, padding, groups),
                   nn.Conv(6, (kernel, kernel), stride, padding=[(p, p), (p, p)],
                           feature_group_count=groups, use_bias=False), x)
-
-
-def test_written_out_vjp_equals_autodiff_in_bfloat16_too():
-  """depthwise_conv's and shifted_conv's hand-written VJPs against autodiff of the same shifted
-  form (float32 and bfloat16), at an odd and an even height (the depthwise kernel gradient
-  sums blocks of two rows where the height allows)."""
-  rng = np.random.default_rng(3)
-  cases = [(layers.depthwise_conv, rng.normal(size=(5, 5, 4)), lambda s, w: s * w),
-           (layers.shifted_conv, rng.normal(size=(3, 3, 4, 6)), lambda s, w: s @ w)]
-  for (fn, kernel, tap), height in itertools.product(cases, (7, 8)):
-    x = jnp.asarray(rng.normal(size=(2, height, 6, 4)), jnp.float32)
-    kernel = jnp.asarray(kernel, jnp.float32)
-    plain = lambda x, k: layers._shift_sum(x, k, tap)  # pylint: disable=protected-access
-    for dtype, tol in ((jnp.float32, 1e-5), (jnp.bfloat16, 5e-2)):
-      xs, ks = x.astype(dtype), kernel.astype(dtype)
-      loss = lambda f: lambda x, k: jnp.sum(jnp.cos(f(x, k).astype(jnp.float32)))
-      got = jax.grad(loss(fn), argnums=(0, 1))(xs, ks)
-      want = jax.grad(loss(plain), argnums=(0, 1))(xs, ks)
-      for a, b in zip(got, want):
-        assert a.dtype == b.dtype == dtype
-        scale = float(jnp.max(jnp.abs(b.astype(jnp.float32))))
-        assert float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32)))) <= tol * scale
