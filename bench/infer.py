@@ -102,7 +102,9 @@ def _model_predictor():
 def _onnx_predictor():
   from segchange_jax.inference import onnx_runtime  # pylint: disable=g-import-not-at-top
   det = onnx_runtime.OnnxDetector(_ONNX.value)
-  return infer_lib.detector_predictor(det, np.zeros((1, *det.text_shape), np.float32))
+  # The file as shipped: uint8 windows in, probabilities out (row 0 of a prompt table).
+  emb = np.zeros((1, *det.text_shape), np.float32) if det.text_shape else None
+  return det.predictor(prompt_index=0, text_emb=emb)
 
 
 def child(spec: str) -> None:

@@ -11,6 +11,9 @@ in dataset_info.json. Shards are written under a temporary folder and moved into
 when every split succeeded, so an interrupted run leaves no half-written dataset.
 Large images are cut into --tile x --tile windows (stride --tile_stride, the last window
 clamped to the edge); each tile keeps the pair's prompt and is named `<stem>_y<Y>_x<X><ext>`.
+Split leaks (`segchange_jax.data.leaks`): source pairs that are exact or near copies of a pair
+in another split are listed in dataset_info.json under "leaks" and printed; --on_leak=error
+fails with nothing written, --on_leak=drop_from_train leaves the train copies out.
 """
 
 from __future__ import annotations
@@ -22,9 +25,12 @@ from absl import flags
 
 from segchange_jax import cli
 from segchange_jax.data import layouts
+from segchange_jax.data import leaks
 from segchange_jax.data.convert import INFO_FILE
 from segchange_jax.data.convert import ConvertError
 from segchange_jax.data.convert import convert
+
+_LIST = 20  # leaks printed in the summary; dataset_info.json lists them all
 
 
 def define_flags() -> None:
@@ -45,16 +51,30 @@ def define_flags() -> None:
   flags.DEFINE_bool('strict', None, 'Fail on any bad pair (default: strict except for train).')
   flags.DEFINE_bool('overwrite', False, 'Replace the dataset already in --out.')
   flags.DEFINE_integer('workers', os.cpu_count() or 1, 'Conversion processes.', lower_bound=1)
+  flags.DEFINE_enum('on_leak', 'warn', list(leaks.MODES),
+                    'Pairs duplicated across splits (exact or near copies, '
+                    'segchange_jax.data.leaks): error = fail, nothing written; warn = write '
+                    'all and list them; drop_from_train = leave the train copies out. All '
+                    'found pairs are listed in dataset_info.json under "leaks".')
 
 
 def main(argv: Sequence[str]) -> None:
   del argv
   f = flags.FLAGS
   info = convert(f.layout, f.root, f.out, f.splits, f.list, f.tile, f.tile_stride,
-                 f.text_model, f.num_shards, f.strict, f.overwrite, f.workers)
+                 f.text_model, f.num_shards, f.strict, f.overwrite, f.workers, f.on_leak)
   for split, s in info['splits'].items():
+    dropped = f" ({s['num_dropped_leaks']} split leaks)" if s['num_dropped_leaks'] else ''
     print(f"{split}: {s['num_examples']} records from {s['num_pairs']} pairs, "
-          f"{s['num_skipped']} skipped, size {s['image_size'] or s['image_sizes']}")
+          f"{s['num_skipped']} skipped{dropped}, size {s['image_size'] or s['image_sizes']}")
+  lk = info['leaks']
+  print(f"split leaks: {lk['num_leaks']} ({lk['num_exact']} exact, {lk['num_near']} near"
+        + ''.join(f', {k}: {n}' for k, n in lk['counts'].items())
+        + f"), {lk['num_dropped']} dropped from train (--on_leak={lk['on_leak']})")
+  for pair in lk['pairs'][:_LIST]:
+    print('  ' + leaks.Leak(**pair).describe())
+  if lk['num_leaks'] > _LIST:
+    print(f"  ... {lk['num_leaks'] - _LIST} more in {f.out}/{INFO_FILE}")
   print(f'wrote {f.out}/{INFO_FILE}')
 
 

@@ -2,26 +2,33 @@ r"""Inference bundle: Orbax params, config, prompt embeddings and a self-contain
 
   python -m segchange_jax.export --checkpoint CKPT --out DIR [--config configs/x.py] \
       [--prompts "Buildings with changes" --prompts "..." | --embeddings prompts.npz] \
-      [--size 512] [--format stablehlo|onnx] [--platforms cpu,cuda]
+      [--size 512] [--format stablehlo|onnx] [--platforms cpu,cuda] [--raw_inputs]
 
 DIR holds `variables/` + `config.json` (the model for segchange_jax), `prompts.npz` (from
 --prompts encoded with the config's text encoder, --embeddings, or config.data.prompt), the
-model file, `signature.json` and a README.md that says how to run the model file with its
-runtime alone; the layout is segchange_jax/inference/bundle.py's. --format picks the model file
-from FORMATS:
+model file, `signature.json`, a README.md that says how to run the model file with its
+runtime alone and `model_card.json` + `MODEL_CARD.md` (the checkpoint's model card with the
+export settings added); the layout is segchange_jax/inference/bundle.py's. --format picks the
+model file from FORMATS:
 - `stablehlo`: `model.stablehlo`, a `jax.export` serialization run with jax alone
   (`jax.export.deserialize`); `b` is symbolic, S = --size (default config.infer.window); lowered
   for --platforms (segchange_jax/inference/export.py).
 - `onnx`: `model.onnx` (opset 17, dynamic batch) for ONNX Runtime (pip install .[onnx];
   segchange_jax/inference/onnx_export.py).
-Both compute `logits = f(image_a, image_b, text_emb)` with image_a, image_b float32
-[b, S, S, 3] (RGB / 255, then ImageNet mean/std), text_emb float32 [b, T, L] and logits
-float32 [b, S, S, K]; change = sigmoid(logits[..., 0]) > config.infer.threshold (K = 1).
+Both compute `probabilities, mask = f(image_a, image_b, prompt)`: image_a, image_b uint8 RGB
+[b, S, S, 3] as read from the files (the ImageNet normalisation is in the graph), prompt int32
+[b] (a row of the bundle's prompt table), probabilities float32 [b, S, S, K] and mask uint8
+[b, S, S] (probabilities[..., 0] > config.infer.threshold for K = 1, argmax otherwise). A second
+file, model_embeddings.stablehlo / model_embeddings.onnx, takes text_emb float32 [b, T, L] in
+place of prompt. --raw_inputs writes one file with the float graph instead, `logits =
+f(image_a, image_b, text_emb)` on images already normalised (RGB / 255, then ImageNet
+mean/std), for users who normalise themselves.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from typing import Callable, Sequence
 
 from absl import flags
@@ -31,17 +38,25 @@ from segchange_jax import config_lib
 from segchange_jax.inference import bundle
 
 
+def _card(f) -> dict | None:
+  """The model card of --checkpoint (None when it has none), for the bundle's card."""
+  from segchange_jax.interop import checkpoints  # pylint: disable=g-import-not-at-top
+  return checkpoints.read_card(f.checkpoint) if os.path.isdir(f.checkpoint) else None
+
+
 def _stablehlo(f, config, variables) -> str:
   from segchange_jax.inference import export  # pylint: disable=g-import-not-at-top
   sig = export.write_bundle(f.out, config, variables, f.prompts, f.embeddings, f.size,
-                            f.platforms, overwrite=f.overwrite)
+                            f.platforms, overwrite=f.overwrite, raw_inputs=f.raw_inputs,
+                            card=_card(f))
   return f'{export.MODEL_FILE} for {sig["platforms"]}, inputs {json.dumps(sig["inputs"])}'
 
 
 def _onnx(f, config, variables) -> str:
   from segchange_jax.inference import onnx_export  # pylint: disable=g-import-not-at-top
   sig = onnx_export.write_bundle(f.out, config, variables, f.prompts, f.embeddings, f.size,
-                                 overwrite=f.overwrite)
+                                 overwrite=f.overwrite, raw_inputs=f.raw_inputs,
+                                 card=_card(f))
   return f'{onnx_export.MODEL_FILE} ({sig["bytes"]} bytes), inputs {json.dumps(sig["inputs"])}'
 
 
@@ -62,6 +77,10 @@ def define_flags() -> None:
   flags.DEFINE_list('platforms', ['cpu', 'cuda'], 'Platforms the StableHLO is lowered for '
                     '(cpu, cuda, rocm, tpu).')
   flags.DEFINE_bool('overwrite', False, 'Replace an existing --out folder.')
+  flags.DEFINE_bool('raw_inputs', False, 'Write the float-input graph instead: logits = '
+                    'f(image_a, image_b, text_emb) on ImageNet-normalised float32 images (by '
+                    'default the graphs take uint8 images and a prompt index or embedding and '
+                    'return probabilities and the mask).')
   flags.DEFINE_enum('format', 'stablehlo', list(FORMATS), 'stablehlo: model.stablehlo '
                     '(jax.export); onnx: model.onnx (opset 17, dynamic batch) for ONNX Runtime '
                     '(pip install .[onnx]; segchange_jax/inference/onnx_export.py).')

@@ -17,9 +17,10 @@ written under a temporary name beside it and renamed when the whole run succeede
 (segchange_jax.atomic). The format follows the extension (the table of
 segchange_jax/inference/formats.py); other extensions are refused:
 - `--out X.tif`: Cloud-Optimized GeoTIFF (256 px tiles, overviews, deflate) with A's CRS and
-  transform, tags CHECKPOINT, PROMPT, THRESHOLD, WINDOW, OVERLAP, SEGCHANGE_JAX_VERSION. Default
-  a uint8 mask with a colour table: 0 no change, 1 change (class id for multi-class models),
-  255 nodata. `--probabilities`: float32 probabilities instead (one band per class, nodata NaN).
+  transform, tags CHECKPOINT, PROMPT, TTA (jax backend), THRESHOLD, WINDOW, OVERLAP,
+  SEGCHANGE_JAX_VERSION. Default a uint8 mask with a colour table: 0 no change, 1 change
+  (class id for multi-class models), 255 nodata. `--probabilities`: float32 probabilities
+  instead (one band per class, nodata NaN).
 - `--out X.png`: 0/255 mask (nodata written as 0), only for inputs without georeferencing.
 - `--probability_out P.tif`: float32 change probabilities as a second COG beside the mask.
 - `--polygons V.geojson|V.gpkg|V.fgb` (repeatable): change regions (after `--postprocess`) with
@@ -31,6 +32,11 @@ Inputs: a raster file or three single-band files 'R.TIF,G.TIF,B.TIF' per date; b
 rules in segchange_jax/data/imagery.py, nodata and grid rules in
 segchange_jax/inference/raster_io.py; A and B must share a pixel grid unless --align. Windowing
 and blending: segchange_jax/inference/sliding_window.py.
+--tta flips|d4: test-time augmentation (segchange_jax/models/tta.py): every window batch goes
+through the model once as 4 (flips) or 8 (d4: flips, 90-degree rotations, transposes) flipped
+or rotated copies, whose logits are averaged in the window's own frame; about 4x / 8x the model
+time and memory per window (lower --batch if memory runs out). Windows are always square (a
+small scene gets a clamped square window or is padded to one), so d4 works on any scene.
 Example, Landsat-8 scenes of adjacent WRS rows (B stored as single-band files, 0 = fill):
 
   python -m segchange_jax.infer --checkpoint CKPT --a LC08_..._224078_..._RT.TIF --bands 3,2,1 \
@@ -49,6 +55,7 @@ from segchange_jax import default_config
 from segchange_jax.inference import formats
 from segchange_jax.inference.pipeline import check_settings
 from segchange_jax.inference.pipeline import run_inference
+from segchange_jax.models import tta
 
 
 def define_flags() -> None:
@@ -98,7 +105,12 @@ def define_flags() -> None:
   flags.DEFINE_enum('backend', 'jax', ['jax', 'onnxruntime'], 'jax: the checkpoint '
                     'through segchange_jax; onnxruntime: an ONNX export (--onnx, or '
                     'model.onnx in the --checkpoint folder of export --format onnx).')
-  flags.DEFINE_string('onnx', None, '--backend onnxruntime: the model.onnx to run.')
+  flags.DEFINE_string('onnx', None, '--backend onnxruntime: the model.onnx to run (uint8 '
+                      'images in, probabilities out; a prompt outside its table runs the '
+                      'model_embeddings.onnx beside it).')
+  flags.DEFINE_enum('tta', 'none', list(tta.SETS), 'Test-time augmentation: none, flips '
+                    '(4 views) or d4 (8 views: flips, 90-degree rotations, transposes); logits '
+                    'averaged, one model call of views x batch windows.')
   flags.DEFINE_boolean('progress', True, 'Show a progress bar.')
   flags.DEFINE_integer('gdal_cache_mb', 256, 'GDAL block cache (MB); GDAL defaults to '
                        '5% of RAM, which would dominate the memory of a big scene.')
@@ -116,12 +128,16 @@ def main(argv: list[str]) -> None:
   check_settings(f.window, f.overlap, f.batch, f.threshold)
   cli.quiet_libraries()
   config = config_lib.validate_config(f.config) if f.config is not None else None
+  if f.backend == 'onnxruntime' and f.tta != 'none':
+    raise cli.UsageError(f'--tta {f.tta} runs inside the JAX model; use --backend jax (or '
+                         '--tta none with --backend onnxruntime)')
   if f.backend == 'onnxruntime':  # the exported file through the same engine
     from segchange_jax.inference import onnx_runtime  # pylint: disable=g-import-not-at-top
     factory = lambda: onnx_runtime.load_model(f.checkpoint, f.onnx, config, f.prompt,
                                               f.embeddings, f.text_model, f.window)
   else:
-    factory = lambda: _load_jax_model(f.checkpoint, config, f.prompt, f.embeddings, f.text_model)
+    factory = lambda: _load_jax_model(f.checkpoint, config, f.prompt, f.embeddings, f.text_model,
+                                      f.tta)
   stats = run_inference(
       f.a, f.b, f.out, None, window=f.window, overlap=f.overlap,
       batch=f.batch, threshold=f.threshold, probabilities=f.probabilities,

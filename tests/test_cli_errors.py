@@ -23,6 +23,7 @@ from segchange_jax import infer
 from segchange_jax.inference import pipeline
 from segchange_jax.inference import raster_io
 from segchange_jax.interop import checkpoints
+from tests.eval import test_evaluate_tta
 from tests.eval import tiny
 from tests.infer import scene_helpers as h
 
@@ -159,6 +160,69 @@ def test_truncated_checkpoint_array_file(tmp_path):
   _one_line_error(proc.stderr, str(tmp_path / 'ckpt'), 'incomplete or corrupt')
 
 
+def test_infer_text_model_package_not_installed(tmp_path):
+  """A checkpoint whose config names a pkg: text model that is not installed: the advice in one
+  line (it was the last line of an 18-frame ModuleNotFoundError traceback)."""
+  config = tiny.tiny_config()
+  with config.unlocked():
+    config.text.model = 'pkg:not_installed_pkg'
+  tiny.save_checkpoint(tmp_path / 'ckpt', config)
+  a, b = h.pair_arrays(64, 64)
+  a_path, b_path = h.write_tif(tmp_path / 'a.tif', a), h.write_tif(tmp_path / 'b.tif', b)
+  proc = _subprocess('segchange_jax.infer', '--checkpoint', str(tmp_path / 'ckpt'), '--a',
+                     a_path, '--b', b_path, '--out', str(tmp_path / 'o.tif'), '--noprogress')
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  _one_line_error(proc.stderr, "'pkg:not_installed_pkg'", 'is not installed',
+                  'pip install --no-deps not-installed-pkg', '--embeddings')
+  assert sorted(os.listdir(tmp_path)) == ['a.tif', 'b.tif', 'ckpt']
+
+
+def test_export_bundle_prompt_outside_its_table_in_infer_onnxruntime(capsys, rasters, tmp_path):
+  """infer --backend onnxruntime on a bundle's model.onnx (uint8 images, prompt index) with a
+  prompt outside its table and no model_embeddings.onnx beside it: one line naming the table
+  and the fix, nothing written. (A stand-in graph with the bundle's inputs, outputs and
+  metadata: what the backend reads before running anything.)"""
+  import onnx  # pylint: disable=g-import-not-at-top
+
+  from segchange_jax.inference import onnx_export  # pylint: disable=g-import-not-at-top
+  mk = onnx.helper.make_tensor_value_info
+  u8, f32, i32 = onnx.TensorProto.UINT8, onnx.TensorProto.FLOAT, onnx.TensorProto.INT32
+  graph = onnx.helper.make_graph(
+      [onnx.helper.make_node('Cast', ['image_a'], ['probabilities'], to=f32),
+       onnx.helper.make_node('Identity', ['image_b'], ['mask'])], 'stand_in',
+      [mk('image_a', u8, ['b', 64, 64, 1]), mk('image_b', u8, ['b', 64, 64, 3]),
+       mk('prompt', i32, ['b'])],
+      [mk('probabilities', f32, ['b', 64, 64, 1]), mk('mask', u8, ['b', 64, 64, 3])])
+  model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid('', 17)])
+  model.ir_version = 9
+  onnx_export.set_metadata(model, 'prompt', ['roads'], 0.5)
+  bundle_dir = tmp_path / 'bundle'
+  bundle_dir.mkdir()
+  onnx.save_model(model, str(bundle_dir / 'model.onnx'))
+  err = _run_infer(capsys, '--backend', 'onnxruntime', '--onnx', str(bundle_dir / 'model.onnx'),
+                   '--config', str(REPO / 'configs' / 'demo.py'), '--prompt', 'elsewhere',
+                   '--a', rasters[0], '--b', rasters[1], '--out', str(tmp_path / 'o.tif'))
+  _one_line_error(err, "--prompt 'elsewhere'", "['roads']", 'model_embeddings.onnx',
+                  're-export with --prompts')
+  assert sorted(os.listdir(tmp_path)) == ['a.tif', 'b.tif', 'bundle']
+
+
+def test_report_refuses_runs_of_other_configs_or_data(tmp_path):
+  from tests import test_report  # pylint: disable=g-import-not-at-top
+  metrics = {'f1': 0.5, 'iou': 0.4, 'kappa': 0.3, 'precision': 0.5, 'recall': 0.5, 'oa': 0.9}
+  a = test_report.make_run(tmp_path, 'a', 0, metrics)
+  b = test_report.make_run(tmp_path, 'b', 1, metrics, overrides={'train.lr': 5e-4})
+  c = test_report.make_run(tmp_path, 'c', 2, metrics, fingerprint='cd' * 32)
+  out = tmp_path / 'rep'
+  proc = _subprocess('segchange_jax.report', a, b, '--out', str(out))
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  _one_line_error(proc.stderr, 'configs differ', 'train.lr', f'{a}: 0.0001', f'{b}: 0.0005')
+  proc = _subprocess('segchange_jax.report', a, c, '--out', str(out))
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  _one_line_error(proc.stderr, 'different data', f'{a}: abababababab', f'{c}: cdcdcdcdcdcd')
+  assert sorted(os.listdir(tmp_path)) == ['a', 'b', 'c']
+
+
 @pytest.mark.parametrize('args, words', [
     (['--config', 'configs/demo.py', '--config.train.batchsize=3'],
      ['--config.train.batchsize=3', "'batch_size'"]),
@@ -211,6 +275,52 @@ def test_other_programs(tmp_path):
                      '--out', str(tmp_path / 'o'), '--splits', 'train')
   assert proc.returncode == 2
   _one_line_error(proc.stderr)
+
+
+def test_convert_on_leak_error_writes_nothing(tmp_path):
+  import cv2  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  pairs = {name: (rng.integers(0, 256, (32, 32, 3), dtype=np.uint8),
+                  rng.integers(0, 256, (32, 32, 3), dtype=np.uint8),
+                  rng.integers(0, 2, (32, 32), dtype=np.uint8) * 255) for name in ('a', 'b')}
+  for split, names in (('train', 'ab'), ('test', 'a')):  # test/a.png is train/a.png
+    for name in names:
+      for sub, img in zip(('A', 'B', 'label'), pairs[name]):
+        (tmp_path / 'raw' / split / sub).mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(tmp_path / 'raw' / split / sub / f'{name}.png'), img)
+  out = tmp_path / 'shards'
+  args = ['--layout', 'segchange-default', '--root', str(tmp_path / 'raw'), '--out', str(out),
+          '--splits', 'train,test', '--workers', '1']
+  proc = _subprocess('data_prep.convert', *args, '--on_leak', 'error')
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  _one_line_error(proc.stderr, 'split leaks', '1 pair(s)', 'train/a.png = test/a.png',
+                  '--on_leak=warn')
+  assert not out.exists()
+  proc = _subprocess('data_prep.convert', *args, '--on_leak', 'nope')
+  assert proc.returncode == 2
+  _one_line_error(proc.stderr, '--on_leak', 'drop_from_train')
+  assert not out.exists()
+
+
+def test_tta_errors(capsys, rasters, tmp_path):
+  # Test-time augmentation runs inside the JAX model: refused for the ONNX backend up front.
+  err = _run_infer(capsys, '--a', rasters[0], '--b', rasters[1], '--out',
+                   str(tmp_path / 'o.tif'), '--tta', 'd4', '--backend', 'onnxruntime',
+                   '--onnx', str(tmp_path / 'model.onnx'))
+  _one_line_error(err, '--tta d4', '--backend jax')
+  proc = _subprocess('segchange_jax.infer', '--checkpoint', 'x', '--a', rasters[0], '--b',
+                     rasters[1], '--out', str(tmp_path / 'o.tif'), '--tta', 'spin')
+  assert proc.returncode == 2
+  _one_line_error(proc.stderr, '--tta=spin', '<none|flips|d4>')
+  # evaluate --tta d4 on records that a rotation would not keep square (64 x 96).
+  test_evaluate_tta.make_wide_checkpoint(tmp_path)
+  out = tmp_path / 'ev'
+  proc = _subprocess('segchange_jax.evaluate', '--checkpoint', str(tmp_path / 'ckpt'), '--out',
+                     str(out), '--tta', 'd4')
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  _one_line_error(proc.stderr, '--tta d4', "square 'test' records", '64x96', '--tile')
+  assert not out.exists()
+  assert not (tmp_path / 'o.tif').exists()
 
 
 def test_atomic_helpers(tmp_path):

@@ -14,6 +14,7 @@ ENTRY_POINTS = [
     ('segchange_jax.infer', '--window', True),
     ('segchange_jax.evaluate', '--num_images', True),
     ('segchange_jax.export', '--platforms', True),
+    ('segchange_jax.report', '--split', False),
     ('data_prep.convert', '--layout', False),
     ('data_prep.synthetic', '--size', False),
     ('segchange_jax.app', '--port', True),

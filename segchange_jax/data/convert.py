@@ -3,10 +3,18 @@
 The library behind `python -m data_prep.convert` (its docstring has the details).
 Writes `<split>-XXXXX-of-YYYYY.array_record` (records: `segchange_jax.data.records`) and, last,
 `dataset_info.json` (counts, skipped pairs with reasons, image sizes, label statistics,
-prompts, optional prompt-embedding table). Layouts: `segchange_jax.data.layouts`.
+prompts, optional prompt-embedding table, split leaks). Layouts: `segchange_jax.data.layouts`.
 Bad input is never skipped silently: strict splits fail with one error listing every bad
 pair; non-strict ones skip, print and record them. Shards are written under a temporary
-folder and moved into the output only when every split succeeded.
+folder and moved into the output only when every split succeeded (dataset_info.json last, so
+a folder without it is never taken for a dataset); a failed run leaves an existing dataset as
+it was and removes an output folder it created.
+
+Split leaks (`segchange_jax.data.leaks`): every source pair is hashed while it is decoded; the
+evaluation splits are converted first, so each 'train' pair is checked against them while it
+streams and `on_leak='drop_from_train'` can leave it out of the train shards. Leaks between
+two evaluation splits are found after both. `on_leak='error'` fails with nothing written,
+'warn' writes everything; all modes list the pairs in dataset_info.json under "leaks".
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from segchange_jax.data import layouts
+from segchange_jax.data import leaks as leaks_lib
 from segchange_jax.data import reading
 from segchange_jax.data import records
 
@@ -29,6 +38,8 @@ CONVERTER_VERSION = 1
 INFO_FILE = 'dataset_info.json'
 EMBEDDINGS_FILE = 'prompt_embeddings.npz'
 _TMP = '.convert-tmp'
+TRAIN = 'train'  # the split that on_leak='drop_from_train' drops from
+_DROPPED = 'split leak, dropped: '  # reason of a train pair dropped as a copy
 
 
 class ConvertError(RuntimeError):
@@ -44,6 +55,7 @@ class PairResult:
   changed: int = 0                          # non-zero label pixels
   pixels: int = 0
   values: tuple[int, ...] = ()
+  hashes: leaks_lib.PairHashes | None = None  # of the source pair, before tiling
 
 
 def tile_starts(length: int, tile: int, stride: int) -> list[int]:
@@ -89,7 +101,8 @@ def convert_pair(pair: layouts.Pair, tile: int, stride: int) -> PairResult:
                                    records.encode_png(np.ascontiguousarray(label[win])),
                                    name, pair.prompt))
   return PairResult(pair.name, out, size=(th, tw), changed=int(np.count_nonzero(label)),
-                    pixels=label.size, values=tuple(int(v) for v in np.unique(label)))
+                    pixels=label.size, values=tuple(int(v) for v in np.unique(label)),
+                    hashes=leaks_lib.pair_hashes(a, b, label))
 
 
 def _convert_star(args) -> PairResult:
@@ -109,29 +122,47 @@ def _results(pairs: list[layouts.Pair], tile: int, stride: int, workers: int,
     yield from tqdm(pool.imap(_convert_star, jobs, chunksize=4), **bar)
 
 
-def _check_out_dir(out: str, overwrite: bool) -> None:
-  if os.path.isdir(out):
+def _check_out_dir(out: str, overwrite: bool) -> bool:
+  """Refuses a non-empty `out` without `overwrite`; makes the temporary folder. Returns
+  whether `out` was created here (removed again if the conversion fails)."""
+  created = not os.path.isdir(out)
+  if not created:
     entries = [e for e in os.listdir(out) if e != _TMP]
     if entries and not overwrite:
       raise ConvertError(f'output folder {out} is not empty ({sorted(entries)[:5]}...); '
                          'pass --overwrite to replace its dataset or choose another --out')
-    if overwrite:
-      for e in entries:
-        if e.endswith('.array_record') or e in (INFO_FILE, EMBEDDINGS_FILE):
-          os.remove(os.path.join(out, e))
   shutil.rmtree(os.path.join(out, _TMP), ignore_errors=True)
   os.makedirs(os.path.join(out, _TMP))
+  return created
+
+
+def _commit(out: str, tmp: str, info: dict) -> None:
+  """Replaces the dataset in `out` by the one in `tmp`, dataset_info.json removed first and
+  written last (a folder without it is not a dataset: `segchange_jax.data.shards`)."""
+  old = [e for e in os.listdir(out) if e != _TMP and
+         (e.endswith('.array_record') or e in (INFO_FILE, EMBEDDINGS_FILE))]
+  for e in sorted(old, key=lambda e: e != INFO_FILE):
+    os.remove(os.path.join(out, e))
+  for name in os.listdir(tmp):
+    os.replace(os.path.join(tmp, name), os.path.join(out, name))
+  with open(os.path.join(tmp, INFO_FILE), 'w', encoding='utf-8') as f:
+    json.dump(info, f, indent=1)
+  os.replace(os.path.join(tmp, INFO_FILE), os.path.join(out, INFO_FILE))
 
 
 def _convert_split(pairs: list[layouts.Pair], split: str, tmp: str, strict: bool, tile: int,
-                   stride: int, num_shards: int, workers: int) -> dict:
-  """Converts one split into shards under `tmp`; returns its dataset_info entry."""
+                   stride: int, num_shards: int, workers: int, table: leaks_lib.HashTable,
+                   refs: Sequence[leaks_lib.HashTable] = (),
+                   drop_leaks: bool = False) -> tuple[dict, list[leaks_lib.Leak]]:
+  """Converts one split into shards under `tmp`, hashing its pairs into `table`; returns its
+  dataset_info entry and its leaks into the splits of `refs` (checked while streaming; with
+  `drop_leaks` a leaking pair is not written and is listed as skipped)."""
   from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
   shards = num_shards or max(1, min(len(pairs) // 512 + 1, 64))
   names = [f'{split}-{i:05d}-of-{shards:05d}.array_record' for i in range(shards)]
   writers = [array_record_module.ArrayRecordWriter(os.path.join(tmp, n), 'group_size:1')
              for n in names]
-  skipped, sizes, values, prompts = [], set(), set(), {}
+  skipped, dropped, found, sizes, values, prompts = [], [], [], set(), set(), {}
   count = changed = pixels = 0
   prompt_of = {p.name: p.prompt for p in pairs}
   try:
@@ -139,6 +170,16 @@ def _convert_split(pairs: list[layouts.Pair], split: str, tmp: str, strict: bool
       if result.problem:
         skipped.append({'file_name': result.name, 'reason': result.problem})
         continue
+      if refs:
+        one = leaks_lib.HashTable(split)
+        one.add(result.name, result.hashes)
+        pair_leaks = [lk for ref in refs for lk in leaks_lib.match(one, ref)]
+        found += pair_leaks
+        if pair_leaks and drop_leaks:
+          dropped.append({'file_name': result.name,
+                          'reason': _DROPPED + ', '.join(lk.other() for lk in pair_leaks)})
+          continue
+      table.add(result.name, result.hashes)
       for rec in result.records:
         writers[count % shards].write(rec)
         count += 1
@@ -159,13 +200,15 @@ def _convert_split(pairs: list[layouts.Pair], split: str, tmp: str, strict: bool
   for line in problems:
     print(f'WARNING skipped in {split}:{line.strip()}')
   sizes = sorted(sizes)
+  skipped += dropped
   return {'num_examples': count, 'num_pairs': len(pairs) - len(skipped),
-          'num_skipped': len(skipped), 'skipped': skipped, 'shards': names if count else [],
+          'num_skipped': len(skipped), 'skipped': skipped, 'num_dropped_leaks': len(dropped),
+          'shards': names if count else [],
           'image_size': list(sizes[0]) if len(sizes) == 1 else None,
           'image_sizes': [list(s) for s in sizes],
           'label_values': sorted(values),
           'changed_fraction': changed / pixels if pixels else 0.0,
-          'prompts': sorted(prompts)}
+          'prompts': sorted(prompts)}, found
 
 
 def _embed(text_model: str, prompts: list[str], path: str) -> None:
@@ -185,11 +228,14 @@ def _embed(text_model: str, prompts: list[str], path: str) -> None:
 def convert(layout: str, root: str, out: str, splits: Sequence[str] = ('train', 'val', 'test'),
             list_file: str = '', tile: int = 0, tile_stride: int = 0, text_model: str = '',
             num_shards: int = 0, strict: bool | None = None, overwrite: bool = False,
-            workers: int = 1) -> dict:
+            workers: int = 1, on_leak: str = 'warn') -> dict:
   """Converts `splits` of `root`; returns the dataset_info dict also written to `out`.
 
   strict=None means strict for every split except 'train'. `list_file` selects names of the
-  one split given (few-shot lists); it needs exactly one split.
+  one split given (few-shot lists); it needs exactly one split. `on_leak` ('error', 'warn' or
+  'drop_from_train') says what to do with pairs duplicated across splits
+  (`segchange_jax.data.leaks`); 'drop_from_train' leaves the 'train' copies out, and leaks
+  between two evaluation splits are only listed.
   """
   if layout not in layouts.REGISTRY:
     raise ConvertError(f'--layout {layout!r} is not one of {layouts.layout_names()}')
@@ -199,34 +245,60 @@ def convert(layout: str, root: str, out: str, splits: Sequence[str] = ('train', 
     raise ConvertError('--list selects names of one split: pass exactly one --splits NAME')
   if tile < 0 or tile_stride < 0 or (tile and tile_stride > tile):
     raise ConvertError(f'--tile {tile} / --tile_stride {tile_stride}: need 0 <= stride <= tile')
-  _check_out_dir(out, overwrite)
+  try:
+    leaks_lib.check_mode(on_leak)
+  except ValueError as e:
+    raise ConvertError(str(e)) from None
+  splits = list(dict.fromkeys(splits))
+  created = _check_out_dir(out, overwrite)
   tmp = os.path.join(out, _TMP)
   info = {'converter_version': CONVERTER_VERSION, 'source_layout': layout,
           'source_root': os.path.abspath(root), 'list_file': list_file,
           'tile': tile, 'tile_stride': tile_stride or tile, 'record_format': records.__name__,
           'created': time.strftime('%Y-%m-%dT%H:%M:%S'), 'splits': {}}
+  # Evaluation splits first: train pairs are then checked against them while they stream.
+  evals = [s for s in splits if s != TRAIN]
+  tables = {s: leaks_lib.HashTable(s) for s in splits}
+  done = False
   try:
-    for split in splits:
+    entries, train_leaks = {}, []
+    for split in evals + [s for s in splits if s == TRAIN]:
       pairs = layouts.list_pairs(layout, root, split, num_splits=len(splits))
       if list_file:
         by_name = {p.name: p for p in pairs}
         wanted = layouts.read_name_list(list_file)
         pairs = [by_name.get(n) or layouts.Pair(n, os.path.join(root, '<not in split>', n),
                                                 '', '') for n in wanted]
-      is_strict = strict if strict is not None else split != 'train'
-      info['splits'][split] = _convert_split(pairs, split, tmp, is_strict, tile, tile_stride,
-                                             num_shards, workers)
+      is_strict = strict if strict is not None else split != TRAIN
+      refs = [tables[s] for s in evals] if split == TRAIN else ()
+      entries[split], found = _convert_split(pairs, split, tmp, is_strict, tile, tile_stride,
+                                             num_shards, workers, tables[split], refs,
+                                             drop_leaks=on_leak == 'drop_from_train')
+      train_leaks += found
+    info['splits'] = {s: entries[s] for s in splits}
+    found = train_leaks + leaks_lib.find_leaks([tables[s] for s in evals])
+    if found and on_leak == 'error':
+      raise ConvertError(f'split leaks (--on_leak=error, nothing written): '
+                         f'{leaks_lib.summary(found)}; pass --on_leak=warn to convert and '
+                         'list them or --on_leak=drop_from_train to leave the train copies out')
+    dropped = [d['file_name'] for d in info['splits'].get(TRAIN, {}).get('skipped', ())
+               if d['reason'].startswith(_DROPPED)]
+    info['leaks'] = leaks_lib.report(found, on_leak, [tables[s] for s in splits], dropped)
+    if found:
+      action = (f'{len(dropped)} train pair(s) dropped' if on_leak == 'drop_from_train' else
+                'all written')
+      print(f'WARNING split leaks, {action}: {leaks_lib.summary(found)} '
+            f'(all listed in {os.path.join(out, INFO_FILE)} under "leaks")')
     prompts = sorted({p for s in info['splits'].values() for p in s['prompts']})
     info['prompts'] = prompts
     info['prompt_embeddings'] = ''
     if text_model:
       _embed(text_model, prompts, os.path.join(tmp, EMBEDDINGS_FILE))
       info['prompt_embeddings'] = EMBEDDINGS_FILE
-    for name in os.listdir(tmp):
-      os.replace(os.path.join(tmp, name), os.path.join(out, name))
-    with open(os.path.join(tmp, INFO_FILE), 'w', encoding='utf-8') as f:
-      json.dump(info, f, indent=1)
-    os.replace(os.path.join(tmp, INFO_FILE), os.path.join(out, INFO_FILE))
+    _commit(out, tmp, info)
+    done = True
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
+    if created and not done and not os.listdir(out):
+      os.rmdir(out)
   return info

@@ -41,8 +41,13 @@ def _prepare(config) -> None:
   from segchange_jax.data import convert  # pylint: disable=g-import-not-at-top
   splits = [s for s in (d.train_split, d.val_split, d.test_split) if s]
   logging.info('converting %s (%s layout) into %s', d.source_root, d.layout, d.shards_dir)
-  convert.convert(d.layout, d.source_root, d.shards_dir, splits=tuple(dict.fromkeys(splits)),
-                  list_file=d.train_list if len(splits) == 1 else '')
+  info = convert.convert(d.layout, d.source_root, d.shards_dir,
+                         splits=tuple(dict.fromkeys(splits)),
+                         list_file=d.train_list if len(splits) == 1 else '')
+  if info['leaks']['num_leaks']:
+    # The default on_leak='warn' wrote them all; `python -m data_prep.convert --on_leak` decides.
+    logging.warning('%s: %d pair(s) duplicated across splits, listed in its dataset_info.json '
+                    'under "leaks"', d.shards_dir, info['leaks']['num_leaks'])
 
 
 def ensure_dataset(config) -> str:

@@ -8,12 +8,27 @@ A bundle DIR holds:
 - `prompts.npz`: `prompts` [P] str and `embeddings` [P, T, L] float32 (the embed_prompts
   format), from --prompts (encoded with the config's text encoder), --embeddings, or
   config.data.prompt.
-- the format's model file (`BundleFormat.model_file`): `logits = f(image_a, image_b,
-  text_emb)` with the weights inside, so the format's runtime alone runs it.
-- `signature.json` (`signature`): shapes, normalisation, decision rule, threshold, prompts.
+- the format's model files, weights inside, so the format's runtime alone runs them. By
+  default two graphs (ONNX has no optional inputs, so the two prompt forms are two files rather
+  than one graph with an optional input):
+  - `BundleFormat.model_file` (`PROMPT`): `probabilities, mask = f(image_a, image_b, prompt)`:
+    uint8 RGB images [b, S, S, 3] (the normalisation of `segchange_jax.data.imagery.normalize`
+    is inside the graph), `prompt` int32 [b], a row of the bundle's prompt table (a constant of
+    the graph: the rows of `prompts.npz`);
+  - `embeddings_file(model_file)` (`EMBEDDINGS`): the same with `text_emb` float32 [b, T, L]
+    in place of `prompt`, for prompts outside the table.
+  Both return `probabilities` float32 [b, S, S, K] (sigmoid for K = 1, softmax otherwise) and
+  `mask` uint8 [b, S, S] (`probabilities[..., 0] > threshold`, the config's infer.threshold, for
+  K = 1; argmax otherwise). With `raw_inputs` (`--raw_inputs`) one graph (`RAW`) instead:
+  `logits = f(image_a, image_b, text_emb)` on ImageNet-normalised float32 images, for users
+  who normalise themselves.
+- `signature.json` (`signature`): each graph's inputs and outputs, normalisation, decision
+  rule, threshold, prompts.
+- `model_card.json` + `MODEL_CARD.md`: the exported checkpoint's model card (train/model_card.py:
+  code, config, data fingerprint, metrics, ...) with the export settings added (`export_card`).
 - `README.md` (`readme`): how to load and call the model file with its runtime alone (a python
-  block that runs as written from DIR), the input layout and normalisation, the prompt input and
-  the decision rule.
+  block that runs as written from DIR: `example_code`), the inputs and outputs, the prompt table
+  and the decision rule.
 
 An export format is a `BundleFormat` plus a function that writes its model file; `write` does
 the rest. The two there are: inference/export.py (StableHLO) and inference/onnx_export.py (ONNX);
@@ -22,6 +37,7 @@ the command picks one from `segchange_jax.export.FORMATS`.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -38,6 +54,13 @@ README_FILE = 'README.md'
 FUNCTION = 'logits = f(image_a, image_b, text_emb)'
 INPUT_NAMES = ('image_a', 'image_b', 'text_emb')
 OUTPUT_NAME = 'logits'
+# Graph kinds (module docstring): the inputs each takes and the outputs of the uint8 graphs.
+PROMPT, EMBEDDINGS, RAW = 'prompt', 'embeddings', 'raw'
+GRAPH_INPUTS = {PROMPT: ('image_a', 'image_b', 'prompt'),
+                EMBEDDINGS: ('image_a', 'image_b', 'text_emb'), RAW: INPUT_NAMES}
+OUTPUT_NAMES = ('probabilities', 'mask')
+FUNCTIONS = {PROMPT: 'probabilities, mask = f(image_a, image_b, prompt)',
+             EMBEDDINGS: 'probabilities, mask = f(image_a, image_b, text_emb)', RAW: FUNCTION}
 
 
 class BundleError(ValueError):
@@ -48,17 +71,39 @@ class BundleError(ValueError):
 class BundleFormat:
   """What a bundle's signature and README say about its model file.
 
-  `load`: python lines (run from the bundle folder) that load the model file as `model`;
-  `call`: a python expression of `model`, `image_a`, `image_b`, `text_emb` (numpy arrays) that
-  gives the logits as a numpy array; `notes`: a README paragraph, formatted with the signature.
+  `imports`: the import lines the README code needs besides numpy and PIL; `load`: python
+  lines (run from the bundle folder) that load `model_file` as `model`; `call`: a python
+  expression of `model`, `a`, `b` (uint8 [1, S, S, 3]) and `prompt` (int32 [1]) that gives
+  `probabilities, mask` as numpy arrays; `raw_call`: one of `model`, `image_a`, `image_b`,
+  `text_emb` (the `--raw_inputs` graph) that gives the logits; `notes`: a README paragraph,
+  formatted with the signature.
   """
   name: str
   title: str
   model_file: str
   runtime: str
+  imports: tuple[str, ...]
   load: str
   call: str
+  raw_call: str
   notes: str = ''
+
+
+@dataclasses.dataclass(frozen=True)
+class Graph:
+  """One model file's function, as `write` hands it to a format's `write_model`.
+
+  `fn(consts, *inputs)` (`graph_function`) with `inputs`: name -> jax.ShapeDtypeStruct (batch
+  symbolic 'b', `graph_specs`), returning `output_names` in order; `kind`: PROMPT, EMBEDDINGS or
+  RAW; `prompts` and `threshold`: the bundle's, for the file's own metadata.
+  """
+  kind: str
+  fn: Callable[..., Any]
+  consts: Sequence[Any]
+  inputs: dict[str, Any]
+  output_names: tuple[str, ...]
+  prompts: tuple[str, ...]
+  threshold: float
 
 
 def check_args(out: str, size: int | None, prompts: Sequence[str] | None = None,
@@ -74,46 +119,149 @@ def check_args(out: str, size: int | None, prompts: Sequence[str] | None = None,
     raise error('give --prompts or --embeddings, not both')
 
 
+def embeddings_file(model_file: str) -> str:
+  """File of the EMBEDDINGS graph beside `model_file` (model.onnx -> model_embeddings.onnx)."""
+  root, ext = os.path.splitext(model_file)
+  return f'{root}_embeddings{ext}'
+
+
+def graph_files(fmt: BundleFormat, raw_inputs: bool = False) -> dict[str, str]:
+  """{model file: graph kind} of a bundle (module docstring), the main file first."""
+  if raw_inputs:
+    return {fmt.model_file: RAW}
+  return {fmt.model_file: PROMPT, embeddings_file(fmt.model_file): EMBEDDINGS}
+
+
+def graph_specs(config, size: int, kind: str) -> dict[str, Any]:
+  """{input name: jax.ShapeDtypeStruct} of a graph of `kind`, batch symbolic 'b'."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  (b,) = jax.export.symbolic_shape('b')
+  image = jax.ShapeDtypeStruct((b, size, size, 3), jnp.float32 if kind == RAW else jnp.uint8)
+  text = jax.ShapeDtypeStruct((b, int(config.text.max_tokens), int(config.text.dim)),
+                              jnp.float32)
+  third = jax.ShapeDtypeStruct((b,), jnp.int32) if kind == PROMPT else text
+  return dict(zip(GRAPH_INPUTS[kind], (image, image, third)))
+
+
+def graph_function(config, variables: dict, kind: str, table: np.ndarray | None = None):
+  """(fn, consts): the function a model file holds, `fn(consts, *inputs)` with the inputs of
+  `graph_specs(config, size, kind)`, and the variables' leaves (float32 numpy) as `consts`.
+
+  RAW gives the logits; PROMPT and EMBEDDINGS (uint8 images, normalised as
+  `segchange_jax.data.imagery.normalize` does) give (probabilities, mask) with the config's
+  infer.threshold. PROMPT picks its text embedding from `table` [P, T, L] (a constant of the
+  graph); an index outside 0..P-1 gives a NaN embedding, hence NaN probabilities.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+  from segchange_jax.data import imagery  # pylint: disable=g-import-not-at-top
+  from segchange_jax.models import segchange  # pylint: disable=g-import-not-at-top
+  model = segchange.build_model(config)
+  leaves, tree = jax.tree.flatten(variables)
+  k, threshold = int(config.model.num_classes), float(config.infer.threshold)
+  if kind == PROMPT:
+    if table is None or len(table) == 0:
+      raise BundleError('a prompt-index graph needs a prompt table (--prompts or --embeddings)')
+    table = np.asarray(table, np.float32)
+  rows = 0 if table is None else len(table)
+
+  def logits(lv, image_a, image_b, text_emb):
+    v = jax.tree.unflatten(tree, lv)
+    return model.apply(v, image_a, image_b, text_emb, train=False).astype(jnp.float32)
+
+  def fn(lv, image_a, image_b, text):
+    if kind == RAW:
+      return logits(lv, image_a, image_b, text)
+    if kind == PROMPT:
+      valid = (text >= 0) & (text < rows)
+      emb = jnp.take(table, jnp.clip(text, 0, rows - 1), axis=0, mode='clip')
+      text = jnp.where(valid[:, None, None], emb, jnp.nan)
+    y = logits(lv, imagery.normalize(image_a), imagery.normalize(image_b), text)
+    if k == 1:
+      probabilities = jax.nn.sigmoid(y)
+      mask = probabilities[..., 0] > threshold
+    else:
+      probabilities = jax.nn.softmax(y, axis=-1)
+      mask = jnp.argmax(y, axis=-1)
+    return probabilities, mask.astype(jnp.uint8)
+
+  return fn, [np.asarray(x, np.float32) for x in leaves]
+
+
+def _graph_io(kind: str, size: int, t: int, dim: int, k: int) -> dict[str, Any]:
+  image = {'shape': ['b', size, size, 3], 'dtype': 'float32' if kind == RAW else 'uint8'}
+  third = ({'shape': ['b'], 'dtype': 'int32'} if kind == PROMPT
+           else {'shape': ['b', t, dim], 'dtype': 'float32'})
+  inputs = dict(zip(GRAPH_INPUTS[kind], (image, dict(image), third)))
+  if kind == RAW:
+    outputs = {OUTPUT_NAME: {'shape': ['b', size, size, k], 'dtype': 'float32'}}
+  else:
+    outputs = {'probabilities': {'shape': ['b', size, size, k], 'dtype': 'float32'},
+               'mask': {'shape': ['b', size, size], 'dtype': 'uint8'}}
+  return {'function': FUNCTIONS[kind], 'inputs': inputs, 'outputs': outputs}
+
+
 def signature(config, fmt: BundleFormat, size: int, text_shape: Sequence[int],
-              prompts: Sequence[str], extra: dict[str, Any]) -> dict[str, Any]:
-  """signature.json: the function, its inputs and output, normalisation and decision rule."""
+              prompts: Sequence[str], graphs: dict[str, tuple[str, dict[str, Any]]]
+              ) -> dict[str, Any]:
+  """signature.json: each graph (`graphs`: file -> (kind, the format's own entries)), the main
+  graph's inputs and outputs, normalisation, decision rule, threshold and prompts."""
   from segchange_jax.data import imagery  # pylint: disable=g-import-not-at-top
   t, dim = (int(x) for x in text_shape)
   k = int(config.model.num_classes)
-  image = lambda: {'shape': ['b', size, size, 3], 'dtype': 'float32'}
+  main_kind, main_extra = graphs[fmt.model_file]
+  raw = main_kind == RAW
+  io = {f: {**_graph_io(kind, size, t, dim, k), **extra} for f, (kind, extra) in graphs.items()}
+  if raw:
+    decision = ('change = sigmoid(logits[..., 0]) > threshold' if k == 1
+                else 'class = argmax(logits, -1)')
+  else:
+    decision = ('mask = probabilities[..., 0] > threshold' if k == 1
+                else 'mask = argmax(probabilities, -1)')
   return {
-      'function': FUNCTION, 'format': fmt.name, 'file': fmt.model_file,
-      'inputs': {'image_a': image(), 'image_b': image(),
-                 'text_emb': {'shape': ['b', t, dim], 'dtype': 'float32'}},
-      'output': {OUTPUT_NAME: {'shape': ['b', size, size, k], 'dtype': 'float32'}},
+      'function': FUNCTIONS[main_kind], 'format': fmt.name, 'file': fmt.model_file,
+      'raw_inputs': raw, 'inputs': io[fmt.model_file]['inputs'],
+      'outputs': io[fmt.model_file]['outputs'],
+      'graphs': {f: {'kind': graphs[f][0], **v} for f, v in io.items()},
       'image_normalisation': {'scale': 1 / 255,
                               'mean': [round(float(v), 6) for v in imagery.IMAGENET_MEAN],
                               'std': [round(float(v), 6) for v in imagery.IMAGENET_STD],
-                              'channels': 'RGB'},
-      'decision': ('change = sigmoid(logits[..., 0]) > threshold' if k == 1
-                   else 'class = argmax(logits, -1)'),
+                              'channels': 'RGB', 'in_graph': not raw},
+      'decision': decision, 'decision_in_graph': not raw,
       'threshold': float(config.infer.threshold), 'prompts': list(prompts),
-      'text_model': config.text.model, **extra}
+      'text_model': config.text.model, **main_extra}
 
 
-def readme(fmt: BundleFormat, sig: dict[str, Any]) -> str:
-  """README.md of a bundle with signature `sig`: what the model computes and how to run it."""
+def example_code(fmt: BundleFormat) -> str:
+  """The README's python block of a uint8 bundle: read a.png and b.png, run the model file with
+  its runtime alone, save mask.png. The same text for every bundle of the format."""
+  imports = sorted(['import numpy as np', *fmt.imports])
+  return (
+      '\n'.join(imports) + '\nfrom PIL import Image\n\n'
+      '# From the bundle folder: a.png, b.png show one place at two dates (RGB, the bundle size).\n'
+      f'{fmt.load.strip()}\n'
+      "a = np.asarray(Image.open('a.png').convert('RGB'))[None]  # uint8 [1, S, S, 3]\n"
+      "b = np.asarray(Image.open('b.png').convert('RGB'))[None]\n"
+      'prompt = np.array([0], np.int32)  # row 0 of the prompt table (signature.json "prompts")\n'
+      f'probabilities, mask = {fmt.call.strip()}\n'
+      "Image.fromarray((mask[0] > 0).astype(np.uint8) * 255).save('mask.png')  # white: change\n")
+
+
+def _raw_code(fmt: BundleFormat, sig: dict[str, Any]) -> str:
+  """The README's python block of a --raw_inputs bundle: normalise, call, decide."""
   size = sig['inputs']['image_a']['shape'][1]
-  t, dim = sig['inputs']['text_emb']['shape'][1:]
-  k = sig['output'][OUTPUT_NAME]['shape'][3]
+  k = sig['outputs'][OUTPUT_NAME]['shape'][3]
   norm, thr, names = sig['image_normalisation'], sig['threshold'], sig['prompts']
-  scale = '1 / 255' if norm['scale'] == 1 / 255 else repr(norm['scale'])
   if k == 1:
-    rule = (f'change where `sigmoid(logits[..., 0]) > threshold`, threshold = {thr!r} (the '
-            "model config's `infer.threshold`)")
     decide = ('THRESHOLD = {thr!r}  # the config\'s infer.threshold\n'
               'change = 1 / (1 + np.exp(-logits[..., 0])) > THRESHOLD  # [1, S, S] bool\n'
               ).format(thr=thr)
   else:
-    rule = '`class = argmax(logits, -1)` (0: no change; class ids as in training)'
     decide = 'classes = logits.argmax(-1)  # [1, S, S] class id, 0 = no change\n'
-  code = (
-      'import numpy as np\n'
+  return (
+      '\n'.join(sorted(['import numpy as np', *fmt.imports])) + '\n\n'
       f'{fmt.load.strip()}\n\n'
       f'MEAN = np.array({norm["mean"]}, np.float32)  # ImageNet, channels R, G, B\n'
       f'STD = np.array({norm["std"]}, np.float32)\n\n\n'
@@ -128,32 +276,83 @@ def readme(fmt: BundleFormat, sig: dict[str, Any]) -> str:
       f'row = list(prompts[\'prompts\']).index({names[0]!r})\n'
       'text_emb = prompts[\'embeddings\'][row][None]  # [1, T, L]\n\n'
       'image_a, image_b = normalise(rgb_a), normalise(rgb_b)\n'
-      f'logits = {fmt.call.strip()}  # [1, {size}, {size}, {k}]\n' + decide)
+      f'logits = {fmt.raw_call.strip()}  # [1, {size}, {size}, {k}]\n' + decide)
+
+
+def readme(fmt: BundleFormat, sig: dict[str, Any]) -> str:
+  """README.md of a bundle with signature `sig`: what the model computes and how to run it."""
+  raw = sig['raw_inputs']
+  size = sig['inputs']['image_a']['shape'][1]
+  graphs = sig['graphs']
+  emb_file = next((f for f, g in graphs.items() if g['kind'] == EMBEDDINGS), None)
+  t, dim = (graphs[emb_file] if emb_file else sig)['inputs']['text_emb']['shape'][1:]
+  k = next(iter(sig['outputs'].values()))['shape'][3]
+  norm, thr, names = sig['image_normalisation'], sig['threshold'], sig['prompts']
+  scale = '1 / 255' if norm['scale'] == 1 / 255 else repr(norm['scale'])
+  normalise = (f'multiply by {scale}, subtract the ImageNet mean {norm["mean"]} and divide by '
+               f'the ImageNet std {norm["std"]}, per channel')
+  text_emb = (f'float32 [b, {t}, {dim}], a prompt embedding: one row of `prompts.npz` (arrays '
+              f'`prompts` [P] str and `embeddings` [P, {t}, {dim}] float32) or, for other '
+              'prompts, `python -m segchange_jax.embed_prompts` with the text encoder '
+              f'`{sig["text_model"]}`')
+  if raw:
+    rule = (f'change where `sigmoid(logits[..., 0]) > threshold`, threshold = {thr!r} (the '
+            "model config's `infer.threshold`)" if k == 1 else
+            '`class = argmax(logits, -1)` (0: no change; class ids as in training)')
+    intro = (f'`{fmt.model_file}` computes `{FUNCTION}` on normalised float images (exported '
+             'with `--raw_inputs`; without it the bundle takes uint8 images and returns '
+             'probabilities and the mask)')
+    inputs = (
+        f'- `image_a`, `image_b`: float32 [b, {size}, {size}, 3] (NHWC; `b` is any batch '
+        f'size). From uint8 images in channel order {", ".join(norm["channels"])}: '
+        f'{normalise}.\n'
+        f'- `text_emb`: {text_emb}, repeated over the batch. This bundle holds '
+        f'{", ".join(repr(n) for n in names)}.\n'
+        f'- `logits`: float32 [b, {size}, {size}, {k}].\n\n'
+        f'Decision rule: {rule}.\n\n')
+    how = 'From the bundle folder:'
+    code = _raw_code(fmt, sig)
+  else:
+    rule = (f'`mask = probabilities[..., 0] > threshold`, threshold = {thr!r} (the model '
+            "config's `infer.threshold`)" if k == 1 else
+            '`mask = argmax(probabilities, -1)` (0: no change; class ids as in training)')
+    table = ', '.join(f'{i} = {n!r}' for i, n in enumerate(names))
+    intro = (f'`{fmt.model_file}` computes `{FUNCTIONS[PROMPT]}`: the change between two '
+             'co-registered images of one place, steered by a text prompt from the '
+             "bundle's prompt table. The image normalisation, the prompt table and the "
+             f'decision rule are inside the file; `{emb_file}` is the same model taking the '
+             'prompt as an embedding `text_emb` in place of `prompt`, for prompts outside the '
+             'table (ONNX has no optional inputs, hence two files)')
+    inputs = (
+        f'- `image_a`, `image_b`: uint8 [b, {size}, {size}, 3], channels '
+        f'{", ".join(norm["channels"])} as read from the image files (NHWC; `b` is any batch '
+        f'size). The graph normalises them: {normalise}.\n'
+        f'- `prompt` (`{fmt.model_file}`): int32 [b], a row of the prompt table: {table} '
+        '(`signature.json` "prompts", `prompts.npz`); an index outside the table gives NaN '
+        'probabilities.\n'
+        f'- `text_emb` (`{emb_file}`): {text_emb}.\n'
+        f'- `probabilities`: float32 [b, {size}, {size}, {k}], '
+        + ('sigmoid of the logits' if k == 1 else 'softmax of the logits over the classes')
+        + '.\n'
+        f'- `mask`: uint8 [b, {size}, {size}], ' + ('1 = change, 0 = no change' if k == 1 else
+                                                  'class id, 0 = no change') + '.\n\n'
+        f'Decision rule (in the graph): {rule}.\n\n')
+    how = (f'From the bundle folder, with two RGB images of {size} x {size} px saved as '
+           '`a.png` and `b.png`; it writes `mask.png`:')
+    code = example_code(fmt)
   notes = fmt.notes.format_map(sig).strip()
   return (
       f'# SegChange change detector: {fmt.title} bundle\n\n'
-      f'`{fmt.model_file}` computes `{FUNCTION}`: the change between two co-registered images '
-      'of one place, steered by a text prompt. The weights are inside the file, so '
-      f'{fmt.runtime} and numpy alone run it (no segchange_jax, no model code).\n\n'
-      '## Inputs and output\n\n'
-      f'- `image_a`, `image_b`: float32 [b, {size}, {size}, 3] (NHWC; `b` is any batch size). '
-      f'From uint8 images in channel order {", ".join(norm["channels"])}: multiply by {scale}, '
-      f'subtract the ImageNet mean {norm["mean"]} and divide by the ImageNet std {norm["std"]}, '
-      'per channel.\n'
-      f'- `text_emb`: float32 [b, {t}, {dim}], the prompt: one row of `prompts.npz` (arrays '
-      f'`prompts` [P] str and `embeddings` [P, {t}, {dim}] float32), repeated over the batch. '
-      f'This bundle holds {", ".join(repr(n) for n in names)}; other prompts: '
-      '`python -m segchange_jax.embed_prompts` with the text encoder '
-      f'`{sig["text_model"]}`.\n'
-      f'- `logits`: float32 [b, {size}, {size}, {k}].\n\n'
-      f'Decision rule: {rule}.\n\n'
+      f'{intro}. The weights are inside the file, so {fmt.runtime} and numpy alone run it '
+      '(no segchange_jax, no model code).\n\n'
+      '## Inputs and outputs\n\n' + inputs +
       f'## Load and call ({fmt.runtime} alone)\n\n'
-      'From the bundle folder:\n\n'
+      f'{how}\n\n'
       f'```python\n{code}```\n\n'
       + (f'{notes}\n\n' if notes else '') +
       '## Other files\n\n'
-      '- `signature.json`: the same facts as JSON (shapes, normalisation, decision, threshold, '
-      'prompts).\n'
+      '- `signature.json`: the same facts as JSON (each graph\'s inputs and outputs, '
+      'normalisation, decision, threshold, prompts).\n'
       '- `variables/` + `config.json`: the same model for segchange_jax: '
       "`ChangeDetector.from_checkpoint('DIR')` (segchange_jax.inference.predictor); whole "
       'scenes: `python -m segchange_jax.infer --checkpoint DIR --a A.tif --b B.tif --out '
@@ -161,15 +360,21 @@ def readme(fmt: BundleFormat, sig: dict[str, Any]) -> str:
 
 
 def write(out: str, config, variables: dict, fmt: BundleFormat,
-          write_model: Callable[[str, int], dict[str, Any]],
+          write_model: Callable[..., dict[str, Any]],
           prompts: Sequence[str] | None = None, embeddings: str | None = None,
           size: int | None = None, overwrite: bool = False,
-          error: type[Exception] = BundleError) -> dict[str, Any]:
+          error: type[Exception] = BundleError, raw_inputs: bool = False,
+          card: dict[str, Any] | None = None) -> dict[str, Any]:
   """Writes the bundle (module docstring) and returns its signature.
 
-  `write_model(path, size)` writes the format's model file and returns the signature entries
-  of its own (platforms, opset, ...). The folder is assembled under a temporary name beside
-  `out` and renamed when complete; an existing bundle is replaced only with `overwrite`.
+  `card`: the model card of the exported checkpoint (`checkpoints.read_card`), copied into the
+  bundle with the export settings added (`export_card`).
+
+  `write_model(path, graph)` writes one model file holding the `Graph` `graph` and returns
+  the signature entries of its own (platforms, opset, ...); it is called once per graph
+  (`graph_files`). The folder is assembled under a
+  temporary name beside `out` and renamed when complete; an existing bundle is replaced only
+  with `overwrite`.
   """
   from segchange_jax.interop import checkpoints  # pylint: disable=g-import-not-at-top
   from segchange_jax.text import prompts as prompts_lib  # pylint: disable=g-import-not-at-top
@@ -179,13 +384,40 @@ def write(out: str, config, variables: dict, fmt: BundleFormat,
   with atomic.atomic_dir(out) as tmp:
     checkpoints.save_variables(tmp, config, variables)
     prompts_lib.write_npz(os.path.join(tmp, PROMPTS_FILE), names, emb, '', config.text.model)
-    extra = write_model(os.path.join(tmp, fmt.model_file), size)
-    sig = signature(config, fmt, size, emb.shape[1:], names, extra)
+    graphs = {}
+    for name, kind in graph_files(fmt, raw_inputs).items():
+      fn, consts = graph_function(config, variables, kind, emb)
+      graph = Graph(kind, fn, consts, graph_specs(config, size, kind),
+                    (OUTPUT_NAME,) if kind == RAW else OUTPUT_NAMES, tuple(names),
+                    float(config.infer.threshold))
+      graphs[name] = (kind, write_model(os.path.join(tmp, name), graph))
+    sig = signature(config, fmt, size, emb.shape[1:], names, graphs)
     with open(os.path.join(tmp, SIGNATURE_FILE), 'w') as f:
       json.dump(sig, f, indent=2)
     with open(os.path.join(tmp, README_FILE), 'w') as f:
       f.write(readme(fmt, sig))
+    checkpoints.write_card(tmp, export_card(card, config, sig))
   return sig
+
+
+def export_card(card: dict[str, Any] | None, config, sig: dict[str, Any]) -> dict[str, Any]:
+  """The bundle's model card: the checkpoint's `card` plus an 'export' entry (format, files,
+  size, prompts, threshold, the exporting code). Without a card (a convert_torch output, an
+  upstream .pth, a checkpoint older than cards) a card of the export alone: config and code,
+  no data or metrics."""
+  from segchange_jax.interop import checkpoints  # pylint: disable=g-import-not-at-top
+  if card is None:
+    card = {'schema': checkpoints.CARD_SCHEMA, 'version': checkpoints.CARD_VERSION,
+            'code': None, 'config': json.loads(config.to_json_best_effort()), 'data': None,
+            'metrics': {}, 'seed': None, 'training': None, 'checkpoint': None,
+            'hardware': None}
+  card = copy.deepcopy(card)
+  card['export'] = {
+      'format': sig['format'], 'file': sig['file'], 'files': sorted(sig.get('graphs', {})),
+      'raw_inputs': sig.get('raw_inputs', False), 'size': sig['inputs']['image_a']['shape'][1],
+      'prompts': sig['prompts'], 'threshold': sig['threshold'],
+      'code': checkpoints.code_version()}
+  return card
 
 
 def load_prompts(directory: str) -> dict[str, np.ndarray]:

@@ -1,9 +1,13 @@
-"""StableHLO export: the model as a serialized `jax.export` module inside a bundle.
+"""StableHLO export: the model as serialized `jax.export` modules inside a bundle.
 
-`model.stablehlo` holds `logits = f(image_a, image_b, text_emb)` with a symbolic batch `b`;
-the weights are closed-over constants, so jax alone runs the file (no params, no model code).
-It is as large as the weights, and a serialized module must stay under 2 GB. The rest of the
-bundle (variables, prompts, signature, README) is inference/bundle.py's.
+`model.stablehlo` holds `probabilities, mask = f(image_a, image_b, prompt)` (uint8 images, the
+normalisation, the prompt table and the threshold inside) and `model_embeddings.stablehlo` the
+same with `text_emb` in place of `prompt` (inference/bundle.py says why two files); with
+`raw_inputs` one file, `logits = f(image_a, image_b, text_emb)` on normalised float images.
+The batch `b` is symbolic and the weights are closed-over constants, so jax alone runs a file
+(no params, no model code). Each file is as large as the weights, and a serialized module must
+stay under 2 GB. The rest of the bundle (variables, prompts, signature, README) is
+inference/bundle.py's.
 """
 
 from __future__ import annotations
@@ -16,11 +20,11 @@ from segchange_jax.inference import bundle
 
 FORMAT = bundle.BundleFormat(
     name='stablehlo', title='StableHLO (jax.export)', model_file='model.stablehlo',
-    runtime='jax',
-    load=("import jax\n\n"
-          "with open('model.stablehlo', 'rb') as f:\n"
+    runtime='jax', imports=('import jax',),
+    load=("with open('model.stablehlo', 'rb') as f:\n"
           "  model = jax.export.deserialize(bytearray(f.read()))"),
-    call='np.asarray(model.call(image_a, image_b, text_emb))',
+    call='map(np.asarray, model.call(a, b, prompt))',
+    raw_call='np.asarray(model.call(image_a, image_b, text_emb))',
     notes=('The module is lowered for the platforms {platforms} (jax {jax_version}); '
            '`jax.export.deserialize` needs a jax at least as new as the one that wrote it.'))
 MODEL_FILE = FORMAT.model_file
@@ -30,34 +34,32 @@ class ExportError(bundle.BundleError):
   """The bundle cannot be written as asked; the message names the flag and the fix."""
 
 
-def export_forward(config, variables: dict, size: int,
-                   platforms: Sequence[str] | None = None):
-  """`jax.export.Exported` of (image_a, image_b, text_emb) -> logits, batch symbolic `b`.
-
-  The variables are closed over (constants in the module), so the artefact needs no params.
-  """
+def export_function(fn, consts: Sequence[Any], inputs: dict[str, Any],
+                    platforms: Sequence[str] | None = None):
+  """`jax.export.Exported` of `fn(consts, *inputs)` with `consts` closed over (constants in the
+  module, so the artefact needs no params); `inputs`: name -> jax.ShapeDtypeStruct."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  closed = [jnp.asarray(c) for c in consts]
+  return jax.export.export(jax.jit(lambda *xs: fn(closed, *xs)), platforms=platforms)(
+      *inputs.values())
 
-  from segchange_jax.models import segchange  # pylint: disable=g-import-not-at-top
+
+def export_forward(config, variables: dict, size: int,
+                   platforms: Sequence[str] | None = None, kind: str = bundle.RAW,
+                   table=None):
+  """`jax.export.Exported` of a bundle graph (`bundle.graph_function`), batch symbolic `b`:
+  by default the RAW one, (image_a, image_b, text_emb) -> logits."""
   config_lib.check_stride(size, '--size', ExportError)
-  model = segchange.build_model(config)
-  consts = jax.tree.map(jnp.asarray, variables)
-
-  def forward(image_a, image_b, text_emb):
-    return model.apply(consts, image_a, image_b, text_emb, train=False).astype(jnp.float32)
-
-  (b,) = jax.export.symbolic_shape('b')
-  image = jax.ShapeDtypeStruct((b, size, size, 3), jnp.float32)
-  text = jax.ShapeDtypeStruct((b, int(config.text.max_tokens), int(config.text.dim)),
-                              jnp.float32)
-  return jax.export.export(jax.jit(forward), platforms=platforms)(image, image, text)
+  fn, consts = bundle.graph_function(config, variables, kind, table)
+  return export_function(fn, consts, bundle.graph_specs(config, size, kind), platforms)
 
 
-def load_exported(directory: str):
-  """The bundle's deserialized `jax.export.Exported`; call it with `.call(a, b, text_emb)`."""
+def load_exported(directory: str, file: str = MODEL_FILE):
+  """The bundle's deserialized `jax.export.Exported` (`file`: model.stablehlo, or
+  model_embeddings.stablehlo); call it with `.call(a, b, prompt)` (`.call(a, b, text_emb)`)."""
   import jax  # pylint: disable=g-import-not-at-top
-  path = os.path.join(directory, MODEL_FILE)
+  path = os.path.join(directory, file)
   if not os.path.isfile(path):
     raise FileNotFoundError(f'{path} does not exist; create the bundle with '
                             'python -m segchange_jax.export --checkpoint CKPT --out DIR')
@@ -68,15 +70,19 @@ def load_exported(directory: str):
 def write_bundle(out: str, config, variables: dict, prompts: Sequence[str] | None = None,
                  embeddings: str | None = None, size: int | None = None,
                  platforms: Sequence[str] | None = ('cpu', 'cuda'),
-                 overwrite: bool = False) -> dict[str, Any]:
-  """Writes a bundle (inference/bundle.py) with model.stablehlo; returns the signature dict."""
+                 overwrite: bool = False, raw_inputs: bool = False,
+                 card: dict[str, Any] | None = None) -> dict[str, Any]:
+  """Writes a bundle (inference/bundle.py) with model.stablehlo (and, unless `raw_inputs`,
+  model_embeddings.stablehlo); returns the signature dict. `card`: the checkpoint's model card."""
 
-  def write_model(path: str, size: int) -> dict[str, Any]:
+  def write_model(path: str, graph: bundle.Graph) -> dict[str, Any]:
     import jax  # pylint: disable=g-import-not-at-top
-    exported = export_forward(config, variables, size, platforms)
+    # Outputs in graph.output_names order: a tuple (probabilities, mask), or the logits alone.
+    exported = export_function(graph.fn, graph.consts, graph.inputs, platforms)
     with open(path, 'wb') as f:
       f.write(exported.serialize())
-    return {'platforms': list(exported.platforms), 'jax_version': jax.__version__}
+    return {'platforms': list(exported.platforms), 'jax_version': jax.__version__,
+            'bytes': os.path.getsize(path)}
 
   return bundle.write(out, config, variables, FORMAT, write_model, prompts, embeddings, size,
-                      overwrite, error=ExportError)
+                      overwrite, error=ExportError, raw_inputs=raw_inputs, card=card)

@@ -11,7 +11,8 @@ inputs, in order) and each equation is emitted as ONNX nodes with `onnx.helper`:
   at conversion time with JAX itself (constant folding), so e.g. a relative-position gather
   or a kernel reshape becomes an initializer.
 - `gather` with a static or a dynamic start vector and no batch of indices (what jnp slicing
-  lowers to when the batch is symbolic) becomes Slice/Squeeze.
+  lowers to when the batch is symbolic) becomes Slice/Squeeze; whole rows of a table picked by
+  a batch of indices (`table[idx]`, indices clamped into range like XLA's) becomes Gather.
 - `dot_general` becomes MatMul (dense layers) or Einsum; convolutions Transpose+Conv+Transpose;
   `reduce_window_max` MaxPool; `erfc` 1 - Erf; `rsqrt` Reciprocal(Sqrt).
 - Shapes that contain a symbolic dimension (`b`, `2*b`, ...) are computed in the graph from
@@ -124,7 +125,9 @@ class Converter:
     if arr.dtype == np.dtype('bfloat16') or arr.dtype.kind not in 'fiub':
       raise ConversionError(f'constant of dtype {arr.dtype} has no ONNX form here')
     name = self.fresh('c')
-    self.initializers.append(self.onnx.numpy_helper.from_array(np.ascontiguousarray(arr), name))
+    # reshape: np.ascontiguousarray makes a 0-d array 1-d, which Unsqueeze would then misread.
+    self.initializers.append(self.onnx.numpy_helper.from_array(
+        np.ascontiguousarray(arr).reshape(arr.shape), name))
     self._const_names[key] = (name, value)
     return name
 
@@ -443,6 +446,8 @@ class Converter:
     shape = list(eqn.invars[0].aval.shape)
     smap = [int(d) for d in dn.start_index_map]
     ishape = tuple(eqn.invars[1].aval.shape)
+    if self._is_row_gather(eqn, ishape):
+      return self._row_gather(eqn, x, idx)
     if dn.operand_batching_dims or ishape != (len(smap),):
       raise ConversionError(f'gather with a batch of indices {ishape} / {dn} (only slices)')
     for d in range(len(shape)):
@@ -468,6 +473,28 @@ class Converter:
     if list(dn.offset_dims) != list(range(len(shape) - len(collapsed))):
       raise ConversionError(f'gather with offset_dims {dn.offset_dims}')
     return self.node1('Squeeze', [y, self.ints(collapsed)]) if collapsed else y
+
+  def _is_row_gather(self, eqn, ishape) -> bool:
+    """`table[idx]` / `jnp.take(table, idx, axis=0)`: whole rows of axis 0 for indices [n, 1]."""
+    dn, sizes = eqn.params['dimension_numbers'], list(eqn.params['slice_sizes'])
+    shape = list(eqn.invars[0].aval.shape)
+    return (len(ishape) == 2 and str(ishape[1]) == '1' and not dn.operand_batching_dims
+            and list(dn.start_index_map) == [0] and list(dn.collapsed_slice_dims) == [0]
+            and list(dn.offset_dims) == list(range(1, len(shape)))
+            and str(sizes[0]) == '1' and [str(s) for s in sizes[1:]] == [str(d) for d in shape[1:]])
+
+  def _row_gather(self, eqn, x, idx):
+    # Indices clamped into range, as XLA's gather (modes clip and promise_in_bounds) does.
+    mode = str(eqn.params.get('mode', ''))
+    if 'FILL' in mode.upper():
+      raise ConversionError('gather in fill mode (use mode="clip" or clip the indices)')
+    rows = eqn.invars[0].aval.shape[0]
+    if not _is_const_dim(rows):
+      raise ConversionError('gather of rows from a table with a symbolic number of rows')
+    i = self.node1('Cast', [self.name_of(idx)], to=self.onnx.TensorProto.INT64)
+    i = self.node1('Squeeze', [i, self.ints([1])])
+    i = self.node1('Min', [self.node1('Max', [i, self.ints([0])]), self.ints([int(rows) - 1])])
+    return self.node1('Gather', [self.name_of(x), i], axis=0)
 
   def p_iota(self, eqn):
     raise ConversionError('iota with a symbolic shape')

@@ -11,6 +11,7 @@ predict function; settings nobody gives come from `default_config` (infer.*).
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import os
 import sys
 from typing import Callable, Sequence
@@ -29,6 +30,7 @@ from segchange_jax.inference import raster_io
 from segchange_jax.inference import scene_outputs
 from segchange_jax.inference import sliding_window
 from segchange_jax.inference import vectors
+from segchange_jax.models import tta as tta_lib
 
 PredictFn = sliding_window.PredictFn
 # The settings of a run that neither the caller nor a checkpoint config gives.
@@ -52,8 +54,18 @@ def logits_to_probs(logits: np.ndarray) -> np.ndarray:
   return z / z.sum(-1, keepdims=True)
 
 
-def detector_predictor(detector, text_embeddings: np.ndarray) -> PredictFn:
-  """Adapts a ChangeDetector-like object (predict_logits(a, b, emb)) to the engine's PredictFn."""
+def detector_predictor(detector, text_embeddings: np.ndarray, tta: str = 'none') -> PredictFn:
+  """Adapts a ChangeDetector-like object (predict_logits(a, b, emb)) to the engine's PredictFn.
+
+  `tta` other than 'none' (segchange_jax/models/tta.py) is passed on as predict_logits(...,
+  tta=tta), which averages the logits of the transformed windows in one model call per batch;
+  a detector without that argument (the ONNX backend) takes 'none' only.
+  """
+  tta_lib.resolve(tta)
+  if tta != 'none' and 'tta' not in inspect.signature(detector.predict_logits).parameters:
+    raise cli.UsageError(f'--tta {tta}: {type(detector).__name__} has no test-time '
+                         'augmentation; use --backend jax or --tta none')
+  extra = {} if tta == 'none' else {'tta': tta}
   emb = np.asarray(text_embeddings, np.float32)
   if emb.ndim == 2:
     emb = emb[None]
@@ -61,7 +73,7 @@ def detector_predictor(detector, text_embeddings: np.ndarray) -> PredictFn:
   def predict(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     batch_emb = np.broadcast_to(emb[:1], (a.shape[0],) + emb.shape[1:])
     return logits_to_probs(detector.predict_logits(imagery.normalize(a), imagery.normalize(b),
-                                                   batch_emb))
+                                                   batch_emb, **extra))
   return predict
 
 

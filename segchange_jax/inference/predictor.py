@@ -5,12 +5,16 @@
     result.probabilities, result.mask        # [H, W] float32, [H, W] uint8 (any image size)
     det.predict_scene('A.tif', 'B.tif', out='change.tif', prompt='...')  # whole GeoTIFFs
     logits = det.predict_logits(a_normalised, b_normalised, text_embeddings)  # [B, H, W, K]
+    det.predict(image_a, image_b, tta='flips')   # test-time augmentation (models/tta.py)
 
 `predict` takes uint8 RGB [H, W, 3] arrays or image paths (PNG/JPEG/GeoTIFF read whole) and a
 prompt string; the prompt is encoded with the checkpoint config's text encoder (or looked up in
 `embeddings=`, an embed_prompts .npz) once and cached. Images of any size go through the same
 windowed engine as `python -m segchange_jax.infer` (config.infer.window / overlap /
 batch_size, Hann-blended overlaps); `predict_scene` is that command as a function.
+`tta=` ('none', 'flips', 'd4'; segchange_jax/models/tta.py) averages the logits over flipped
+and rotated copies of every window, all in the one jitted call per window batch (T x batch
+windows); the engine's windows are square, so 'd4' works on images of any size.
 
 Checkpoints: an upstream PyTorch `.pth` (converted on the fly; needs `config`), a directory
 written by `python -m segchange_jax.convert_torch` (`variables/` + `config.json`), or a training
@@ -31,6 +35,7 @@ import numpy as np
 from segchange_jax import config_lib
 from segchange_jax.interop import checkpoints
 from segchange_jax.models import segchange
+from segchange_jax.models import tta as tta_lib
 
 
 @dataclasses.dataclass
@@ -65,7 +70,11 @@ class ChangeDetector:
     self.embeddings = embeddings
     self.checkpoint = checkpoint
     self._prompts: dict[str, np.ndarray] = {}
-    self._forward = jax.jit(lambda v, a, b, t: self.model.apply(v, a, b, t, train=False))
+    # `tta` is static: one compiled graph per set, and 'none' is the plain forward pass.
+    self._forward = jax.jit(
+        lambda v, a, b, t, tta: tta_lib.tta_logits(
+            lambda a, b, t: self.model.apply(v, a, b, t, train=False), a, b, t, tta),
+        static_argnums=4)
 
   @classmethod
   def from_checkpoint(cls, path: str, config: ml_collections.ConfigDict | None = None,
@@ -75,11 +84,15 @@ class ChangeDetector:
     return cls(*checkpoints.load_variables(path, config), embeddings=embeddings,
                checkpoint=os.path.abspath(os.fspath(path)))
 
-  def predict_logits(self, image_a: Any, image_b: Any, text_embeddings: Any) -> np.ndarray:
+  def predict_logits(self, image_a: Any, image_b: Any, text_embeddings: Any,
+                     tta: str = 'none') -> np.ndarray:
     """Logits [B, H, W, K] for ImageNet-normalised NHWC float images (H, W multiples of 32).
 
-    A single image [H, W, 3] and text [T, L] are accepted too (batch of one).
+    A single image [H, W, 3] and text [T, L] are accepted too (batch of one). `tta`: a set of
+    segchange_jax.models.tta.SETS, averaged in one model call of T x B images ('d4' needs
+    H == W).
     """
+    tta_lib.resolve(tta)
     a, b = np.asarray(image_a, np.float32), np.asarray(image_b, np.float32)
     t = np.asarray(text_embeddings, np.float32)
     single = a.ndim == 3
@@ -95,7 +108,9 @@ class ChangeDetector:
     if t.shape[0] != a.shape[0] or t.shape[-1] != self.config.text.dim:
       raise ValueError(f'text embeddings {t.shape} must be [B={a.shape[0]}, T, '
                        f'{self.config.text.dim}] (config text.dim)')
-    out = np.asarray(self._forward(self.variables, a, b, t))
+    tta_lib.check_shape(tta, a.shape[1], a.shape[2])
+    key = tta if isinstance(tta, str) else tuple(tta)  # a static jit argument: hashable
+    out = np.asarray(self._forward(self.variables, a, b, t, key))
     return out[0] if single else out
 
   def embed(self, prompt: str | None = None) -> np.ndarray:
@@ -106,22 +121,24 @@ class ChangeDetector:
       self._prompts[prompt] = prompts.embed_one(self.config, prompt, npz=self.embeddings)
     return self._prompts[prompt]
 
-  def predictor(self, prompt: str | None = None):
+  def predictor(self, prompt: str | None = None, tta: str = 'none'):
     """(uint8 a, uint8 b) -> probabilities, the engine's PredictFn for `prompt`."""
     from segchange_jax.inference import pipeline  # pylint: disable=g-import-not-at-top
-    return pipeline.detector_predictor(self, self.embed(prompt))
+    return pipeline.detector_predictor(self, self.embed(prompt), tta)
 
   def predict(self, image_a: Any, image_b: Any, prompt: str | None = None,
-              threshold: float | None = None) -> Prediction:
+              threshold: float | None = None, tta: str = 'none') -> Prediction:
     """Change between two images of the same size (uint8 RGB [H, W, 3] arrays or paths).
 
-    Windows, overlap, batch and threshold default to the config's infer.* values.
+    Windows, overlap, batch and threshold default to the config's infer.* values; `tta`
+    ('none', 'flips', 'd4') as in predict_logits, on every window.
     """
     from segchange_jax.inference import pipeline  # pylint: disable=g-import-not-at-top
     from segchange_jax.inference import raster_io  # pylint: disable=g-import-not-at-top
     from segchange_jax.inference import sliding_window  # pylint: disable=g-import-not-at-top
     threshold = float(self.config.infer.threshold if threshold is None else threshold)
     pipeline.check_settings(threshold=threshold)
+    tta_lib.resolve(tta)
     raster = [x for x in (image_a, image_b)
               if isinstance(x, (str, os.PathLike)) and not raster_io.is_plain(os.fspath(x))]
     if raster:
@@ -137,7 +154,8 @@ class ChangeDetector:
       channels = 1 if self.config.model.num_classes == 1 else int(self.config.model.num_classes)
       sink = _ArraySink(source.height, source.width, channels)
       # The batch of `infer` (not fewer for small images): one compiled shape, same numbers.
-      sliding_window.run_scene(source, self.predictor(prompt), sink, window=window, overlap=overlap,
+      sliding_window.run_scene(source, self.predictor(prompt, tta), sink, window=window,
+                               overlap=overlap,
                       batch_size=int(self.config.infer.batch_size), channels=channels,
                       progress=False)
     finally:
@@ -147,31 +165,35 @@ class ChangeDetector:
     return Prediction(probs[..., 0] if channels == 1 else probs, mask)
 
   def predict_scene(self, a_path: str, b_path: str, out: str, prompt: str | None = None,
-                    **kwargs):
+                    tta: str = 'none', **kwargs):
     """`python -m segchange_jax.infer` as a function: whole scenes in bounded memory.
 
-    `kwargs` are segchange_jax.inference.pipeline.run_inference's (window, overlap, batch,
-    threshold, probs_path, polygons_path, preview_path, overwrite, align, bands, nodata,
-    progress, ...); settings left out come from the config. Returns the engine's SceneStats.
+    `tta` as in predict (recorded in the GeoTIFF tag TTA). `kwargs` are
+    segchange_jax.inference.pipeline.run_inference's (window, overlap, batch, threshold,
+    probs_path, polygons_path, preview_path, overwrite, align, bands, nodata, progress, ...);
+    settings left out come from the config. Returns the engine's SceneStats.
     """
     from segchange_jax.inference import pipeline  # pylint: disable=g-import-not-at-top
     prompt = self.config.data.prompt if prompt is None else prompt
-    tags = dict(CHECKPOINT=self.checkpoint, PROMPT=prompt)
-    factory = lambda: pipeline.Model(self.predictor(prompt), self.config, tags)
+    tta_lib.resolve(tta)
+    tags = dict(CHECKPOINT=self.checkpoint, PROMPT=prompt, TTA=tta)
+    factory = lambda: pipeline.Model(self.predictor(prompt, tta), self.config, tags)
     kwargs.setdefault('progress', False)
     return pipeline.run_inference(os.fspath(a_path), os.fspath(b_path), os.fspath(out), None,
                                predictor_factory=factory, **kwargs)
 
 
 def load_model(checkpoint: str, config=None, prompt: str | None = None,
-               embeddings: str | None = None, text_model: str | None = None):
+               embeddings: str | None = None, text_model: str | None = None,
+               tta: str = 'none'):
   """`pipeline.Model` of a checkpoint (variables only, checked against its config) and the
-  prompt's embedding (default the config's data.prompt): what `infer --backend jax` runs."""
+  prompt's embedding (default the config's data.prompt): what `infer --backend jax` runs, with
+  test-time augmentation `tta` (models/tta.py SETS) on every window batch."""
   from segchange_jax.inference import pipeline  # pylint: disable=g-import-not-at-top
   from segchange_jax.text import prompts  # pylint: disable=g-import-not-at-top
   config, variables = checkpoints.load_checkpoint(checkpoint, config)
   prompt = prompt if prompt is not None else config.data.prompt
   emb = prompts.embed_one(config, prompt, npz=embeddings, text_model=text_model)
-  tags = dict(CHECKPOINT=os.path.abspath(checkpoint), PROMPT=prompt)
-  return pipeline.Model(pipeline.detector_predictor(ChangeDetector(config, variables), emb),
+  tags = dict(CHECKPOINT=os.path.abspath(checkpoint), PROMPT=prompt, TTA=tta)
+  return pipeline.Model(pipeline.detector_predictor(ChangeDetector(config, variables), emb, tta),
                         config, tags)

@@ -8,13 +8,20 @@
 - upstream `.pth` files (through `torch_pickle` and the model's torch rules).
 `load_variables` takes any of them; `load_checkpoint` also checks the variables fit the
 config's model. Placing loaded arrays onto a (sharded) target tree is `interop/merge.py`.
+
+Model cards (`CARD_FILE` + its rendering `CARD_MARKDOWN`, built by `train/model_card.py`) sit
+in a training step folder's `CARD_ITEM/` (an item of the Orbax checkpoint), in a run's workdir
+and in export bundles; `read_card` finds the one that belongs to any checkpoint path,
+`write_card` writes both files and `render_card` is the markdown.
 """
 
 from __future__ import annotations
 
+import functools
 import glob
 import json
 import os
+import subprocess
 from typing import Any
 
 from etils import epath
@@ -23,6 +30,8 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+import segchange_jax
+from segchange_jax import atomic
 from segchange_jax import config_lib
 from segchange_jax import paths
 from segchange_jax.interop import pretrained
@@ -32,6 +41,11 @@ from segchange_jax.models import torch_rules
 
 VARIABLES_DIR = 'variables'  # a variables folder: VARIABLES_DIR/ (Orbax) + CONFIG_FILE
 CONFIG_FILE = 'config.json'
+CARD_FILE = 'model_card.json'   # the model card (train/model_card.py builds it)
+CARD_MARKDOWN = 'MODEL_CARD.md'  # the same card for people (render_card)
+CARD_ITEM = 'model_card'         # the Orbax item of a training step folder holding both
+CARD_SCHEMA = 'segchange_jax.model_card'
+CARD_VERSION = 1
 
 
 class CheckpointError(ValueError):
@@ -55,6 +69,114 @@ def find_step_dir(path: str | os.PathLike) -> epath.Path | None:
         return found
   steps = [int(d.name) for d in path.iterdir() if d.name.isdigit()] if path.is_dir() else []
   return path / str(max(steps)) if steps else None
+
+
+@functools.lru_cache(maxsize=1)
+def code_version() -> dict[str, Any]:
+  """{'segchange_jax': version, 'git_commit', 'git_dirty'} (git fields None outside a checkout).
+
+  The commit and dirty flag are those of the git checkout the package runs from (its parent
+  folder holds `.git`); an installed package has none.
+  """
+  root = os.path.dirname(os.path.dirname(os.path.abspath(segchange_jax.__file__)))
+  commit = dirty = None
+  if os.path.exists(os.path.join(root, '.git')):
+    try:
+      run = functools.partial(subprocess.run, cwd=root, capture_output=True, text=True,
+                              timeout=30, check=True)
+      commit = run(['git', 'rev-parse', 'HEAD']).stdout.strip() or None
+      dirty = bool(run(['git', 'status', '--porcelain', '--untracked-files=no']).stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+      commit = dirty = None
+  return {'segchange_jax': segchange_jax.__version__, 'git_commit': commit, 'git_dirty': dirty}
+
+
+def _fmt(v: Any) -> str:
+  return f'{v:.4f}' if isinstance(v, float) else str(v)
+
+
+def _leak_summary(leaks: Any) -> str:
+  if leaks is None:
+    return 'not checked (dataset_info.json has no leak report)'
+  if isinstance(leaks, dict) and 'num_leaks' in leaks:
+    counts = ', '.join(f'{k} {v}' for k, v in (leaks.get('counts') or {}).items())
+    return (f'{leaks["num_leaks"]} pair(s) found across splits{f" ({counts})" if counts else ""}'
+            f', {leaks.get("num_dropped", 0)} dropped from train (on_leak={leaks.get("on_leak")})')
+  return json.dumps(leaks)[:300]
+
+
+def render_card(card: dict[str, Any]) -> str:
+  """MODEL_CARD.md: the card's facts for a reader (the JSON next to it has everything)."""
+  cfg, code, data = card.get('config') or {}, card.get('code') or {}, card.get('data') or {}
+  ckpt, hw, tr = card.get('checkpoint') or {}, card.get('hardware') or {}, card.get('training')
+  commit = code.get('git_commit')
+  commit = (f'{commit[:12]}{" (uncommitted changes)" if code.get("git_dirty") else ""}'
+            if commit else 'not a git checkout')
+  lines = [f'# Model card: {cfg.get("name", "segchange_jax model")}', '',
+           f'- code: segchange_jax {code.get("segchange_jax")}, git {commit}']
+  if ckpt:
+    lines.append(f'- checkpoint: {ckpt.get("kind")} at step {ckpt.get("step")}')
+  model, text = cfg.get('model') or {}, cfg.get('text') or {}
+  if model:
+    lines.append(f'- model: backbone {model.get("backbone")}, {model.get("img_size")} px, '
+                 f'{model.get("num_classes")} class(es); text {text.get("model")}')
+  fp = data.get('fingerprint')
+  if fp:
+    sizes = ', '.join(f'{k} {v}' for k, v in fp.get('splits', {}).items())
+    lines.append(f'- data: {data.get("shards_dir")} (sha256 {fp.get("sha256")}; {sizes})')
+    lines.append(f'- split leaks: {_leak_summary(data.get("leaks"))}')
+  if tr:
+    lines.append(f'- training: seed {card.get("seed")}, step {tr.get("step")} of '
+                 f'{tr.get("total_steps")}, wall time {tr.get("wall_time_s", 0.0):.0f} s')
+  if hw:
+    lines.append(f'- hardware: {hw.get("device_count")} x {hw.get("device_kind")} '
+                 f'({hw.get("platform")}), {hw.get("process_count")} process(es)')
+  export = card.get('export')
+  if export:
+    lines.append(f'- export: {export.get("format")} ({export.get("file")}), '
+                 f'{export.get("size")} px, prompts {export.get("prompts")}')
+  metrics = card.get('metrics') or {}
+  if metrics:
+    keys = ('f1', 'iou', 'precision', 'recall', 'kappa', 'oa', 'loss', 'num_examples')
+    lines += ['', '| split | threshold | ' + ' | '.join(keys) + ' |',
+              '|---' * (len(keys) + 2) + '|']
+    for split, m in metrics.items():
+      lines.append(f'| {split} | {_fmt(m.get("threshold"))} | '
+                   + ' | '.join(_fmt(m.get(k, '-')) for k in keys) + ' |')
+  lines += ['', f'Everything else (the full config, every metric): `{CARD_FILE}`.', '']
+  return '\n'.join(lines)
+
+
+def write_card(directory: str | os.PathLike, card: dict[str, Any]) -> None:
+  """Writes CARD_FILE and CARD_MARKDOWN into `directory` (each under a temporary name)."""
+  directory = paths.resolve(directory)
+  atomic.write_text(directory / CARD_FILE, json.dumps(card, indent=1, default=float))
+  atomic.write_text(directory / CARD_MARKDOWN, render_card(card))
+
+
+def card_dir(path: str | os.PathLike) -> epath.Path | None:
+  """The folder holding the model card of checkpoint `path` (which may not have one yet).
+
+  A training checkpoint (anything `find_step_dir` accepts): its step folder's CARD_ITEM/;
+  a variables folder (export bundle, convert_torch output) or a workdir: the folder itself.
+  """
+  path = paths.resolve(path)
+  if (path / CARD_FILE).is_file() or (path / VARIABLES_DIR).is_dir():
+    return path
+  step_dir = find_step_dir(path) if path.is_dir() else None
+  return step_dir / CARD_ITEM if step_dir is not None else None
+
+
+def read_card(path: str | os.PathLike) -> dict[str, Any] | None:
+  """The model card of checkpoint `path` (see `card_dir`), or None when it has none."""
+  folder = card_dir(path)
+  if folder is None or not (folder / CARD_FILE).is_file():
+    return None
+  try:
+    return json.loads((folder / CARD_FILE).read_text())
+  except ValueError as e:
+    raise CheckpointError(f'{folder / CARD_FILE} is not valid JSON ({e}); the card is '
+                          'damaged') from e
 
 
 def metadata_tree(ckptr, path) -> Any:

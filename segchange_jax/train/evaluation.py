@@ -3,7 +3,10 @@
 The library behind `python -m segchange_jax.evaluate` (its docstring lists the outputs).
 Metrics come from the training loop's own code (`train_step.eval_outputs`,
 `metrics.confusion_matrix` / `compute_metrics` via `loop.evaluate_split`), so they equal what
-training reports for the same checkpoint and split.
+training reports for the same checkpoint and split. With `tta` (segchange_jax/models/tta.py)
+the model inside that jitted step is `tta.tta_logits` over the transforms (one model call of
+T x batch records), so loss, metrics, per-example scores and images all come from the averaged
+logits.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import numpy as np
 
 from segchange_jax import atomic
 from segchange_jax.data import input_pipeline
+from segchange_jax.models import tta as tta_lib
 
 GAP = 4
 GAP_GREY = 128
@@ -87,6 +91,28 @@ class _Ranker:
     return {'worst': [(t[2], t[3]) for t in worst], 'best': [(t[2], t[3]) for t in best]}
 
 
+class _TTAModel:
+  """A model whose `apply` (as train_step.eval_outputs calls it) averages TTA logits."""
+
+  def __init__(self, model, tta: str):
+    self.model, self.tta = model, tta
+
+  def apply(self, variables, image_a, image_b, text, train: bool = False):
+    fn = lambda a, b, t: self.model.apply(variables, a, b, t, train=train)
+    return tta_lib.tta_logits(fn, image_a, image_b, text, self.tta)
+
+
+def check_tta(info: dict, split: str, tta: str) -> None:
+  """Refuses a `tta` the split's records cannot take (rotations of non-square records)."""
+  tta_lib.resolve(tta)
+  size = info['splits'][split].get('image_size')
+  if size:
+    try:
+      tta_lib.check_shape(tta, int(size[0]), int(size[1]), f'{split!r} records')
+    except tta_lib.TTAError as e:
+      raise EvaluationError(f'--tta {tta}: {e} (re-convert with --tile N)') from e
+
+
 def _split_records(config, split: str):
   """grain ArrayRecordDataSource of `split`, for reading examples by index."""
   import grain.python as grain  # pylint: disable=g-import-not-at-top
@@ -97,8 +123,12 @@ def _split_records(config, split: str):
 
 def evaluate(config, variables: dict, split: str, out_dir: str, num_images: int = 0,
              rank_by: str = 'iou', batch_size: int | None = None,
-             checkpoint: str = '') -> dict[str, Any]:
-  """Scores `split`, writes metrics JSON, per-example CSV and images; returns the metrics."""
+             checkpoint: str = '', tta: str = 'none') -> dict[str, Any]:
+  """Scores `split`, writes metrics JSON, per-example CSV and images; returns the metrics.
+
+  `tta`: 'none', 'flips' or 'd4' (segchange_jax/models/tta.py; 'd4' needs square records),
+  recorded as the metrics' 'tta'.
+  """
   import jax  # pylint: disable=g-import-not-at-top
 
   from segchange_jax.models import segchange  # pylint: disable=g-import-not-at-top
@@ -112,6 +142,7 @@ def evaluate(config, variables: dict, split: str, out_dir: str, num_images: int 
   if split not in info['splits']:
     raise EvaluationError(f'--split {split!r} is not in {config.data.shards_dir} (it has '
                           f'{sorted(info["splits"])})')
+  check_tta(info, split, tta)
   # Per-example outputs pair the global step outputs with this process's host batch, which
   # only coincide on one process; multi-process runs write the split metrics only.
   single = jax.process_count() == 1
@@ -121,6 +152,8 @@ def evaluate(config, variables: dict, split: str, out_dir: str, num_images: int 
   table_np, prompt_to_index = prompts.dataset_table(config, info)
   mesh = sharding.create_mesh(config)
   model = segchange.build_model(config)
+  if tta != 'none':
+    model = _TTAModel(model, tta)
   var_shardings = sharding.param_shardings(variables, mesh, config)
   variables = jax.device_put(dict(variables), var_shardings)
   rep = sharding.replicated(mesh)
@@ -154,7 +187,8 @@ def evaluate(config, variables: dict, split: str, out_dir: str, num_images: int 
 
   result = loop.evaluate_split(step, variables, config, split, prompt_to_index, text_table,
                                   mesh, batch_size, on_batch=on_batch if single else None)
-  result.update({'checkpoint': checkpoint, 'split': split, 'threshold': float(threshold)})
+  result.update({'checkpoint': checkpoint, 'split': split, 'threshold': float(threshold),
+                 'tta': tta})
   if jax.process_index() != 0:
     return result
   os.makedirs(out_dir, exist_ok=True)

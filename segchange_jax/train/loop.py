@@ -20,13 +20,16 @@ from segchange_jax import allocator
 from segchange_jax import atomic
 from segchange_jax import jax_compat
 from segchange_jax import paths
+from segchange_jax.data import fingerprint as fingerprint_lib
 from segchange_jax.data import input_pipeline
 from segchange_jax.data import shards
+from segchange_jax.interop import checkpoints
 from segchange_jax.models import segchange
 from segchange_jax.text import prompts
 from segchange_jax.train import checkpointing
 from segchange_jax.train import init_from
 from segchange_jax.train import metrics as metrics_lib
+from segchange_jax.train import model_card
 from segchange_jax.train import optim
 from segchange_jax.train import param_groups
 from segchange_jax.train import sharding
@@ -139,7 +142,12 @@ def _scalars(result: dict) -> dict[str, float]:
 
 def train_and_evaluate(config, workdir: str,
                        should_stop: Callable[[], bool] = lambda: False) -> dict[str, Any]:
-  """Trains per `config`, writing everything into `workdir`; returns the final test metrics."""
+  """Trains per `config`, writing everything into `workdir`; returns the final test metrics.
+
+  Every checkpoint carries a model card (train/model_card.py); `<workdir>/model_card.json` (+
+  MODEL_CARD.md) is the card of the checkpoint scored on config.eval.split, with its metrics.
+  """
+  start_time = time.perf_counter()
   is_main = jax.process_index() == 0
   try:
     paths.check_writable(workdir, '--workdir')
@@ -189,11 +197,17 @@ def train_and_evaluate(config, workdir: str,
 
   ckpt = checkpointing.Checkpointer(workdir / 'checkpoints', config)
   restored = ckpt.restore(state, state_shardings)
+  wall_time_before = 0.0  # training wall time of the run's earlier processes (resumed runs)
+  card_metrics: dict[str, dict] = {}  # the model card's metrics per split, as known so far
   if restored is not None:
     state, iter_state, step = restored
     if iter_state is not None:
       train_iter.set_state(iter_state)
     logging.info('resumed from step %d', step)
+    previous = checkpoints.read_card(ckpt.step_dir('latest', step))
+    if previous is not None:
+      wall_time_before = float(previous['training']['wall_time_s'])
+      card_metrics.update(previous['metrics'])
   elif config.init_from:
     params, model_state, report = init_from.load(config, state.params, state.model_state)
     state = state.replace(params=params, model_state=model_state)
@@ -215,6 +229,18 @@ def train_and_evaluate(config, workdir: str,
                  len(report['skipped']), len(report['unused']), ', '.join(report['unused'][:6]))
     if is_main:
       atomic.write_text(workdir / 'pretrained_report.json', json.dumps(report, indent=1))
+
+  config_json = json.loads(config.to_json_best_effort())
+  card_facts = {
+      'config': config_json, 'code': checkpoints.code_version(), 'shards_dir': str(shards_dir),
+      'fingerprint': fingerprint_lib.fingerprint(shards_dir), 'leaks': info.get('leaks'),
+      'seed': config.seed, 'total_steps': total_steps, 'steps_per_epoch': steps_per_epoch,
+      'hardware_info': model_card.hardware()}
+
+  def card(at_step: int) -> dict:
+    return model_card.build_card(
+        **card_facts, metrics=card_metrics, step=at_step,
+        wall_time_s=wall_time_before + time.perf_counter() - start_time)
 
   writer = summary.MetricWriter(workdir)
   if restored is not None and writer.drop_after(restored[2]):
@@ -269,9 +295,12 @@ def train_and_evaluate(config, workdir: str,
             factor=config.train.plateau_factor))
       logging.info('step %d epoch %d val: loss %.4f F1 %.4f IoU %.4f', step, epoch,
                    val_result['loss'], val_result['f1'], val_result['iou'])
+      card_metrics[config.data.val_split] = model_card.split_metrics(
+          val_result, config.eval.threshold, step)
     stop = _all_agree_to_stop(should_stop())
     if do_eval or epoch_end or save_now or stop or step == total_steps:
-      ckpt.save(step, state, train_iter.get_state(), _scalars(val_result) if do_eval else None)
+      ckpt.save(step, state, train_iter.get_state(), _scalars(val_result) if do_eval else None,
+                card=card(step))
     if stop:
       logging.warning('stopping after step %d on request (checkpoint saved)', step)
       ckpt.close()
@@ -295,6 +324,16 @@ def train_and_evaluate(config, workdir: str,
       atomic.write_text(workdir / f'eval_{config.eval.split}.json',
                         json.dumps(result, indent=2, default=float))
       logging.info('%s: %s', config.eval.split, json.dumps(_scalars(result)))
+      # The scored checkpoint's card gains the evaluation split's metrics, in its step folder
+      # (so export and `evaluate --verify` see them) and as the workdir's card.
+      kind = 'best_iou' if best is not None else 'latest'
+      scored_dir = ckpt.step_dir(kind, result['checkpoint_step'])
+      scored = checkpoints.read_card(scored_dir)
+      if scored is not None:
+        scored = model_card.with_metrics(scored, config.eval.split, model_card.split_metrics(
+            result, config.eval.threshold, result['checkpoint_step']))
+        checkpoints.write_card(scored_dir / checkpoints.CARD_ITEM, scored)
+        checkpoints.write_card(workdir, scored)
   ckpt.close()
   writer.close()
   return result

@@ -6,6 +6,12 @@ matrix holds the same information in K x K integers. A batch increment is int32 
 Metrics follow sklearn's conventions as upstream calls them: binary scores for the change class
 (pos_label=1) with 0 where a denominator is 0; for K>1 macro averages over the classes that occur
 in the labels or the predictions (sklearn's `unique_labels`), OA over all pixels.
+Cohen's kappa (`kappa`) is one value over the whole C x C matrix, binary and multi-class alike:
+(p_o - p_e) / (1 - p_e), p_o = OA, p_e = sum_c rows_c cols_c / N^2 (chance agreement from the
+label and prediction marginals), as sklearn's `cohen_kappa_score` without weights. Where
+p_e = 1 (labels and predictions all one and the same class) or the matrix is empty, kappa is
+0 like the other scores with a zero denominator (sklearn gives NaN): agreement is then exactly
+what chance gives, and a NaN would poison the means over runs and epochs.
 """
 
 from __future__ import annotations
@@ -54,8 +60,21 @@ def _div(num: np.ndarray, den: np.ndarray) -> np.ndarray:
   return np.where(den > 0, num / np.where(den > 0, den, 1.0), 0.0)
 
 
+def cohen_kappa(cm: np.ndarray) -> float:
+  """Cohen's kappa of an int [C,C] (true, predicted) confusion matrix (0 where undefined)."""
+  cm = np.asarray(cm, np.int64)
+  # kappa = (N trace - S) / (N^2 - S), S = sum_c rows_c cols_c, in Python integers: exact (N^2
+  # overflows int64 beyond ~3e9 pixels), and the denominator is 0 exactly when one class holds
+  # every label and every prediction, where floats could round p_e to 1 or just below it.
+  n = int(cm.sum())
+  trace = int(np.trace(cm))
+  chance = sum(int(r) * int(c) for r, c in zip(cm.sum(axis=1), cm.sum(axis=0)))
+  den = n * n - chance
+  return (n * trace - chance) / den if den else 0.0
+
+
 def compute_metrics(cm: np.ndarray) -> dict[str, float | list[float]]:
-  """precision, recall, f1, iou, oa from an int [C,C] (true, predicted) confusion matrix.
+  """precision, recall, f1, iou, oa, kappa from an int [C,C] (true, predicted) confusion matrix.
 
   C == 2: scores of class 1 (change), plus `f1_all_change`, the F1 of predicting change
   everywhere (2p / (1 + p) for a changed-pixel fraction p). C > 2: macro averages plus
@@ -71,15 +90,16 @@ def compute_metrics(cm: np.ndarray) -> dict[str, float | list[float]]:
   f1 = _div(2 * tp, 2 * tp + fp + fn)
   iou = _div(tp, tp + fp + fn)
   oa = float(_div(tp.sum(), cm.sum()))
+  kappa = cohen_kappa(cm)
   if cm.shape[0] == 2:
     # F1 of the trivial predictor that marks every pixel as changed: the bar a model must clear.
     positives = cm[1].sum()
     baseline = float(_div(2 * positives, positives + cm.sum()))
     return {'precision': float(precision[1]), 'recall': float(recall[1]), 'f1': float(f1[1]),
-            'iou': float(iou[1]), 'oa': oa, 'f1_all_change': baseline}
+            'iou': float(iou[1]), 'oa': oa, 'kappa': kappa, 'f1_all_change': baseline}
   present = (tp + fp + fn) > 0
   macro = lambda v: float(v[present].mean()) if present.any() else 0.0
   return {'precision': macro(precision), 'recall': macro(recall), 'f1': macro(f1),
-          'iou': macro(iou), 'oa': oa,
+          'iou': macro(iou), 'oa': oa, 'kappa': kappa,
           'precision_per_class': precision.tolist(), 'recall_per_class': recall.tolist(),
           'f1_per_class': f1.tolist(), 'iou_per_class': iou.tolist()}

@@ -185,7 +185,7 @@ def test_bad_pairs_strict_lists_all_and_nonstrict_counts(tmp, helpers):
                     ('size.png', 'A/B size mismatch'), ('corrupt.png', 'corrupt A image'),
                     ('rgblabel.png', 'multi-band label')]:
     assert any(name in line and why in line for line in msg.splitlines()), (name, msg)
-  assert not os.listdir(os.path.join(tmp, 'o1'))   # nothing half-written
+  assert not os.path.exists(os.path.join(tmp, 'o1'))   # nothing written, not even --out
   info = convert.convert('opencd', root, os.path.join(tmp, 'o2'), ['val'], strict=False)
   s = info['splits']['val']
   assert (s['num_examples'], s['num_skipped']) == (1, 5)

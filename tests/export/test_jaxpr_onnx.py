@@ -68,3 +68,27 @@ def test_converter_imports_nothing_of_segchange_jax():
       'relative imports')
   roots = {m.split('.')[0] for m in names}
   assert roots <= {'__future__', 'os', 'typing', 'numpy', 'jax', 'onnx'}, roots
+
+
+def test_row_gather_with_a_batch_of_indices_and_a_scalar_broadcast(tmp_path):
+  """`jnp.take(table, idx, axis=0, mode='clip')` (a bundle's prompt table) becomes Gather with
+  indices clamped like XLA's, and a scalar constant broadcast to a symbolic shape stays a scalar
+  (np.ascontiguousarray would make it [1], which Unsqueeze misreads)."""
+  table = np.arange(3 * 2 * 4, dtype=np.float32).reshape(3, 2, 4)
+
+  def fn(consts, p):
+    del consts
+    valid = (p >= 0) & (p < 3)
+    rows = jnp.take(table, jnp.clip(p, 0, 2), axis=0, mode='clip')
+    return jnp.where(valid[:, None, None], rows, jnp.nan)
+
+  (b,) = jax.export.symbolic_shape('b')
+  proto, ops = jaxpr_onnx.to_onnx(fn, {'p': jax.ShapeDtypeStruct((b,), jnp.int32)}, [], ['y'])
+  assert 'Gather' in ops, ops
+  path = str(tmp_path / 'rows.onnx')
+  jaxpr_onnx.save(proto, path)
+  sess = ort.InferenceSession(path, providers=['CPUExecutionProvider'])
+  for p in ([0], [2, 1, 0, 1], [5, -1, 1]):
+    p = np.asarray(p, np.int32)
+    got = sess.run(None, {'p': p})[0]
+    np.testing.assert_array_equal(got, np.asarray(fn([], p)))

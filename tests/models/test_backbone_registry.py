@@ -105,17 +105,17 @@ def test_toy_backbone_registered_by_the_recipe_runs_in_the_model(registry):
 
   # init + apply through the whole model; the backbone's maps have its declared widths.
   model = segchange.build_model(config)
-  variables = jax.jit(lambda rng: segchange.init_variables(model, rng, image_size=64))(
+  variables = jax.jit(lambda rng: segchange.init_variables(model, rng, image_size=32))(
       jax.random.PRNGKey(0))
   assert set(variables['params']['backbone']) == {f'stage{i}' for i in range(4)}
   rs = np.random.RandomState(0)
-  a, b = (jnp.asarray(rs.randn(2, 64, 64, 3), jnp.float32) for _ in range(2))
+  a, b = (jnp.asarray(rs.randn(2, 32, 32, 3), jnp.float32) for _ in range(2))
   text = jnp.asarray(rs.randn(2, 8, 24), jnp.float32)
   logits = jax.jit(model.apply)(variables, a, b, text)
-  assert logits.shape == (2, 64, 64, 1) and logits.dtype == jnp.float32
+  assert logits.shape == (2, 32, 32, 1) and logits.dtype == jnp.float32
   assert bool(jnp.all(jnp.isfinite(logits)))
   maps = from_config(config.model).apply({'params': variables['params']['backbone']}, a)
-  assert [tuple(f.shape) for f in maps] == [(2, 64 // s, 64 // s, w)
+  assert [tuple(f.shape) for f in maps] == [(2, 32 // s, 32 // s, w)
                                             for s, w in zip(STRIDES, channels(config.model))]
 
   # Torch mapping round trip: the upstream state_dict has the toy's weights under its
@@ -124,7 +124,7 @@ def test_toy_backbone_registered_by_the_recipe_runs_in_the_model(registry):
   assert {k for k in sd if k.startswith(TORCH_PREFIX)} == {
       f'{TORCH_PREFIX}stages.{i}.{p}' for i in range(4) for p in ('weight', 'bias')}
   assert sd[f'{TORCH_PREFIX}stages.1.weight'].shape == (16, 8, 2, 2)  # torch OIHW
-  back = segchange.load_torch_state_dict(config, sd, image_size=64)
+  back = segchange.load_torch_state_dict(config, sd, image_size=32)
   want, got = torch_rules.flatten(variables), torch_rules.flatten(back)
   assert set(got) == set(want)
   for path, value in want.items():

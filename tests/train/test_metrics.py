@@ -1,5 +1,7 @@
 """Confusion matrix on device vs numpy over all pixels; metric definitions."""
 
+from fractions import Fraction
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -69,7 +71,7 @@ def test_empty_change_class_gives_zero_not_nan():
   cm = np.array([[100, 0], [0, 0]])
   got = metrics.compute_metrics(cm)
   assert got == {'precision': 0.0, 'recall': 0.0, 'f1': 0.0, 'iou': 0.0, 'oa': 1.0,
-                 'f1_all_change': 0.0}
+                 'kappa': 0.0, 'f1_all_change': 0.0}
 
 
 def test_all_change_baseline_is_the_f1_of_predicting_change_everywhere():
@@ -81,3 +83,78 @@ def test_all_change_baseline_is_the_f1_of_predicting_change_everywhere():
   assert got['f1_all_change'] == pytest.approx(got['f1']) == pytest.approx(2 * 0.1 / 1.1)
   cm_real = np.array([[850, 50], [30, 70]])  # any predictor on the same labels: same baseline
   assert metrics.compute_metrics(cm_real)['f1_all_change'] == pytest.approx(2 * 0.1 / 1.1)
+
+
+def _kappa_from_pixels(true, pred, num_classes):
+  """Cohen's kappa by its definition over pixel lists, in exact fractions."""
+  n = len(true)
+  observed = Fraction(int(np.sum(true == pred)), n)
+  chance = sum(Fraction(int(np.sum(true == c)), n) * Fraction(int(np.sum(pred == c)), n)
+               for c in range(num_classes))
+  return float((observed - chance) / (1 - chance))
+
+
+def test_kappa_by_hand_binary_and_multiclass():
+  # Binary: N = 100, p_o = 85/100, p_e = (60*55 + 40*45)/100^2 = 51/100 -> 34/49.
+  got = metrics.compute_metrics(np.array([[50, 10], [5, 35]]))
+  assert got['kappa'] == pytest.approx(34 / 49, abs=1e-15)
+  assert got['oa'] == pytest.approx(0.85, abs=1e-15)
+  # The 2x2 closed form 2 (tp tn - fn fp) / ((tp+fp)(fp+tn) + (tp+fn)(fn+tn)) agrees.
+  tp, tn, fp, fn = 35, 50, 10, 5
+  closed = 2 * (tp * tn - fn * fp) / ((tp + fp) * (fp + tn) + (tp + fn) * (fn + tn))
+  assert got['kappa'] == pytest.approx(closed, abs=1e-15)
+  # 3 classes: rows (true) 30/30/40, columns (pred) 28/36/36, trace 73, N = 100:
+  # p_e = (30*28 + 30*36 + 40*36)/100^2 = 0.336 -> kappa = (0.73 - 0.336)/0.664 = 394/664.
+  cm3 = np.array([[20, 5, 5], [2, 25, 3], [6, 6, 28]])
+  got3 = metrics.compute_metrics(cm3)
+  assert got3['kappa'] == pytest.approx(394 / 664, abs=1e-15)
+  assert got3['oa'] == pytest.approx(0.73, abs=1e-15)
+  # Worse than chance is negative: every pixel gets the other class.
+  assert metrics.cohen_kappa(np.array([[0, 50], [50, 0]])) == pytest.approx(-1.0)
+  assert metrics.cohen_kappa(np.array([[50, 0], [0, 50]])) == pytest.approx(1.0)
+
+
+def test_kappa_from_device_confusion_matrix_matches_pixel_definition():
+  rng = np.random.default_rng(2)
+  for k in (1, 4):
+    z = rng.normal(size=(3, 12, 12, k)).astype(np.float32)
+    y = rng.integers(0, max(2, k), (3, 12, 12)).astype(np.int32)
+    cm = metrics.accumulate(None, metrics.confusion_matrix(jnp.asarray(z), jnp.asarray(y)))
+    if k == 1:
+      pred = (1 / (1 + np.exp(-z[..., 0].astype(np.float64))) > 0.5).astype(int).ravel()
+    else:
+      pred = np.argmax(z, -1).ravel()
+    ref = _kappa_from_pixels(y.ravel(), pred, max(2, k))
+    assert metrics.compute_metrics(cm)['kappa'] == pytest.approx(ref, abs=1e-12), k
+
+
+@pytest.mark.parametrize('cm', [
+    np.array([[100, 0], [0, 0]]),      # no change anywhere, none predicted
+    np.array([[0, 0], [0, 100]]),      # change everywhere, predicted everywhere
+    np.array([[0, 0], [0, 0]]),        # empty split
+    np.array([[0, 0, 0], [0, 7, 0], [0, 0, 0]]),  # multi-class, one class only
+])
+def test_kappa_degenerate_single_class_is_zero_not_nan(cm):
+  got = metrics.compute_metrics(cm)
+  assert got['kappa'] == 0.0 and np.isfinite(got['oa'])
+
+
+@pytest.mark.parametrize('cm', [
+    np.array([[100, 0], [0, 1]]),      # one changed pixel, found: perfect
+    np.array([[100, 0], [1, 0]]),      # one changed pixel, missed: no better than chance
+    np.array([[0, 100], [0, 0]]),      # only one class predicted, another in the labels
+])
+def test_kappa_near_degenerate_stays_defined(cm):
+  n = int(cm.sum())
+  true = np.repeat(np.arange(2), cm.sum(1))
+  pred = np.concatenate([np.repeat(np.arange(2), row) for row in cm])
+  assert len(true) == len(pred) == n
+  got = metrics.cohen_kappa(cm)
+  assert got == pytest.approx(_kappa_from_pixels(true, pred, 2), abs=1e-15)
+
+
+def test_kappa_exact_for_splits_beyond_int64_squares():
+  # 2^33 pixels per cell, so N^2 does not fit in int64; a symmetric matrix [[a, b], [b, a]]
+  # has kappa (a - b) / (a + b) = 0.5 here.
+  a, b = 3 * 2**33, 2**33
+  assert metrics.cohen_kappa(np.array([[a, b], [b, a]], np.int64)) == pytest.approx(0.5, abs=1e-15)

@@ -8,10 +8,16 @@ import jax
 import numpy as np
 import pytest
 
+import segchange_jax
 from segchange_jax import config_lib
+from segchange_jax import evaluate as evaluate_command
+from segchange_jax.data import fingerprint
+from segchange_jax.data import input_pipeline
 from segchange_jax.data import shards
+from segchange_jax.interop import checkpoints
 from segchange_jax.train import checkpointing
 from segchange_jax.train import loop
+from segchange_jax.train import model_card
 from tests.train.conftest import tiny_overrides
 
 
@@ -55,6 +61,57 @@ def test_training_writes_logs_checkpoints_and_test_metrics(full_run):
     rows = list(csv.DictReader(f))
   assert {'train', 'val', 'test'} <= {r['split'] for r in rows}
   assert sorted(int(r['step']) for r in rows if r['split'] == 'train') == [1, 2, 3, 4]
+
+
+def test_every_checkpoint_and_the_workdir_carry_a_model_card(full_run):
+  config, full, result = full_run
+  root = os.path.join(full, 'checkpoints')
+  step_dirs = [os.path.join(root, kind, step) for kind in checkpointing.KINDS
+               for step in os.listdir(os.path.join(root, kind)) if step.isdigit()]
+  assert len(step_dirs) >= 3
+  fp = fingerprint.fingerprint(config.data.shards_dir)
+  leaks = input_pipeline.load_dataset_info(config.data.shards_dir).get('leaks')
+  for step_dir in step_dirs:
+    card = model_card.check_card(checkpoints.read_card(step_dir), step_dir)
+    kind, step = step_dir.split(os.sep)[-2:]
+    assert card['checkpoint'] == {'kind': kind, 'step': int(step)}
+    assert card['training']['step'] == int(step) and card['training']['total_steps'] == 4
+    assert card['training']['wall_time_s'] > 0
+    assert card['data']['fingerprint'] == fp and card['data']['leaks'] == leaks
+    assert card['config'] == json.loads(config.to_json_best_effort())
+    assert card['seed'] == config.seed
+    assert card['code']['segchange_jax'] == segchange_jax.__version__
+    assert card['hardware'] == {'platform': 'cpu', 'device_kind': jax.devices()[0].device_kind,
+                                'device_count': 8, 'process_count': 1}
+    # Every save in this run follows an evaluation: the card has the val metrics of its step.
+    val = card['metrics']['val']
+    assert val['step'] == int(step) and val['threshold'] == config.eval.threshold
+    assert 0.0 <= val['f1'] <= 1.0
+    assert os.path.isfile(os.path.join(step_dir, checkpoints.CARD_ITEM,
+                                       checkpoints.CARD_MARKDOWN))
+  with open(os.path.join(full, checkpoints.CARD_FILE)) as f:
+    final = json.load(f)
+  scored = os.path.join(root, 'best_iou', str(result['checkpoint_step']))
+  assert final == checkpoints.read_card(scored)  # the scored checkpoint's card, test included
+  assert final['checkpoint'] == {'kind': 'best_iou', 'step': result['checkpoint_step']}
+  assert final['metrics']['test']['f1'] == result['f1']
+  assert final['metrics']['test']['num_examples'] == result['num_examples'] == 2
+  with open(os.path.join(full, checkpoints.CARD_MARKDOWN)) as f:
+    text = f.read()
+  assert fp['sha256'] in text and '| test |' in text
+
+
+def test_verify_reproduces_the_cards_test_metrics_exactly(full_run):
+  """`evaluate --verify` on the run's checkpoints folder re-scores its best checkpoint (the one
+  scored on test) and finds every metric of the card bit for bit."""
+  _, full, result = full_run
+  ok, lines = evaluate_command.verify(os.path.join(full, 'checkpoints'))
+  assert ok, lines
+  assert lines[-1] == "the card's metrics reproduce exactly", lines
+  rows = {ln.split()[0]: ln for ln in lines[2:-1]}
+  assert {'f1', 'iou', 'precision', 'recall', 'loss', 'num_examples'} <= set(rows), lines
+  assert all(ln.endswith('exact') for ln in rows.values()), lines
+  assert repr(result['f1']) in rows['f1']
 
 
 # Wall-clock columns of metrics.csv; every other column must repeat exactly.
