@@ -41,6 +41,18 @@ def _test_examples(config):
   return [records.decode(source[i]) for i in range(info['splits']['test']['num_examples'])]
 
 
+def model_logits(config, variables, tta: str = 'none'):
+  """(test examples, [N, H, W] logits of ChangeDetector.predict_logits on them)."""
+  examples = _test_examples(config)
+  with np.load(config.text.embeddings) as z:
+    table = dict(zip(z['prompts'].tolist(), z['embeddings']))
+  det = predictor.ChangeDetector(config, variables)
+  a = np.stack([imagery.normalize(e['image_a']) for e in examples])
+  b = np.stack([imagery.normalize(e['image_b']) for e in examples])
+  t = np.stack([table[e['prompt'] or config.data.prompt] for e in examples])
+  return examples, det.predict_logits(a, b, t, tta=tta)[..., 0]
+
+
 def _numpy_metrics(cm):
   tp, fp, fn = cm[1, 1], cm[0, 1], cm[1, 0]
   p, r = tp / (tp + fp), tp / (tp + fn)
@@ -53,14 +65,7 @@ def test_metrics_equal_numpy_recomputation(setup):
   with open(out / 'metrics_test.json') as f:
     saved = json.load(f)
   assert saved['num_examples'] == 4 and saved['split'] == 'test'
-  examples = _test_examples(config)
-  with np.load(config.text.embeddings) as z:
-    table = dict(zip(z['prompts'].tolist(), z['embeddings']))
-  det = predictor.ChangeDetector(config, variables)
-  a = np.stack([imagery.normalize(e['image_a']) for e in examples])
-  b = np.stack([imagery.normalize(e['image_b']) for e in examples])
-  t = np.stack([table[e['prompt'] or config.data.prompt] for e in examples])
-  logits = det.predict_logits(a, b, t)[..., 0]
+  examples, logits = model_logits(config, variables)
   pred = (1 / (1 + np.exp(-logits.astype(np.float64)))) > config.eval.threshold
   true = np.stack([e['label'] for e in examples]) > 0
   cms = np.stack([np.bincount(2 * y.ravel() + p.ravel(), minlength=4).reshape(2, 2)

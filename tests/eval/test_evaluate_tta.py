@@ -11,11 +11,9 @@ import cv2
 import numpy as np
 import pytest
 
-from segchange_jax.data import imagery
-from segchange_jax.inference import predictor
 from segchange_jax.train import evaluation
 from tests.eval import tiny
-from tests.eval.test_evaluate import _test_examples
+from tests.eval.test_evaluate import model_logits
 
 
 @pytest.fixture(scope='module')
@@ -46,14 +44,7 @@ def test_tta_metrics_come_from_the_averaged_logits(setup):
   # The per-example counts equal numpy's on ChangeDetector.predict_logits(tta='d4') (another
   # batch and sharding: pixels whose logit is within 0.05 of the threshold may differ, this
   # random model's float noise between batch sizes).
-  examples = _test_examples(config)
-  with np.load(config.text.embeddings) as z:
-    table = dict(zip(z['prompts'].tolist(), z['embeddings']))
-  det = predictor.ChangeDetector(config, variables)
-  a = np.stack([imagery.normalize(e['image_a']) for e in examples])
-  b = np.stack([imagery.normalize(e['image_b']) for e in examples])
-  t = np.stack([table[e['prompt'] or config.data.prompt] for e in examples])
-  logits = det.predict_logits(a, b, t, tta='d4')[..., 0]
+  examples, logits = model_logits(config, variables, tta='d4')
   pred = logits > 0  # sigmoid > 0.5
   true = np.stack([e['label'] for e in examples]) > 0
   mine = np.stack([(pred & true).sum((1, 2)), (pred & ~true).sum((1, 2)),

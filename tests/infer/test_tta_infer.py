@@ -75,6 +75,7 @@ def test_predict_logits_averages_the_views_in_one_model_call(detector):
   assert np.abs(got - plain).max() > 1e-3 * scale  # this model is not rotation invariant
 
 
+@pytest.mark.slow  # ~35 s; the default run keeps the one-call test above
 def test_predict_and_predict_scene_with_tta(detector, tmp_path):
   root, det = detector
   a, b = h.pair_arrays(tiny.SIZE, tiny.SIZE, seed=4)
