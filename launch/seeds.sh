@@ -48,13 +48,8 @@ for a in "${extra[@]}"; do
   esac
 done
 
-show() {  # print a command readably: arguments with spaces in single quotes
-  local out='+' a
-  for a in "$@"; do
-    if [[ "$a" =~ [[:space:]] ]]; then out+=" '$a'"; else out+=" $a"; fi
-  done
-  echo "$out"
-}
+# shellcheck source=launch/_show.sh
+source "$(dirname "${BASH_SOURCE[0]}")/_show.sh"
 
 seeds=()
 for ((i = 0; i < n; i++)); do seeds+=($((first + i))); done

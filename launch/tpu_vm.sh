@@ -46,13 +46,8 @@ if [[ $delete -eq 0 ]]; then
   [[ -z "$shards" || "$shards" == gs://* ]] || die "--shards $shards must be a gs:// folder of converted shards (for a shared mount pass --config.data.shards_dir=... after --)"
 fi
 
-show() {  # print a command readably: arguments with spaces in single quotes
-  local out='+' a
-  for a in "$@"; do
-    if [[ "$a" =~ [[:space:]] ]]; then out+=" '$a'"; else out+=" $a"; fi
-  done
-  echo "$out"
-}
+# shellcheck source=launch/_show.sh
+source "$(dirname "${BASH_SOURCE[0]}")/_show.sh"
 run() {
   show "$@"
   if [[ $dry -eq 0 ]]; then "$@"; fi

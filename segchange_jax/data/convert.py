@@ -153,10 +153,11 @@ def _commit(out: str, tmp: str, info: dict) -> None:
 def _convert_split(pairs: list[layouts.Pair], split: str, tmp: str, strict: bool, tile: int,
                    stride: int, num_shards: int, workers: int, table: leaks_lib.HashTable,
                    refs: Sequence[leaks_lib.HashTable] = (),
-                   drop_leaks: bool = False) -> tuple[dict, list[leaks_lib.Leak]]:
+                   drop_leaks: bool = False) -> tuple[dict, list[leaks_lib.Leak], list[str]]:
   """Converts one split into shards under `tmp`, hashing its pairs into `table`; returns its
-  dataset_info entry and its leaks into the splits of `refs` (checked while streaming; with
-  `drop_leaks` a leaking pair is not written and is listed as skipped)."""
+  dataset_info entry, its leaks into the splits of `refs` (checked while streaming) and the
+  names of the pairs dropped for them (with `drop_leaks` a leaking pair is not written and is
+  listed as skipped)."""
   from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
   shards = num_shards or max(1, min(len(pairs) // 512 + 1, 64))
   names = [f'{split}-{i:05d}-of-{shards:05d}.array_record' for i in range(shards)]
@@ -208,7 +209,7 @@ def _convert_split(pairs: list[layouts.Pair], split: str, tmp: str, strict: bool
           'image_sizes': [list(s) for s in sizes],
           'label_values': sorted(values),
           'changed_fraction': changed / pixels if pixels else 0.0,
-          'prompts': sorted(prompts)}, found
+          'prompts': sorted(prompts)}, found, [d['file_name'] for d in dropped]
 
 
 def _embed(text_model: str, prompts: list[str], path: str) -> None:
@@ -261,7 +262,7 @@ def convert(layout: str, root: str, out: str, splits: Sequence[str] = ('train', 
   tables = {s: leaks_lib.HashTable(s) for s in splits}
   done = False
   try:
-    entries, train_leaks = {}, []
+    entries, train_leaks, dropped = {}, [], []
     for split in evals + [s for s in splits if s == TRAIN]:
       pairs = layouts.list_pairs(layout, root, split, num_splits=len(splits))
       if list_file:
@@ -271,18 +272,17 @@ def convert(layout: str, root: str, out: str, splits: Sequence[str] = ('train', 
                                                 '', '') for n in wanted]
       is_strict = strict if strict is not None else split != TRAIN
       refs = [tables[s] for s in evals] if split == TRAIN else ()
-      entries[split], found = _convert_split(pairs, split, tmp, is_strict, tile, tile_stride,
-                                             num_shards, workers, tables[split], refs,
-                                             drop_leaks=on_leak == 'drop_from_train')
+      entries[split], found, split_dropped = _convert_split(
+          pairs, split, tmp, is_strict, tile, tile_stride, num_shards, workers, tables[split],
+          refs, drop_leaks=on_leak == 'drop_from_train')
       train_leaks += found
+      dropped += split_dropped
     info['splits'] = {s: entries[s] for s in splits}
     found = train_leaks + leaks_lib.find_leaks([tables[s] for s in evals])
     if found and on_leak == 'error':
       raise ConvertError(f'split leaks (--on_leak=error, nothing written): '
                          f'{leaks_lib.summary(found)}; pass --on_leak=warn to convert and '
                          'list them or --on_leak=drop_from_train to leave the train copies out')
-    dropped = [d['file_name'] for d in info['splits'].get(TRAIN, {}).get('skipped', ())
-               if d['reason'].startswith(_DROPPED)]
     info['leaks'] = leaks_lib.report(found, on_leak, [tables[s] for s in splits], dropped)
     if found:
       action = (f'{len(dropped)} train pair(s) dropped' if on_leak == 'drop_from_train' else

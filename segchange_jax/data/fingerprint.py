@@ -22,20 +22,18 @@ VOLATILE = ('created', 'source_root')
 
 def shard_index(shards_dir: str, info: dict) -> list[tuple[str, str, int]]:
   """(split, shard name, size in bytes) of every shard dataset_info.json lists, in order."""
-  index = []
-  for split, s in sorted(info['splits'].items()):
-    for name in s['shards']:
-      path = os.path.join(shards_dir, name)
-      if not os.path.isfile(path):
-        raise input_pipeline.InputError(f'shard {path} listed in dataset_info.json is missing; '
-                                        're-run the conversion')
-      index.append((split, name, os.path.getsize(path)))
-  return index
+  return [(split, os.path.basename(path), os.path.getsize(path))
+          for split, s in sorted(info['splits'].items())
+          for path in input_pipeline.shard_paths(shards_dir, s)]
 
 
-def fingerprint(shards_dir: str) -> dict[str, Any]:
-  """{'sha256', 'splits': {split: num_examples}} of the converted dataset in `shards_dir`."""
-  info = input_pipeline.load_dataset_info(shards_dir)
+def fingerprint(shards_dir: str, info: dict | None = None) -> dict[str, Any]:
+  """{'sha256', 'splits': {split: num_examples}} of the converted dataset in `shards_dir`.
+
+  `info`: its dataset_info.json when the caller has read it already.
+  """
+  if info is None:
+    info = input_pipeline.load_dataset_info(shards_dir)
   stable = {k: v for k, v in info.items() if k not in VOLATILE}
   h = hashlib.sha256()
   h.update(json.dumps(stable, sort_keys=True, separators=(',', ':')).encode())

@@ -56,6 +56,15 @@ def load_dataset_info(shards_dir: str) -> dict:
     return json.load(f)
 
 
+def shard_paths(shards_dir: str, split_info: dict) -> list[str]:
+  """Paths of the shards a split's dataset_info.json entry lists; a missing one is named."""
+  paths = [os.path.join(shards_dir, n) for n in split_info['shards']]
+  for p in paths:
+    if not os.path.isfile(p):
+      raise InputError(f'shard {p} listed in dataset_info.json is missing; re-run the conversion')
+  return paths
+
+
 def _split_info(config, split: str) -> tuple[dict, list[str]]:
   info = load_dataset_info(config.data.shards_dir)
   if split not in info['splits'] or not info['splits'][split]['num_examples']:
@@ -63,10 +72,7 @@ def _split_info(config, split: str) -> tuple[dict, list[str]]:
     raise InputError(f'split {split!r} has no records in {config.data.shards_dir} (have {have}); '
                      'convert it with data_prep.convert --splits')
   s = info['splits'][split]
-  paths = [os.path.join(config.data.shards_dir, n) for n in s['shards']]
-  for p in paths:
-    if not os.path.isfile(p):
-      raise InputError(f'shard {p} listed in dataset_info.json is missing; re-run the conversion')
+  paths = shard_paths(config.data.shards_dir, s)
   num_classes = config.model.num_classes
   if num_classes > 1 and s['label_values'] and max(s['label_values']) >= num_classes:
     raise InputError(f'split {split!r} has label values {s["label_values"]} but '

@@ -190,6 +190,17 @@ def graph_function(config, variables: dict, kind: str, table: np.ndarray | None 
   return fn, [np.asarray(x, np.float32) for x in leaves]
 
 
+def make_graph(config, variables: dict, kind: str, size: int, table: np.ndarray | None = None,
+               prompts: Sequence[str] = (), error: type[Exception] = BundleError) -> Graph:
+  """The `Graph` of kind `kind` for square inputs of `size` (a multiple of the model stride,
+  else `error`): `graph_function`, `graph_specs` and the kind's output names together."""
+  config_lib.check_stride(size, '--size', error)
+  fn, consts = graph_function(config, variables, kind, table)
+  return Graph(kind, fn, consts, graph_specs(config, size, kind),
+               (OUTPUT_NAME,) if kind == RAW else OUTPUT_NAMES, tuple(prompts),
+               float(config.infer.threshold))
+
+
 def _graph_io(kind: str, size: int, t: int, dim: int, k: int) -> dict[str, Any]:
   image = {'shape': ['b', size, size, 3], 'dtype': 'float32' if kind == RAW else 'uint8'}
   third = ({'shape': ['b'], 'dtype': 'int32'} if kind == PROMPT
@@ -386,10 +397,7 @@ def write(out: str, config, variables: dict, fmt: BundleFormat,
     prompts_lib.write_npz(os.path.join(tmp, PROMPTS_FILE), names, emb, '', config.text.model)
     graphs = {}
     for name, kind in graph_files(fmt, raw_inputs).items():
-      fn, consts = graph_function(config, variables, kind, emb)
-      graph = Graph(kind, fn, consts, graph_specs(config, size, kind),
-                    (OUTPUT_NAME,) if kind == RAW else OUTPUT_NAMES, tuple(names),
-                    float(config.infer.threshold))
+      graph = make_graph(config, variables, kind, size, emb, names, error)
       graphs[name] = (kind, write_model(os.path.join(tmp, name), graph))
     sig = signature(config, fmt, size, emb.shape[1:], names, graphs)
     with open(os.path.join(tmp, SIGNATURE_FILE), 'w') as f:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 from typing import Any, Sequence
 
-from segchange_jax import config_lib
 from segchange_jax.inference import bundle
 
 FORMAT = bundle.BundleFormat(
@@ -48,11 +47,10 @@ def export_function(fn, consts: Sequence[Any], inputs: dict[str, Any],
 def export_forward(config, variables: dict, size: int,
                    platforms: Sequence[str] | None = None, kind: str = bundle.RAW,
                    table=None):
-  """`jax.export.Exported` of a bundle graph (`bundle.graph_function`), batch symbolic `b`:
+  """`jax.export.Exported` of a bundle graph (`bundle.make_graph`), batch symbolic `b`:
   by default the RAW one, (image_a, image_b, text_emb) -> logits."""
-  config_lib.check_stride(size, '--size', ExportError)
-  fn, consts = bundle.graph_function(config, variables, kind, table)
-  return export_function(fn, consts, bundle.graph_specs(config, size, kind), platforms)
+  graph = bundle.make_graph(config, variables, kind, size, table, error=ExportError)
+  return export_function(graph.fn, graph.consts, graph.inputs, platforms)
 
 
 def load_exported(directory: str, file: str = MODEL_FILE):

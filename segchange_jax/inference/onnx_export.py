@@ -23,7 +23,6 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from segchange_jax import config_lib
 from segchange_jax import jax_compat
 from segchange_jax.inference import bundle
 from segchange_jax.inference import jaxpr_onnx
@@ -65,16 +64,14 @@ def to_onnx(fn, consts: Sequence[Any], inputs: dict[str, Any], output_names: Seq
 
 def convert(config, variables: dict, size: int, opset: int = OPSET, kind: str = bundle.RAW,
             table=None):
-  """ONNX ModelProto of a bundle graph (`bundle.graph_function`), batch dynamic ('b'): by
+  """ONNX ModelProto of a bundle graph (`bundle.make_graph`), batch dynamic ('b'): by
   default the RAW one, (image_a, image_b, text_emb) -> logits; `table` [P, T, L]: the prompt
   table of a PROMPT graph.
 
   Returns (model, report) where report counts the ONNX ops emitted.
   """
-  config_lib.check_stride(size, '--size', OnnxExportError)
-  fn, consts = bundle.graph_function(config, variables, kind, table)
-  outputs = (OUTPUT_NAME,) if kind == bundle.RAW else bundle.OUTPUT_NAMES
-  return to_onnx(fn, consts, bundle.graph_specs(config, size, kind), outputs, opset)
+  graph = bundle.make_graph(config, variables, kind, size, table, error=OnnxExportError)
+  return to_onnx(graph.fn, graph.consts, graph.inputs, graph.output_names, opset)
 
 
 def set_metadata(proto, kind: str, prompts: Sequence[str], threshold: float) -> None:

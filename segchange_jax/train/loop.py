@@ -233,7 +233,7 @@ def train_and_evaluate(config, workdir: str,
   config_json = json.loads(config.to_json_best_effort())
   card_facts = {
       'config': config_json, 'code': checkpoints.code_version(), 'shards_dir': str(shards_dir),
-      'fingerprint': fingerprint_lib.fingerprint(shards_dir), 'leaks': info.get('leaks'),
+      'fingerprint': fingerprint_lib.fingerprint(shards_dir, info), 'leaks': info.get('leaks'),
       'seed': config.seed, 'total_steps': total_steps, 'steps_per_epoch': steps_per_epoch,
       'hardware_info': model_card.hardware()}
 

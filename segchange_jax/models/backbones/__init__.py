@@ -86,10 +86,9 @@ def register(name: str, module: ModuleType, torch_prefix: str) -> None:
   if problems:
     raise ValueError(f'backbone {name!r}: module {where} lacks ' + '; '.join(problems)
                      + ' (the interface: segchange_jax/models/backbones/__init__.py)')
-  wrong = [attr for attr in ('from_config', 'channels', 'torch_mapping')
-           if not callable(getattr(module, attr))]
-  wrong += [attr for attr in OPTIONAL if hasattr(module, attr)
-            and not callable(getattr(module, attr))]
+  # Every interface attribute but the flag is a function.
+  wrong = [attr for attr in (*REQUIRED, *OPTIONAL) if attr != 'USES_BATCH_STATS'
+           and hasattr(module, attr) and not callable(getattr(module, attr))]
   if wrong:
     raise ValueError(f'backbone {name!r}: module {where}: {", ".join(wrong)} must be '
                      'functions')
