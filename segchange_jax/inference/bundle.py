@@ -398,7 +398,11 @@ def write(out: str, config, variables: dict, fmt: BundleFormat,
     graphs = {}
     for name, kind in graph_files(fmt, raw_inputs).items():
       graph = make_graph(config, variables, kind, size, emb, names, error)
-      graphs[name] = (kind, write_model(os.path.join(tmp, name), graph))
+      try:
+        graphs[name] = (kind, write_model(os.path.join(tmp, name), graph))
+      except OverflowError as e:  # a shape product past int32 while tracing the graph
+        raise error(f'--size {size} is too large to export ({e}); export the window size '
+                    'you infer with (--size 512, say): whole scenes run window by window') from e
     sig = signature(config, fmt, size, emb.shape[1:], names, graphs)
     with open(os.path.join(tmp, SIGNATURE_FILE), 'w') as f:
       json.dump(sig, f, indent=2)

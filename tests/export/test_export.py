@@ -356,3 +356,18 @@ def test_toy_export_format_follows_the_recipe(bundle, tmp_path):
   with pytest.raises(atomic.OutputError, match='already exists; pass --overwrite'):
     bundle_lib.write(str(tmp_path / 'toy'), config, variables, toy, write_model,
                      embeddings=npz)
+
+
+def test_a_size_whose_shapes_overflow_is_one_error_and_nothing_written(bundle, tmp_path):
+  """A model file writer that overflows int32 shape arithmetic while tracing (the demo model
+  at --size 100000) gives the format's error naming --size; no folder is left."""
+  _, config, variables, *_ = bundle
+
+  def write_model(path: str, graph: bundle_lib.Graph) -> dict:
+    raise OverflowError('Python int 10000000000 too large to convert to int32')
+
+  npz = tiny.write_embeddings(tmp_path / 'p.npz', ['roads'])
+  with pytest.raises(export.ExportError, match=r'--size 64 is too large to export \(Python int'):
+    bundle_lib.write(str(tmp_path / 'b'), config, variables, export.FORMAT, write_model,
+                     embeddings=npz, error=export.ExportError)
+  assert not (tmp_path / 'b').exists()
