@@ -14,6 +14,10 @@ clamped to the edge); each tile keeps the pair's prompt and is named `<stem>_y<Y
 Split leaks (`segchange_jax.data.leaks`): source pairs that are exact or near copies of a pair
 in another split are listed in dataset_info.json under "leaks" and printed; --on_leak=error
 fails with nothing written, --on_leak=drop_from_train leaves the train copies out.
+Per-prompt targets (segchange-default's `{split}/targets.json`, or derived from the two
+land-cover maps of --layout second) go into each record beside its label (each tile keeps its
+window of every mask); their prompts are listed in dataset_info.json under "target_prompts"
+and embedded into the --text_model table too.
 """
 
 from __future__ import annotations

@@ -7,7 +7,10 @@ shadow, roads, mounds). Some objects exist in only one of the two dates: their f
 the change label (255). The B image also gets changes that must NOT be labelled: a global
 brightness/colour gain and offset, haze, sensor noise and a sub-pixel misregistration
 (<= 1 px). Scene i depends only on (seed, i), so any subset regenerates bit-identically.
-Output: `{train,val,test}/{A,B,label}/<split>_<i>.png` and `{split}/prompts.txt`.
+Output: `{train,val,test}/{A,B,label}/<split>_<i>.png` and `{split}/prompts.txt`, plus the
+per-prompt targets ("new buildings", "demolished buildings", "new roads", "removed roads", "new
+mounds", "removed mounds", "any change"): `{split}/targets/<stem>/<slug>.png` listed in
+`{split}/targets.json` (`segchange_jax.data.synthetic` describes them).
 """
 
 from __future__ import annotations

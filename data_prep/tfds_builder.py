@@ -9,7 +9,9 @@
     # or builder.as_data_source()
 
 Features match `segchange_jax.data.records`: image_a / image_b (PNG, RGB), label (PNG, 1
-channel), file_name, prompt, so `segchange_jax.data.records.decode` reads these shards as well.
+channel), file_name, prompt and targets, a Sequence of {prompt, mask (PNG, 1 channel)} that TFDS
+stores as the record features `targets/prompt` and `targets/mask` (empty for a pair without
+per-prompt targets), so `segchange_jax.data.records.decode` reads these shards as well.
 Pairs are listed by `segchange_jax.data.layouts.list_pairs` and read, checked and tiled by
 `segchange_jax.data.convert.convert_pair`; bad pairs fail the build (strict) or are skipped
 with a warning naming them (strict=False).
@@ -42,7 +44,8 @@ class SegChangeConfig(tfds.core.BuilderConfig):
 class SegChangeCD(tfds.core.GeneratorBasedBuilder):
   """Bi-temporal change-detection pairs from any layout of segchange_jax.data.layouts."""
 
-  VERSION = tfds.core.Version(f'{convert.CONVERTER_VERSION}.0.0')
+  VERSION = tfds.core.Version(f'{convert.CONVERTER_VERSION}.1.0')
+  RELEASE_NOTES = {f'{convert.CONVERTER_VERSION}.1.0': 'Per-prompt targets (prompt, mask).'}
   BUILDER_CONFIGS = [SegChangeConfig(name='default')]
 
   def _info(self) -> tfds.core.DatasetInfo:
@@ -50,7 +53,9 @@ class SegChangeCD(tfds.core.GeneratorBasedBuilder):
     return self.dataset_info_from_configs(
         features=tfds.features.FeaturesDict({
             'image_a': image(3), 'image_b': image(3), 'label': image(1),
-            'file_name': tfds.features.Text(), 'prompt': tfds.features.Text()}),
+            'file_name': tfds.features.Text(), 'prompt': tfds.features.Text(),
+            'targets': tfds.features.Sequence({'prompt': tfds.features.Text(),
+                                               'mask': image(1)})}),
         description='Bi-temporal remote-sensing change detection pairs (SegChange-R1 inputs).')
 
   def _split_generators(self, dl_manager):
@@ -75,7 +80,8 @@ class SegChangeCD(tfds.core.GeneratorBasedBuilder):
         yield ex['file_name'], {
             'image_a': io.BytesIO(ex['image_a']), 'image_b': io.BytesIO(ex['image_b']),
             'label': io.BytesIO(ex['label']), 'file_name': ex['file_name'],
-            'prompt': ex['prompt']}
+            'prompt': ex['prompt'],
+            'targets': [{'prompt': p, 'mask': io.BytesIO(m)} for p, m in ex['targets']]}
     if cfg.strict and (problems or not pairs):
       raise convert.ConvertError(f'split {split!r}: {len(problems)} bad pair(s), '
                                  f'{len(pairs)} listed:\n' + '\n'.join(problems))

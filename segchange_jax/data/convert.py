@@ -4,6 +4,11 @@ The library behind `python -m data_prep.convert` (its docstring has the details)
 Writes `<split>-XXXXX-of-YYYYY.array_record` (records: `segchange_jax.data.records`) and, last,
 `dataset_info.json` (counts, skipped pairs with reasons, image sizes, label statistics,
 prompts, optional prompt-embedding table, split leaks). Layouts: `segchange_jax.data.layouts`.
+Per-prompt targets of a pair (`layouts.Pair.targets`, or derived from SECOND's two land-cover
+maps) go into its records (each tile gets the tile's window of every mask, empty or not);
+dataset_info.json lists their prompts under "target_prompts" (top level: all, sorted; per
+split: {prompt: records}) and the --text_model table embeds them after "prompts". A dataset
+without targets converts to the same shards as before they existed.
 Bad input is never skipped silently: strict splits fail with one error listing every bad
 pair; non-strict ones skip, print and record them. Shards are written under a temporary
 folder and moved into the output only when every split succeeded (dataset_info.json last, so
@@ -56,6 +61,7 @@ class PairResult:
   pixels: int = 0
   values: tuple[int, ...] = ()
   hashes: leaks_lib.PairHashes | None = None  # of the source pair, before tiling
+  target_prompts: tuple[str, ...] = ()      # of every record of the pair
 
 
 def tile_starts(length: int, tile: int, stride: int) -> list[int]:
@@ -75,18 +81,50 @@ def _label_for(pair: layouts.Pair) -> np.ndarray:
   return reading.read_label(pair.label)
 
 
+def _semantic(pair: layouts.Pair) -> tuple[np.ndarray, list[tuple[str, np.ndarray]]]:
+  """SECOND pair: its two colour-coded maps -> (binary label, targets)."""
+  maps = []
+  for path, what in zip(pair.semantic, ('label1', 'label2')):
+    maps.append(layouts.colour_to_class(reading.read_rgb(path, f'{what} land-cover map'), path))
+  if maps[0].shape != maps[1].shape:
+    raise reading.PairError(f'label1/label2 size mismatch {maps[0].shape} vs {maps[1].shape}: '
+                            f'{pair.semantic[1]}')
+  return layouts.semantic_targets(*maps)
+
+
+def _label_and_targets(pair: layouts.Pair
+                       ) -> tuple[np.ndarray, list[tuple[str, np.ndarray]], list[str]]:
+  """The pair's label, its (prompt, mask) targets and the file each target came from."""
+  if pair.semantic is not None:
+    label, targets = _semantic(pair)
+    return label, targets, [pair.semantic[0]] * len(targets)
+  label = _label_for(pair)
+  targets = []
+  for prompt, path in pair.targets:
+    try:
+      targets.append((prompt, reading.read_label(path)))
+    except reading.PairError as e:
+      raise reading.PairError(f'target mask {prompt!r}: {e}') from None
+  return label, targets, [path for _, path in pair.targets]
+
+
 def convert_pair(pair: layouts.Pair, tile: int, stride: int) -> PairResult:
   """Reads, checks and (optionally) tiles one pair; a problem is returned, not raised."""
   try:
     a = reading.read_rgb(pair.a, 'A image')
     b = reading.read_rgb(pair.b, 'B image')
-    label = _label_for(pair)
+    label, targets, sources = _label_and_targets(pair)
     if a.shape != b.shape:
       raise reading.PairError(f'A/B size mismatch {a.shape[:2]} vs {b.shape[:2]}: {pair.b}')
     if label.shape != a.shape[:2]:
       raise reading.PairError(f'label size {label.shape} differs from image size '
                               f'{a.shape[:2]}: {pair.label}')
-  except (reading.PairError, layouts.LayoutError) as e:
+    for (prompt, mask), path in zip(targets, sources):
+      if mask.shape != a.shape[:2]:
+        raise reading.PairError(f'target mask {prompt!r} size {mask.shape} differs from image '
+                                f'size {a.shape[:2]}: {path}')
+    records.check_targets(pair.name, [p for p, _ in targets])
+  except (reading.PairError, layouts.LayoutError, records.RecordError) as e:
     return PairResult(pair.name, [], problem=str(e))
   h, w = label.shape
   th, tw = (min(tile, h), min(tile, w)) if tile > 0 else (h, w)
@@ -96,13 +134,13 @@ def convert_pair(pair: layouts.Pair, tile: int, stride: int) -> PairResult:
     for x in tile_starts(w, tw, stride or tw):
       name = pair.name if (th, tw) == (h, w) else f'{stem}_y{y}_x{x}{ext}'
       win = np.s_[y:y + th, x:x + tw]
-      out.append(records.serialize(records.encode_png(np.ascontiguousarray(a[win])),
-                                   records.encode_png(np.ascontiguousarray(b[win])),
-                                   records.encode_png(np.ascontiguousarray(label[win])),
-                                   name, pair.prompt))
+      png = lambda x: records.encode_png(np.ascontiguousarray(x[win]))  # noqa: E731
+      out.append(records.serialize(png(a), png(b), png(label), name, pair.prompt,
+                                   [(prompt, png(mask)) for prompt, mask in targets]))
   return PairResult(pair.name, out, size=(th, tw), changed=int(np.count_nonzero(label)),
                     pixels=label.size, values=tuple(int(v) for v in np.unique(label)),
-                    hashes=leaks_lib.pair_hashes(a, b, label))
+                    hashes=leaks_lib.pair_hashes(a, b, label),
+                    target_prompts=tuple(p for p, _ in targets))
 
 
 def _convert_star(args) -> PairResult:
@@ -164,6 +202,7 @@ def _convert_split(pairs: list[layouts.Pair], split: str, tmp: str, strict: bool
   writers = [array_record_module.ArrayRecordWriter(os.path.join(tmp, n), 'group_size:1')
              for n in names]
   skipped, dropped, found, sizes, values, prompts = [], [], [], set(), set(), {}
+  target_counts: dict[str, int] = {}
   count = changed = pixels = 0
   prompt_of = {p.name: p.prompt for p in pairs}
   try:
@@ -189,6 +228,8 @@ def _convert_split(pairs: list[layouts.Pair], split: str, tmp: str, strict: bool
       changed += result.changed
       pixels += result.pixels
       prompts[prompt_of[result.name]] = None
+      for prompt in result.target_prompts:
+        target_counts[prompt] = target_counts.get(prompt, 0) + len(result.records)
   finally:
     for w in writers:
       w.close()
@@ -209,7 +250,9 @@ def _convert_split(pairs: list[layouts.Pair], split: str, tmp: str, strict: bool
           'image_sizes': [list(s) for s in sizes],
           'label_values': sorted(values),
           'changed_fraction': changed / pixels if pixels else 0.0,
-          'prompts': sorted(prompts)}, found, [d['file_name'] for d in dropped]
+          'prompts': sorted(prompts),
+          'target_prompts': dict(sorted(target_counts.items()))
+          }, found, [d['file_name'] for d in dropped]
 
 
 def _embed(text_model: str, prompts: list[str], path: str) -> None:
@@ -291,9 +334,12 @@ def convert(layout: str, root: str, out: str, splits: Sequence[str] = ('train', 
             f'(all listed in {os.path.join(out, INFO_FILE)} under "leaks")')
     prompts = sorted({p for s in info['splits'].values() for p in s['prompts']})
     info['prompts'] = prompts
+    info['target_prompts'] = sorted({p for s in info['splits'].values()
+                                     for p in s['target_prompts']})
     info['prompt_embeddings'] = ''
     if text_model:
-      _embed(text_model, prompts, os.path.join(tmp, EMBEDDINGS_FILE))
+      extra = [p for p in info['target_prompts'] if p not in set(prompts)]
+      _embed(text_model, prompts + extra, os.path.join(tmp, EMBEDDINGS_FILE))
       info['prompt_embeddings'] = EMBEDDINGS_FILE
     _commit(out, tmp, info)
     done = True

@@ -118,7 +118,7 @@ def _to_example(a, b, label, prompt, binary, prompt_to_index, default, mask=1.0)
 def _train_example(record: bytes, rng: np.random.Generator, size: int, augment_cfg: dict,
                    binary: bool, prompt_to_index: dict[str, int], default_prompt: str) -> dict:
   """Record bytes -> randomly cropped, augmented, normalised example."""
-  ex = records.decode(record)
+  ex = records.decode(record, targets=False)
   a, b, label = ex['image_a'], ex['image_b'], ex['label']
   h, w = label.shape
   if (h, w) != (size, size):
@@ -282,7 +282,7 @@ def create_eval_iterator(config, split: str, prompt_to_index: dict[str, int], ba
              'label': np.zeros((h, w), np.int32), 'prompt_index': np.int32(0),
              'mask': np.float32(0.0)}
       return pad
-    ex = records.decode(source[g])
+    ex = records.decode(source[g], targets=False)
     return _to_example(ex['image_a'], ex['image_b'], ex['label'], ex['prompt'], binary, table,
                        default)
 

@@ -7,6 +7,11 @@ docstring describes the folder structure. A reader never checks files: it return
 pair should have and the converter reports each missing or bad one by name. A name present in B
 or label but not in A is listed too (its A path does not exist), so that it is reported rather
 than dropped.
+
+Per-prompt targets: a pair may carry several (prompt, mask) targets besides its one label.
+segchange-default reads them from `{split}/targets.json` when present (`{file name: {prompt:
+mask path relative to the split folder}}`, what `segchange_jax.data.synthetic` writes); the
+`second` layout derives them from its two land-cover maps (`semantic_targets`).
 """
 
 from __future__ import annotations
@@ -37,6 +42,11 @@ class Pair:
   prompt: str = ''
   # changefine-json: (height, width, [(value, rle), ...]) used when `label` is missing.
   rle: tuple | None = None
+  # Per-prompt targets: (prompt, mask path) pairs, written into the record beside the label.
+  targets: tuple[tuple[str, str], ...] = ()
+  # second: (label1, label2) colour-coded land-cover maps of the two dates; the converter
+  # derives the binary label and the targets from them (`semantic_targets`).
+  semantic: tuple[str, str] | None = None
 
 
 # reader(root, split, num_splits) -> the split's pairs; num_splits is how many splits the run
@@ -141,16 +151,57 @@ def _match(folder: str, name: str) -> str:
   return path
 
 
+def read_targets(path: str) -> dict[str, tuple[tuple[str, str], ...]]:
+  """targets.json `{file name: {prompt: relative mask path}}` -> {name: ((prompt, abs path),)}.
+
+  Paths are relative to the file's folder; {} when the file is absent.
+  """
+  if not os.path.isfile(path):
+    return {}
+  fix = ('expected {"<file name>": {"<prompt>": "<mask path relative to this folder>"}}; '
+         'regenerate it (python -m data_prep.synthetic) or fix it by hand')
+  def unique(items: list[tuple[str, object]]) -> dict:
+    # json.load would keep the last of a repeated key silently: a prompt given twice is an error.
+    keys = [k for k, _ in items]
+    dups = sorted({k for k in keys if keys.count(k) > 1})
+    if dups:
+      raise LayoutError(f'{path}: {dups} given more than once in one object; give each file '
+                        'name once and each of its prompts once (merge the masks of a repeated '
+                        'prompt into one)')
+    return dict(items)
+
+  try:
+    with open(path, encoding='utf-8') as f:
+      data = json.load(f, object_pairs_hook=unique)
+  except (OSError, json.JSONDecodeError) as e:
+    raise LayoutError(f'{path} is not readable JSON ({e}); {fix}') from None
+  if not isinstance(data, dict):
+    raise LayoutError(f'{path}: {fix}')
+  folder = os.path.dirname(path)
+  out = {}
+  for name, targets in data.items():
+    if not isinstance(targets, dict) or not all(
+        isinstance(p, str) and isinstance(m, str) for p, m in targets.items()):
+      raise LayoutError(f'{path}: entry {name!r}: {fix}')
+    bad = [p for p in targets if not p.strip()]
+    if bad:
+      raise LayoutError(f'{path}: entry {name!r} has an empty prompt; give every mask a prompt')
+    out[name] = tuple((p, os.path.join(folder, m)) for p, m in targets.items())
+  return out
+
+
 def _folder_pairs(base: str, subdirs: tuple[str, str, str], names: list[str] | None,
-                  prompts: dict[str, str]) -> list[Pair]:
+                  prompts: dict[str, str],
+                  targets: dict[str, tuple[tuple[str, str], ...]] | None = None) -> list[Pair]:
   da, db, dl = (os.path.join(base, s) for s in subdirs)
   if names is None:
     stems_a = {os.path.splitext(n)[0] for n in _images_in(da)}
     names = _images_in(da) + sorted(n for n in set(_images_in(db)) | set(_images_in(dl))
                                     if os.path.splitext(n)[0] not in stems_a)
     names = list(dict.fromkeys(names))
-  return [Pair(n, _match(da, n), _match(db, n), _match(dl, n), prompts.get(n, ''))
-          for n in names]
+  targets = targets or {}
+  return [Pair(n, _match(da, n), _match(db, n), _match(dl, n), prompts.get(n, ''),
+               targets=targets.get(n, ())) for n in names]
 
 
 def _require_dir(path: str, layout: str, hint: str) -> None:
@@ -165,15 +216,20 @@ def list_pairs(layout: str, root: str, split: str, num_splits: int = 1) -> list[
   return REGISTRY[layout].reader(root, split, num_splits)
 
 
-@register_layout('segchange-default', 'ROOT/{split}/{A,B,label}, ROOT/{split}/prompts.txt')
+@register_layout('segchange-default', 'ROOT/{split}/{A,B,label}, prompts.txt [targets.json]')
 def _segchange_default(root: str, split: str, num_splits: int) -> list[Pair]:
-  """SegChange-R1's default layout: one folder per split, prompts.txt beside A, B, label."""
+  """SegChange-R1's default layout: one folder per split, prompts.txt beside A, B, label.
+
+  Optional `ROOT/{split}/targets.json` adds per-prompt targets (`read_targets`); its masks
+  live under the split folder (the synthetic generator uses `targets/<stem>/<slug>.png`).
+  """
   del num_splits
   layout = 'segchange-default'
   base = os.path.join(root, split)
   _require_dir(base, layout, 'expected ROOT/{split}/{A,B,label} and ROOT/{split}/prompts.txt')
   return _folder_pairs(base, ('A', 'B', 'label'), None,
-                       read_prompts(os.path.join(base, 'prompts.txt')))
+                       read_prompts(os.path.join(base, 'prompts.txt')),
+                       read_targets(os.path.join(base, 'targets.json')))
 
 
 @register_layout('segchange-custom',
@@ -260,6 +316,115 @@ def _changefine(root: str, split: str, num_splits: int) -> list[Pair]:
     pairs.append(Pair(os.path.basename(img['oldpath']), resolve(img['oldpath']),
                       resolve(img['newpath']), resolve(img['labelpath']), '', rle))
   return pairs
+
+
+# SECOND (Yang et al., "Asymmetric Siamese Networks for Semantic Change Detection in Aerial
+# Images"): index, name (the prompt word) and RGB colour of its label1/label2 maps, in the
+# order of the SECOND authors' follow-up code (ggsDing/Bi-SRNet, datasets/RS_ST.py:
+# ST_COLORMAP / ST_CLASSES, where "ground" is the paper's non-vegetated ground surface and
+# "sports field" its playground). Other code bases order the classes differently; the names
+# and colours agree, and SeK does not depend on the order of the change classes.
+SECOND_CLASSES = (
+    (0, 'no change', (255, 255, 255)),
+    (1, 'water', (0, 0, 255)),
+    (2, 'ground', (128, 128, 128)),
+    (3, 'low vegetation', (0, 128, 0)),
+    (4, 'tree', (0, 255, 0)),
+    (5, 'building', (128, 0, 0)),
+    (6, 'playground', (255, 0, 0)),
+)
+ANY_CHANGE = 'any change'
+
+
+def second_prompt(src: str | None = None, dst: str | None = None) -> str:
+  """Target prompt: 'low vegetation -> building', 'any change to water', 'any change from
+  tree', or 'any change' (neither class given)."""
+  if src and dst:
+    return f'{src} -> {dst}'
+  if dst:
+    return f'{ANY_CHANGE} to {dst}'
+  if src:
+    return f'{ANY_CHANGE} from {src}'
+  return ANY_CHANGE
+
+
+def second_vocabulary(classes=SECOND_CLASSES) -> tuple[str, ...]:
+  """Every target prompt `semantic_targets` can write, in its order (negatives come from here)."""
+  names = [n for i, n, _ in classes if i]
+  return ((ANY_CHANGE,) + tuple(second_prompt(a, b) for a in names for b in names)
+          + tuple(second_prompt(dst=n) for n in names)
+          + tuple(second_prompt(src=n) for n in names))
+
+
+def colour_to_class(rgb: np.ndarray, path: str, classes=SECOND_CLASSES) -> np.ndarray:
+  """[H, W, 3] uint8 colour-coded map -> [H, W] uint8 class indices of `classes`.
+
+  A colour not in the table raises LayoutError naming the file and the colours.
+  """
+  code = (rgb[..., 0].astype(np.int32) << 16) | (rgb[..., 1].astype(np.int32) << 8) | rgb[..., 2]
+  table = {(r << 16) | (g << 8) | b: i for i, _, (r, g, b) in classes}
+  keys = np.array(sorted(table), np.int32)
+  pos = np.clip(np.searchsorted(keys, code), 0, len(keys) - 1)
+  known = keys[pos] == code
+  if not known.all():
+    colours, counts = np.unique(code[~known], return_counts=True)
+    order = np.argsort(-counts)[:5]
+    found = ', '.join(f'RGB({c >> 16}, {(c >> 8) & 255}, {c & 255}) x{n}'
+                      for c, n in zip(colours[order], counts[order]))
+    more = f' and {len(colours) - 5} more' if len(colours) > 5 else ''
+    legend = ', '.join(f'{n} {tuple(c)}' for _, n, c in classes)
+    raise LayoutError(f'{path}: {int((~known).sum())} pixel(s) with colours not in the SECOND '
+                      f'class table: {found}{more}. Expected only {legend}; re-export the map '
+                      'with exactly these colours (lossless PNG, no anti-aliasing or resizing)')
+  values = np.array([table[k] for k in keys.tolist()], np.uint8)
+  return values[pos]
+
+
+def semantic_targets(from_class: np.ndarray, to_class: np.ndarray, classes=SECOND_CLASSES
+                     ) -> tuple[np.ndarray, list[tuple[str, np.ndarray]]]:
+  """Two [H, W] class maps (0 = no change) -> (binary label 0/255, [(prompt, 0/255 mask)]).
+
+  Change is where either map is not 0. Targets, in `second_vocabulary` order, only those that
+  occur: 'any change' (always, = the label), 'A -> B' per (from, to) class pair, 'any change
+  to B' per class changed into, 'any change from A' per class changed from. A pixel with a
+  class in one map only is changed but in no directional target.
+  """
+  names = {i: n for i, n, _ in classes}
+  changed = (from_class != 0) | (to_class != 0)
+  label = changed.astype(np.uint8) * 255
+  targets = [(ANY_CHANGE, label)]
+  both = (from_class != 0) & (to_class != 0)
+  pair_code = from_class.astype(np.int32) * 256 + to_class
+  present = set(np.unique(pair_code[both]).tolist())
+  order = [i for i, _, _ in classes if i]
+  for a in order:
+    for b in order:
+      if a * 256 + b in present:
+        mask = both & (pair_code == a * 256 + b)
+        targets.append((second_prompt(names[a], names[b]), mask.astype(np.uint8) * 255))
+  for side, cls in (('dst', to_class), ('src', from_class)):
+    for c in order:
+      mask = both & (cls == c)
+      if mask.any():
+        targets.append((second_prompt(**{side: names[c]}), mask.astype(np.uint8) * 255))
+  return label, targets
+
+
+@register_layout('second', 'ROOT/{split}/{im1,im2,label1,label2} (SECOND land-cover maps)')
+def _second(root: str, split: str, num_splits: int) -> list[Pair]:
+  """SECOND semantic change detection: ROOT/{split}/{im1,im2,label1,label2}/<name>.
+
+  label1/label2 are RGB land-cover maps of the two dates in the colours of `SECOND_CLASSES`
+  (white = no change). The converter turns them into the binary change label and the
+  per-prompt targets of `semantic_targets` ('low vegetation -> building', 'any change to
+  water', 'any change from tree', 'any change').
+  """
+  del num_splits
+  base = os.path.join(root, split)
+  _require_dir(base, 'second', 'expected ROOT/{split}/{im1,im2,label1,label2}')
+  pairs = _folder_pairs(base, ('im1', 'im2', 'label1'), None, {})
+  l2 = os.path.join(base, 'label2')
+  return [dataclasses.replace(p, semantic=(p.label, _match(l2, p.name))) for p in pairs]
 
 
 def _rle_counts(counts) -> np.ndarray:

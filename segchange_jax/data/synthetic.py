@@ -9,10 +9,24 @@ the change label (255). The B image also gets changes that must NOT be labelled:
 brightness/colour gain and offset, haze, sensor noise and a sub-pixel misregistration
 (<= 1 px). Scene i depends only on (seed, i), so any subset regenerates bit-identically.
 Output: `{train,val,test}/{A,B,label}/<split>_<i>.png` and `{split}/prompts.txt`.
+
+Per-prompt targets (beside the layout; readers that do not know them ignore them): one mask per
+(kind, direction) that occurs in the scene, "new buildings" (a building only in B),
+"demolished buildings" (only in A), "new roads", "removed roads", "new mounds", "removed mounds",
+plus "any change" (always written: the label, empty for a scene without changes). A pixel is in
+a kind's target when the top object there, in the date that has it, is an object of that kind
+that exists only in that date; so the union of the kind targets is exactly the label, and a
+pixel where a new road covers a demolished building is in both of their targets.
+`PROMPT_VOCABULARY` lists every target prompt (training draws negative prompts from it).
+On disk: `{split}/targets/<stem>/<slug>.png` (uint8 0/255, slug = the prompt with '_' for
+spaces, e.g. `train_00003/new_buildings.png`) and `{split}/targets.json`,
+`{file name: {prompt: mask path relative to the split folder}}`, read by the segchange-default
+layout (`segchange_jax.data.layouts`).
 """
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Sequence
 
@@ -23,6 +37,16 @@ SPLITS = (('train', 0.70), ('val', 0.15), ('test', 0.15))
 KINDS = ('building', 'road', 'mound')
 PROMPT_NAMES = {'building': 'Buildings with changes', 'road': 'Road changes',
                 'mound': 'Mound changes'}
+# Target prompt of each (kind, direction); direction 'new' = only in B, 'removed' = only in A.
+TARGET_NAMES = {('building', 'new'): 'new buildings',
+                ('building', 'removed'): 'demolished buildings',
+                ('road', 'new'): 'new roads', ('road', 'removed'): 'removed roads',
+                ('mound', 'new'): 'new mounds', ('mound', 'removed'): 'removed mounds'}
+ANY_CHANGE = 'any change'
+# Every prompt a synthetic target can carry, in the order targets are written.
+PROMPT_VOCABULARY = (*TARGET_NAMES.values(), ANY_CHANGE)
+TARGETS_FILE = 'targets.json'
+TARGETS_DIR = 'targets'
 
 
 def _value_noise(rng: np.random.Generator, size: int, octaves: Sequence[int]) -> np.ndarray:
@@ -103,8 +127,20 @@ def _render(background: np.ndarray, objects: list[dict], masks: list[np.ndarray]
   return img, ids
 
 
+def prompt_slug(prompt: str) -> str:
+  """File stem of a target prompt's mask ('new buildings' -> 'new_buildings')."""
+  return '_'.join(prompt.lower().split()).replace('/', '_')
+
+
 def make_scene(seed: int, index: int, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
   """Scene `index` -> (A [S,S,3] uint8, B, label [S,S] uint8 in {0,255}, prompt)."""
+  return make_scene_with_targets(seed, index, size)[:4]
+
+
+def make_scene_with_targets(
+    seed: int, index: int, size: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, str, dict[str, np.ndarray]]:
+  """`make_scene` plus its targets {prompt: [S,S] uint8 0/255} in `PROMPT_VOCABULARY` order."""
   rng = np.random.default_rng([seed, index])
   background = _background(rng, size)
   n = int(rng.integers(3, 9))
@@ -133,7 +169,23 @@ def make_scene(seed: int, index: int, size: int) -> tuple[np.ndarray, np.ndarray
   changed = sorted({objects[i]['kind'] for i in range(n) if state[i] and label[masks[i]].any()},
                    key=KINDS.index)
   prompt = ', '.join(PROMPT_NAMES[k] for k in changed) + '.' if changed else 'No changes.'
-  return to8(img_a), to8(img_b), label, prompt
+  return to8(img_a), to8(img_b), label, prompt, _targets(objects, state, ids_a, ids_b, label)
+
+
+def _targets(objects: list[dict], state: np.ndarray, ids_a: np.ndarray, ids_b: np.ndarray,
+             label: np.ndarray) -> dict[str, np.ndarray]:
+  """{prompt: 0/255 mask} of each (kind, direction) that occurs, then 'any change'."""
+  # Object id -> kind index (-1 for ground), state 1: only in A, 2: only in B.
+  kind_of = np.array([KINDS.index(o['kind']) for o in objects] + [-1])
+  state_of = np.append(state, 0)
+  out = {}
+  for (kind, direction), prompt in TARGET_NAMES.items():
+    ids, only = (ids_b, 2) if direction == 'new' else (ids_a, 1)
+    mask = (kind_of[ids] == KINDS.index(kind)) & (state_of[ids] == only)
+    if mask.any():
+      out[prompt] = mask.astype(np.uint8) * 255
+  out[ANY_CHANGE] = label.copy()
+  return out
 
 
 def split_sizes(n: int) -> list[tuple[str, int]]:
@@ -150,16 +202,31 @@ def generate(out: str, n: int, size: int, seed: int) -> dict[str, int]:
   for split, count in split_sizes(n):
     for sub in ('A', 'B', 'label'):
       os.makedirs(os.path.join(out, split, sub), exist_ok=True)
-    lines = []
+    lines, listing = [], {}
     for _ in range(count):
-      a, b, label, prompt = make_scene(seed, index, size)
+      a, b, label, prompt, targets = make_scene_with_targets(seed, index, size)
       name = f'{split}_{index:05d}.png'
       for sub, img in (('A', a), ('B', b)):
         cv2.imwrite(os.path.join(out, split, sub, name), img[..., ::-1])
       cv2.imwrite(os.path.join(out, split, 'label', name), label)
       lines.append(f'{name}  {prompt}\n')
+      listing[name] = _write_targets(os.path.join(out, split), name, targets)
       index += 1
     with open(os.path.join(out, split, 'prompts.txt'), 'w', encoding='utf-8') as f:
       f.writelines(lines)
+    with open(os.path.join(out, split, TARGETS_FILE), 'w', encoding='utf-8') as f:
+      json.dump(listing, f, indent=1)
     counts[split] = count
   return counts
+
+
+def _write_targets(split_dir: str, name: str, targets: dict[str, np.ndarray]) -> dict[str, str]:
+  """Writes one scene's target masks; returns {prompt: path relative to split_dir}."""
+  folder = os.path.join(TARGETS_DIR, os.path.splitext(name)[0])
+  os.makedirs(os.path.join(split_dir, folder), exist_ok=True)
+  paths = {}
+  for prompt, mask in targets.items():
+    rel = os.path.join(folder, prompt_slug(prompt) + '.png').replace(os.sep, '/')
+    cv2.imwrite(os.path.join(split_dir, rel), mask)
+    paths[prompt] = rel
+  return paths

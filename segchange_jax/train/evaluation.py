@@ -224,7 +224,7 @@ def _write_images(folder: str, ranked: dict, source, rank_by: str, scores: np.nd
   os.makedirs(folder, exist_ok=True)
   for kind, items in ranked.items():
     for rank, (index, pred) in enumerate(items):
-      ex = records.decode(source[index])
+      ex = records.decode(source[index], targets=False)
       row = comparison_row(ex['image_a'], ex['image_b'], ex['label'], pred, binary)
       stem = os.path.splitext(os.path.basename(ex['file_name']))[0]
       name = f'{kind}_{rank:02d}_{stem}_{rank_by}{scores[index]:.3f}.png'

@@ -103,3 +103,34 @@ def compute_metrics(cm: np.ndarray) -> dict[str, float | list[float]]:
           'iou': macro(iou), 'oa': oa, 'kappa': kappa,
           'precision_per_class': precision.tolist(), 'recall_per_class': recall.tolist(),
           'f1_per_class': f1.tolist(), 'iou_per_class': iou.tolist()}
+
+
+def sek(cm: np.ndarray) -> dict[str, float]:
+  """Separated Kappa (SeK) of semantic change detection from an int [C,C] (true, predicted)
+  confusion matrix whose class 0 is 'no change' (SECOND: both dates' maps accumulated).
+
+  As the SECOND paper (Yang et al., "Asymmetric Siamese Networks for Semantic Change Detection
+  in Aerial Images") and its reference code (ggsDing/Bi-SRNet utils/utils.py, `SCDD_eval_all`,
+  also used by ChangeMamba) define it: the binary change matrix merges classes 1..C-1;
+  `iou_change` / `iou_no_change` are its IoUs and `miou` their mean; `kappa_n0` is Cohen's
+  kappa of the semantic matrix with the (no change, no change) cell zeroed, so the dominant
+  unchanged pixels do not inflate it; sek = kappa_n0 * e^(iou_change - 1); `score` =
+  0.3 miou + 0.7 sek, the SECOND benchmark's overall score. Undefined ratios are 0, as in
+  `compute_metrics`. The result does not depend on the order of the change classes, nor on
+  whether rows or columns hold the truth.
+  """
+  cm = np.asarray(cm, np.int64)
+  if cm.ndim != 2 or cm.shape[0] != cm.shape[1] or cm.shape[0] < 2:
+    raise ValueError(f'sek needs a square [C,C] confusion matrix with C >= 2, got {cm.shape}')
+  tn = cm[0, 0]
+  fp = cm[0].sum() - tn     # unchanged in the truth, predicted as a change
+  fn = cm[:, 0].sum() - tn  # changed in the truth, predicted unchanged
+  tp = cm[1:, 1:].sum()     # change found, whatever its class
+  iou = _div(np.array([tn, tp]), np.array([tn + fn + fp, tp + fn + fp]))
+  n0 = cm.copy()
+  n0[0, 0] = 0
+  kappa_n0 = cohen_kappa(n0)
+  value = kappa_n0 * float(np.exp(iou[1] - 1.0))
+  miou = float(iou.mean())
+  return {'sek': value, 'kappa_n0': kappa_n0, 'iou_change': float(iou[1]),
+          'iou_no_change': float(iou[0]), 'miou': miou, 'score': 0.3 * miou + 0.7 * value}

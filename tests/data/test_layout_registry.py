@@ -21,7 +21,8 @@ from segchange_jax.data import convert
 from segchange_jax.data import layouts
 from segchange_jax.data import records
 
-BUILT_IN = ('segchange-default', 'segchange-custom', 'opencd', 'sysu', 'changefine-json')
+BUILT_IN = ('segchange-default', 'segchange-custom', 'opencd', 'sysu', 'changefine-json',
+            'second')
 
 
 @pytest.fixture

@@ -158,3 +158,48 @@ def test_kappa_exact_for_splits_beyond_int64_squares():
   # has kappa (a - b) / (a + b) = 0.5 here.
   a, b = 3 * 2**33, 2**33
   assert metrics.cohen_kappa(np.array([[a, b], [b, a]], np.int64)) == pytest.approx(0.5, abs=1e-15)
+
+
+def _reference_sek(hist):
+  """SeK as the SECOND reference code computes it (ggsDing/Bi-SRNet utils/utils.py
+  SCDD_eval_all, rows = prediction there), written out step by step for comparison."""
+  hist = np.asarray(hist, np.float64)
+  c2 = np.array([[hist[0, 0], hist.sum(1)[0] - hist[0, 0]],
+                 [hist.sum(0)[0] - hist[0, 0], hist[1:, 1:].sum()]])
+  n0 = hist.copy()
+  n0[0, 0] = 0
+  po = np.trace(n0) / n0.sum()
+  pe = n0.sum(1) @ n0.sum(0) / n0.sum() ** 2
+  kappa = (po - pe) / (1 - pe)
+  iu = np.diag(c2) / (c2.sum(1) + c2.sum(0) - np.diag(c2))
+  return kappa * np.exp(iu[1]) / np.e, (iu[0] + iu[1]) / 2
+
+
+def test_sek_hand_computed_example():
+  # (true, predicted); class 0 = no change. Binary: TN 10, FP 2, FN 2, TP 10 -> IoU of change
+  # and of no change 10/14 = 5/7. Zeroing (0, 0): N 14, trace 9, row = column sums (2, 6, 6)
+  # -> p_o 9/14, p_e 76/196, kappa_n0 = (126 - 76) / (196 - 76) = 5/12.
+  cm = np.array([[10, 2, 0], [1, 4, 1], [1, 0, 5]])
+  got = metrics.sek(cm)
+  assert got['iou_change'] == pytest.approx(5 / 7) and got['miou'] == pytest.approx(5 / 7)
+  assert got['kappa_n0'] == pytest.approx(5 / 12)
+  assert got['sek'] == pytest.approx(5 / 12 * np.exp(5 / 7 - 1))
+  assert got['score'] == pytest.approx(0.3 * 5 / 7 + 0.7 * 5 / 12 * np.exp(-2 / 7))
+  # Same as the reference code, whichever axis holds the truth.
+  rng = np.random.default_rng(0)
+  for _ in range(5):
+    cm = rng.integers(0, 50, (7, 7))
+    ref_sek, ref_miou = _reference_sek(cm)
+    for m in (cm, cm.T):
+      assert metrics.sek(m)['sek'] == pytest.approx(ref_sek)
+      assert metrics.sek(m)['miou'] == pytest.approx(ref_miou)
+
+
+def test_sek_edge_cases():
+  perfect = metrics.sek(np.diag([50, 3, 2]))
+  assert perfect['sek'] == pytest.approx(1.0) and perfect['miou'] == 1.0
+  # No change anywhere, predicted as such: nothing to score -> 0, not NaN.
+  empty = metrics.sek(np.array([[9, 0], [0, 0]]))
+  assert empty['sek'] == 0.0 and empty['iou_change'] == 0.0
+  with pytest.raises(ValueError, match='square'):
+    metrics.sek(np.zeros((2, 3)))
