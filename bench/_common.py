@@ -78,11 +78,20 @@ def variant_config(variant: str):
   return c
 
 
-def run_child(script: str, args: list[str], env: dict | None = None) -> tuple[dict | None, str]:
-  """Runs `python script args` in a fresh process; (its RESULT json or None, stderr tail)."""
-  proc = subprocess.run([sys.executable, os.path.abspath(script), *args], capture_output=True,
-                        text=True, cwd=REPO,
-                        env={**os.environ, 'PYTHONPATH': REPO, **(env or {})})
+def run_child(script: str, args: list[str], env: dict | None = None,
+              timeout: float | None = None) -> tuple[dict | None, str]:
+  """Runs `python script args` in a fresh process; (its RESULT json or None, stderr tail).
+
+  With `timeout` (seconds) a child still running then is killed: (None, 'timed out ...').
+  """
+  try:
+    proc = subprocess.run([sys.executable, os.path.abspath(script), *args], capture_output=True,
+                          text=True, cwd=REPO, timeout=timeout,
+                          env={**os.environ, 'PYTHONPATH': REPO, **(env or {})})
+  except subprocess.TimeoutExpired as e:
+    tail = e.stderr[-3000:] if isinstance(e.stderr, str) else (e.stderr or b'')[-3000:].decode(
+        errors='replace')
+    return None, f'{tail}\n(timed out after {timeout:.0f} s)'
   line = [l for l in proc.stdout.splitlines() if l.startswith('RESULT ')]
   if proc.returncode or not line:
     why = proc.stderr[-3000:]

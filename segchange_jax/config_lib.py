@@ -328,6 +328,7 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
     raise ConfigError(f'config.data.augment.erase_ratio={a.erase_ratio!r} must be (lo, hi) '
                       'in [0, 1]')
   _range(config, 'data.num_workers', 0, integer=True)
+  _range(config, 'data.worker_processes', 0, integer=True)
   _range(config, 'data.prefetch_buffer', 1, integer=True)
   _range(config, 'data.synthetic.n', 0, integer=True)
   _range(config, 'data.synthetic.size', 32, integer=True)

@@ -41,6 +41,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.image_size = 512         # training crop/tile size (H = W)
   c.data.prompt = 'Buildings with changes, Mound changes.'  # used where no prompt is given
   c.data.num_workers = 2         # reading/augmenting runs on 2 * max(1, num_workers) threads
+  c.data.worker_processes = 0    # > 0: those threads run in each of that many grain processes
   c.data.prefetch_buffer = 2
   c.data.shuffle = True
   # Synthetic scenes (data_prep.synthetic) generated into source_root when n > 0 and missing.

@@ -60,6 +60,7 @@ NOT_THE_EXPERIMENT = {
     'text.cache_dir': 'where prompt embeddings are cached',
     'data.num_workers': 'reading threads; the stream is fixed by (seed, position)',
     'data.prefetch_buffer': 'read-ahead depth (same)',
+    'data.worker_processes': 'reading processes (same)',
     'train.progress_bar': 'terminal output',
     'train.log_every_steps': 'logging frequency',
     'checkpoint.keep': 'how many latest checkpoints stay on disk',

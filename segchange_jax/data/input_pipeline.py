@@ -15,7 +15,10 @@ remainder dropped) that the processes split batch by batch; every example's crop
 augmentation draw comes from (seed, global position). A run is therefore reproducible, its
 batches are the same on any number of processes, and the iterator state {'step': t}
 (get_state/set_state) resumes it exactly, also on another process count. Reading and
-augmenting run on 2 * max(1, config.data.num_workers) threads.
+augmenting run on 2 * max(1, config.data.num_workers) threads; with
+config.data.worker_processes = k > 0 they run in k grain worker processes instead (each with
+those threads; worker w makes batches w, w + k, ...), for hosts with more cores than the GIL
+lets threads use. The batches are the same either way: every draw depends on the position only.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from segchange_jax.data import records
 # Separate random streams for the epoch permutations and the per-example augmentations.
 _PERMUTATION_STREAM, _AUGMENT_STREAM = 0, 1
 _ENDLESS = 2**40   # training steps; MapDataset.range needs an end
+_MIN_SHM_BYTES = 1 << 16
 _CONVERT_HINT = 'create it with `python -m data_prep.convert --layout ... --root RAW --out DIR`'
 
 
@@ -143,6 +147,14 @@ class _GlobalOrder:
     self._cache: dict[int, np.ndarray] = {}
     self._lock = threading.Lock()
 
+  def __getstate__(self) -> dict:
+    # Grain pickles the dataset into its worker processes: locks do not pickle, and each
+    # process rebuilds the permutations it needs.
+    return {k: v for k, v in self.__dict__.items() if k not in ('_cache', '_lock')}
+
+  def __setstate__(self, state: dict) -> None:
+    self.__dict__.update(state, _cache={}, _lock=threading.Lock())
+
   def _permutation(self, epoch: int) -> np.ndarray:
     with self._lock:   # Grain reads with several threads
       perm = self._cache.get(epoch)
@@ -158,6 +170,58 @@ class _GlobalOrder:
     return int(self._permutation(epoch)[offset]) if self.shuffle else offset
 
 
+class _TrainLoad:
+  """Global stream position -> training example; picklable for grain's worker processes."""
+
+  def __init__(self, source, order: _GlobalOrder, seed: int, kwargs: dict):
+    self._source, self._order, self._seed, self._kwargs = source, order, seed, kwargs
+
+  def __call__(self, position: int) -> dict:
+    rng = np.random.default_rng([self._seed, _AUGMENT_STREAM, position])
+    return _train_example(self._source[self._order(position)], rng, **self._kwargs)
+
+
+class _AtPosition:
+  """This process's local element index -> load(global stream position); picklable."""
+
+  def __init__(self, load: Callable[[int], dict], global_batch: int, local_batch: int,
+               offset: int):
+    self._load, self._global_batch, self._local_batch, self._offset = (
+        load, global_batch, local_batch, offset)
+
+  def __call__(self, i: int) -> dict:
+    step, j = divmod(int(i), self._local_batch)
+    return self._load(step * self._global_batch + self._offset + j)
+
+
+def _own_arrays(batch: dict) -> dict:
+  """A worker's batch copied out of shared memory into ordinary arrays.
+
+  grain hands the arrays over as views of shared-memory blocks that are unlinked only when the
+  view is collected; a private copy frees each block at once, so none outlives the iterator and
+  the consumer (device transfer, checkpoint, tests) sees plain numpy arrays.
+  """
+  return {k: np.array(v) for k, v in batch.items()}
+
+
+def _to_iter(ds: grain.MapDataset, read: grain.ReadOptions, worker_processes: int
+             ) -> grain.IterDataset:
+  """Reader threads, and with worker_processes > 0 that many processes, each with the threads.
+
+  grain's mp_prefetch gives worker w of k the elements w, w + k, ... (here batches) and
+  interleaves them round-robin, so the order is that of the thread path.
+  """
+  it = ds.to_iter_dataset(read)
+  if worker_processes > 0:
+    # Small arrays (prompt index, mask) travel pickled: a shared-memory block each costs more.
+    it = grain.experimental.WithOptionsIterDataset(
+        it, grain.experimental.DatasetOptions(min_shm_size=_MIN_SHM_BYTES))
+    it = it.mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=worker_processes, per_worker_buffer_size=read.prefetch_buffer_size))
+    it = it.map(_own_arrays)
+  return it
+
+
 class TrainIterator:
   """This process's training batches; checkpointable with a process-count independent state.
 
@@ -168,16 +232,15 @@ class TrainIterator:
   """
 
   def __init__(self, load: Callable[[int], dict], global_batch: int, process_index: int,
-               process_count: int, num_threads: int, prefetch: int):
-    self._load, self._global_batch = load, global_batch
+               process_count: int, num_threads: int, prefetch: int, worker_processes: int = 0):
+    self._global_batch = global_batch
     self._local_batch = global_batch // process_count
-    self._offset = process_index * self._local_batch
+    self._map = _AtPosition(load, global_batch, self._local_batch,
+                            process_index * self._local_batch)
     self._read = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
+    self._worker_processes = worker_processes
+    self._it = None
     self.set_state({'step': 0})
-
-  def _position(self, i: int) -> int:
-    step, j = divmod(int(i), self._local_batch)
-    return step * self._global_batch + self._offset + j
 
   def set_state(self, state: dict) -> None:
     """Continues at global step state['step'] (what get_state returned, on any process count)."""
@@ -186,22 +249,37 @@ class TrainIterator:
                        'was written by an older segchange_jax: restart training or set '
                        'config.init_from to it')
     self._step = state['step']
-    b = self._local_batch
-    # Local element i <-> local batch i // b == global step; the range is endless in practice.
-    ds = grain.MapDataset.range(self._step * b, _ENDLESS * b)
-    ds = ds.map(lambda i: self._load(self._position(i))).batch(b)
-    self._it = iter(ds.to_iter_dataset(self._read))
+    # The stream restarts lazily at the next batch: a restore right after construction then
+    # starts the worker processes once, not twice.
+    self.close()
 
   def get_state(self) -> dict:
     return {'step': self._step}
+
+  def close(self) -> None:
+    """Stops the reader threads and worker processes; iterating again restarts them."""
+    it, self._it = getattr(self, '_it', None), None   # also from __del__ of a failed __init__
+    if it is not None:
+      it.close()
+
+  def _start(self):
+    b = self._local_batch
+    # Local element i <-> local batch i // b == global step; the range is endless in practice.
+    ds = grain.MapDataset.range(self._step * b, _ENDLESS * b).map(self._map).batch(b)
+    return iter(_to_iter(ds, self._read, self._worker_processes))
 
   def __iter__(self) -> 'TrainIterator':
     return self
 
   def __next__(self) -> dict:
+    if self._it is None:
+      self._it = self._start()
     batch = next(self._it)
     self._step += 1
     return batch
+
+  def __del__(self) -> None:
+    self.close()
 
 
 def _process(process_index, process_count) -> tuple[int, int]:
@@ -222,6 +300,11 @@ def _per_process(batch_size: int, process_count: int, field: str) -> int:
 def _read_threads(config) -> int:
   """Reader threads: decoding (PNG, OpenCV) releases the GIL, so threads scale on one host."""
   return max(1, int(config.data.num_workers)) * 2
+
+
+def _worker_processes(config) -> int:
+  """grain worker processes (config.data.worker_processes); 0 keeps everything in this one."""
+  return int(config.data.worker_processes)
 
 
 def create_train_iterator(config, prompt_to_index: dict[str, int], process_index=None,
@@ -246,13 +329,34 @@ def create_train_iterator(config, prompt_to_index: dict[str, int], process_index
                 binary=config.model.num_classes == 1, prompt_to_index=dict(prompt_to_index),
                 default_prompt=config.data.prompt)
 
-  def load(position: int) -> dict:
-    rng = np.random.default_rng([seed, _AUGMENT_STREAM, position])
-    return _train_example(source[order(position)], rng, **kwargs)
-
+  load = _TrainLoad(source, order, seed, kwargs)
   it = TrainIterator(load, batch, process_index, process_count, _read_threads(config),
-                     max(1, int(config.data.prefetch_buffer)))
+                     max(1, int(config.data.prefetch_buffer)), _worker_processes(config))
   return it, steps
+
+
+class _EvalLoad:
+  """This process's local eval element -> example, or mask-0 padding past the end; picklable."""
+
+  def __init__(self, source, num_examples: int, global_batch: int, local_batch: int, offset: int,
+               shape: tuple[int, int], binary: bool, prompt_to_index: dict[str, int],
+               default_prompt: str):
+    self._source, self._n, self._global_batch, self._local_batch, self._offset = (
+        source, num_examples, global_batch, local_batch, offset)
+    self._shape, self._binary, self._table, self._default = (
+        tuple(shape), binary, prompt_to_index, default_prompt)
+
+  def __call__(self, i: int) -> dict:
+    step, j = divmod(int(i), self._local_batch)
+    g = step * self._global_batch + self._offset + j
+    if g >= self._n:
+      zero = np.zeros((*self._shape, 3), np.uint8)
+      return {'image_a': imagery.normalize(zero), 'image_b': imagery.normalize(zero),
+              'label': np.zeros(self._shape, np.int32), 'prompt_index': np.int32(0),
+              'mask': np.float32(0.0)}
+    ex = records.decode(self._source[g], targets=False)
+    return _to_example(ex['image_a'], ex['image_b'], ex['label'], ex['prompt'], self._binary,
+                       self._table, self._default)
 
 
 def create_eval_iterator(config, split: str, prompt_to_index: dict[str, int], batch_size: int,
@@ -269,23 +373,9 @@ def create_eval_iterator(config, split: str, prompt_to_index: dict[str, int], ba
   n = s['num_examples']
   steps = -(-n // batch_size)
   h, w = s['image_size']
-  source = grain.ArrayRecordDataSource(paths)
-  binary = config.model.num_classes == 1
-  table, default = dict(prompt_to_index), config.data.prompt
-
-  def load(i: int) -> dict:
-    step, j = divmod(int(i), b)
-    g = step * batch_size + process_index * b + j
-    if g >= n:
-      zero = np.zeros((h, w, 3), np.uint8)
-      pad = {'image_a': imagery.normalize(zero), 'image_b': imagery.normalize(zero),
-             'label': np.zeros((h, w), np.int32), 'prompt_index': np.int32(0),
-             'mask': np.float32(0.0)}
-      return pad
-    ex = records.decode(source[g], targets=False)
-    return _to_example(ex['image_a'], ex['image_b'], ex['label'], ex['prompt'], binary, table,
-                       default)
-
+  load = _EvalLoad(grain.ArrayRecordDataSource(paths), n, batch_size, b, process_index * b,
+                   (h, w), config.model.num_classes == 1, dict(prompt_to_index),
+                   config.data.prompt)
   ds = grain.MapDataset.range(steps * b).map(load).batch(b)
-  return ds.to_iter_dataset(grain.ReadOptions(num_threads=_read_threads(config),
-                                               prefetch_buffer_size=4))
+  return _to_iter(ds, grain.ReadOptions(num_threads=_read_threads(config), prefetch_buffer_size=4),
+                  _worker_processes(config))

@@ -1,12 +1,14 @@
 """segchange_jax.data.input_pipeline: determinism, sharding, resume, eval padding, size checks."""
 
 import hashlib
+import multiprocessing
 import os
 
 import numpy as np
 import pytest
 
 from configs import base
+from segchange_jax import config_lib
 from segchange_jax.data import convert
 from segchange_jax.data import imagery
 from segchange_jax.data import input_pipeline as ip
@@ -198,3 +200,59 @@ def test_size_and_label_checks(shards, tmp_path):
     ip.load_dataset_info(str(tmp_path))
   with pytest.raises(ip.InputError, match='not in the prompt table'):
     next(ip.create_train_iterator(_config(shards), {'x': 0}, 0, 1)[0])
+
+
+def _workers_alive() -> set[int]:
+  """Live multiprocessing children of this process (grain's worker processes)."""
+  return {p.pid for p in multiprocessing.active_children()}
+
+
+def test_worker_processes_same_batches_and_exact_resume(shards):
+  """config.data.worker_processes=2 decodes and augments in 2 grain processes: the same batches
+  as the threads (across the epoch boundary), get_state/set_state resumes mid-stream, and
+  rebuilding or closing the iterator stops its processes."""
+  c = _config(shards)
+  with c.unlocked():
+    c.train.batch_size = 2        # 4 steps per epoch
+  table = _table(shards)
+  reference = _take(ip.create_train_iterator(c, table, 0, 1)[0], 6)
+  before = _workers_alive()
+  with c.unlocked():
+    c.data.worker_processes = 2
+  it, _ = ip.create_train_iterator(c, table, 0, 1)
+  assert _workers_alive() == before          # started lazily, at the first batch
+  first = _take(it, 3)
+  workers = _workers_alive() - before
+  assert len(workers) == 2
+  state = it.get_state()
+  assert state == {'step': 3}
+  rest = _take(it, 3)
+  _assert_batches_equal(reference, first + rest)
+  assert all(type(x) is np.ndarray for b in first for x in b.values())   # not shared memory
+  it.set_state(state)                        # rebuilds the stream: the old workers stop
+  assert not workers & _workers_alive()
+  _assert_batches_equal(reference[3:], _take(it, 3))
+  it.close()
+  assert _workers_alive() == before
+
+
+def test_worker_processes_eval_matches_threads(tmp_path, helpers):
+  raw = tmp_path / 'raw'
+  helpers.write_folder(str(raw / 'val'), [f'e{i}.png' for i in range(5)])
+  out = str(tmp_path / 'out')
+  convert.convert('opencd', str(raw), out, ['val'])
+  c = _config(out, image_size=32)
+  want = list(ip.create_eval_iterator(c, 'val', {'': 0}, 2, 0, 1))
+  with c.unlocked():
+    c.data.worker_processes = 2
+  got = list(ip.create_eval_iterator(c, 'val', {'': 0}, 2, 0, 1))
+  assert len(got) == len(want) == 3
+  _assert_batches_equal(want, got)
+
+
+def test_worker_processes_must_be_a_count():
+  c = base.get_config()
+  with c.unlocked():
+    c.data.worker_processes = -1
+  with pytest.raises(config_lib.ConfigError, match=r'config\.data\.worker_processes=-1'):
+    config_lib.validate_config(c)
