@@ -360,6 +360,16 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
   _range(config, 'train.eval_every_epochs', 1, integer=True)
   _range(config, 'train.start_eval', 0, integer=True)
   _range(config, 'train.log_every_steps', 1, integer=True)
+  _range(config, 'train.stop_check_every', 1, integer=True)
+  profile = t.profile_steps
+  if (len(profile) != 2 or not all(isinstance(x, int) and x >= 0 for x in profile)
+      or (profile[1] and profile[1] <= profile[0])):
+    raise ConfigError(f'config.train.profile_steps={tuple(profile)!r} must be (start, stop) with '
+                      '0 <= start < stop (the steps after `start` up to `stop` are traced), or '
+                      '(0, 0) for no trace')
+  if not isinstance(t.compilation_cache_dir, str):
+    raise ConfigError(f'config.train.compilation_cache_dir={t.compilation_cache_dir!r} must be a '
+                      "folder path, or '' for no persistent compilation cache")
   for dotted in ('train.threshold', 'eval.threshold', 'infer.threshold'):
     _range(config, dotted, 0.0, 1.0)
   _range(config, 'eval.batch_size', 1, integer=True)

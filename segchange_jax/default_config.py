@@ -156,6 +156,12 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.threshold = 0.5
   c.train.log_every_steps = 10
   c.train.progress_bar = True
+  # Multi-process runs agree on stopping (SIGTERM on one host) at log points, evaluations,
+  # epoch ends, saves and at least every this many steps; never after every step.
+  c.train.stop_check_every = 10
+  c.train.profile_steps = (0, 0)   # (start, stop): jax.profiler trace of steps start+1..stop
+  # Persistent XLA compilation cache: a restarted or resumed run skips the compile ('' = off).
+  c.train.compilation_cache_dir = '~/.cache/segchange_jax/xla'
 
   # ---------------------------------------------------------------- eval
   c.eval = ml_collections.ConfigDict()

@@ -6,6 +6,8 @@ them and does the I/O. Every process runs the same code; only process 0 writes l
 
 from __future__ import annotations
 
+import collections
+import functools
 import json
 import time
 from typing import Any, Callable
@@ -27,8 +29,10 @@ from segchange_jax.interop import checkpoints
 from segchange_jax.models import segchange
 from segchange_jax.text import prompts
 from segchange_jax.train import checkpointing
+from segchange_jax.train import compilation_cache
 from segchange_jax.train import init_from
 from segchange_jax.train import metrics as metrics_lib
+from segchange_jax.train import mfu as mfu_lib
 from segchange_jax.train import model_card
 from segchange_jax.train import optim
 from segchange_jax.train import param_groups
@@ -41,6 +45,12 @@ class TrainingError(RuntimeError):
   """The data or the config cannot be trained on; the message says what to change."""
 
 
+# Global batches placed on the mesh ahead of the step that consumes them: while step n runs,
+# the host reads, augments and transfers batch n + 2.
+DEVICE_PREFETCH = 2
+LOSS_PARTS = ('ce', 'dice', 'focal', 'bcl')
+
+
 def _host_batch_to_global(batch: dict, mesh) -> dict:
   """Per-process numpy batch -> global jax.Arrays sharded over ('data', 'fsdp')."""
   spec = sharding.batch_sharding(mesh)
@@ -48,31 +58,123 @@ def _host_batch_to_global(batch: dict, mesh) -> dict:
           for k in train_step.BATCH_KEYS}
 
 
+class DevicePrefetch:
+  """Batches of a host iterator, placed on the mesh `depth` batches ahead of their use.
+
+  `next()` hands out the oldest placed batch; `fill()` (call it after dispatching the step)
+  tops the queue up while the device works. `get_state()` is the host iterator's state after
+  the last batch handed out, not after the ones waiting in the queue, so a checkpoint resumes
+  at the first batch the model has not seen.
+  """
+
+  def __init__(self, host_iter, mesh, depth: int = DEVICE_PREFETCH, keep_host: bool = False):
+    self._it, self._mesh, self._depth, self._keep_host = iter(host_iter), mesh, depth, keep_host
+    self._state_fn = getattr(host_iter, 'get_state', None)
+    self._state = self._state_fn() if self._state_fn else None
+    self._queue: collections.deque = collections.deque()
+    self._done = False
+    self.host_seconds = 0.0   # time this host spent reading and placing batches
+
+  def fill(self) -> None:
+    start = time.perf_counter()
+    while not self._done and len(self._queue) < self._depth:
+      try:
+        host = next(self._it)
+      except StopIteration:
+        self._done = True
+        break
+      placed = _host_batch_to_global(host, self._mesh)
+      state = self._state_fn() if self._state_fn else None
+      self._queue.append((placed, host if self._keep_host else None, state))
+    self.host_seconds += time.perf_counter() - start
+
+  def next(self) -> tuple[dict, dict | None]:
+    """(global batch, host batch if keep_host); StopIteration when the iterator is spent."""
+    if not self._queue:
+      self.fill()
+    if not self._queue:
+      raise StopIteration
+    placed, host, self._state = self._queue.popleft()
+    return placed, host
+
+  def get_state(self):
+    return self._state
+
+
+def _add_tree(total, increment):
+  """Running sums on device: float leaves add, 'cm' counts add exactly (metrics.add_counts)."""
+  out = {k: v + increment[k] for k, v in total.items() if k != 'cm'}
+  out['cm'] = metrics_lib.add_counts(total['cm'], increment['cm'])
+  return out
+
+
+@jax.jit
+def _zero_sums(example_out: dict) -> dict:
+  """Zero running sums shaped like a step's outputs (cm as exact counts), placed like them."""
+  zeros = {k: jnp.zeros_like(v, jnp.float32) for k, v in example_out.items() if k != 'cm'}
+  zeros['cm'] = metrics_lib.zero_counts(jnp.shape(example_out['cm']))
+  return zeros
+
+
+@jax.jit
+def _accumulate_train(sums: dict, out: dict) -> dict:
+  """Adds one train step's outputs to the window sums (and a step count) on device."""
+  keep = {k: out[k].astype(jnp.float32) for k in ('loss', *LOSS_PARTS, 'grad_norm')}
+  keep['steps'] = jnp.ones((), jnp.float32)
+  keep['cm'] = out['cm']
+  if sums is None:
+    sums = _zero_sums(keep)
+  return _add_tree(sums, keep)
+
+
+@jax.jit
+def _accumulate_eval(sums: dict | None, out: dict) -> dict:
+  """Adds one eval batch's sums to the split's running sums on device."""
+  out = {k: (v if k == 'cm' else v.astype(jnp.float32)) for k, v in out.items()}
+  return _add_tree(_zero_sums(out) if sums is None else sums, out)
+
+
+@functools.partial(jax.jit, static_argnames='keep_cm')
+def _reset(sums: dict, keep_cm: bool) -> dict:
+  """Zeroes the window sums; the confusion-matrix counts too unless `keep_cm`."""
+  out = jax.tree.map(jnp.zeros_like, sums)
+  if keep_cm:
+    out['cm'] = sums['cm']
+  return out
+
+
 def evaluate_split(eval_step, state, config, split: str, prompt_to_index, text_table, mesh,
                    batch_size: int, on_batch: Callable[[dict, Any], None] | None = None
                    ) -> dict[str, Any]:
   """Metrics over every example of `split` (each exactly once across hosts).
 
-  A step may also return 'per_example' outputs (kept out of the sums); `on_batch(host_batch,
-  per_example)` then receives them with this process's batch (segchange_jax.evaluate uses it).
+  Sums accumulate on device and are fetched once at the end. A step may also return
+  'per_example' outputs (kept out of the sums); `on_batch(host_batch, per_example)` then
+  receives them with this process's batch (segchange_jax.evaluate uses it), which fetches
+  those per batch.
   """
   it = input_pipeline.create_eval_iterator(config, split, prompt_to_index, batch_size)
-  cm, sums = None, {}
-  for batch in it:
-    out = eval_step(state, _host_batch_to_global(batch, mesh), text_table)
-    out = jax.device_get(out)
+  batches = DevicePrefetch(it, mesh, keep_host=on_batch is not None)
+  sums = None
+  while True:
+    try:
+      batch, host = batches.next()
+    except StopIteration:
+      break
+    out = dict(eval_step(state, batch, text_table))
     per_example = out.pop('per_example', None)
+    sums = _accumulate_eval(sums, out)
+    batches.fill()
     if on_batch is not None:
-      on_batch(batch, per_example)
-    cm = metrics_lib.accumulate(cm, out.pop('cm'))
-    for k, v in out.items():
-      sums[k] = sums.get(k, 0.0) + float(v)
-  if cm is None:
+      on_batch(host, jax.device_get(per_example))
+  if sums is None:
     raise TrainingError(f'split {split!r} has no examples')
+  cm = metrics_lib.counts_to_host(sums.pop('cm'))
+  sums = {k: float(v) for k, v in jax.device_get(sums).items()}
   result = dict(metrics_lib.compute_metrics(cm))
   n = max(sums.get('n', 0.0), 1.0)
   result['loss'] = sums.get('loss_sum', 0.0) / n
-  for part in ('ce', 'dice', 'focal', 'bcl'):
+  for part in LOSS_PARTS:
     if f'{part}_sum' in sums:
       result[part] = sums[f'{part}_sum'] / n
   result['num_examples'] = int(sums.get('n', 0))
@@ -83,7 +185,8 @@ def _all_agree_to_stop(local: bool) -> bool:
   """True on every process if any process was asked to stop (e.g. SIGTERM on one host).
 
   All processes must then save the same step and leave together; a process leaving alone
-  would hang the others in their next collective. One tiny all-gather per step.
+  would hang the others in their next collective. One tiny blocking all-gather: call it only
+  where stop_check_due says so.
   """
   if jax.process_count() == 1:
     return bool(local)
@@ -91,29 +194,45 @@ def _all_agree_to_stop(local: bool) -> bool:
   return bool(np.any(flags))
 
 
-def _compile_then_align(step_fn: Callable, name: str, timeout_s: int,
-                        on_compiled: Callable[[Any], None] | None = None) -> Callable:
-  """Compile `step_fn` at its first call; multi-process: wait for all processes, then run.
+def stop_check_due(step: int, every: int, boundary: bool) -> bool:
+  """Whether the processes agree on stopping after `step`.
+
+  One process: after every step (no collective involved). Several: every `every` steps and at
+  the loop's own boundaries (a log point, an evaluation, an epoch end, a save), where the host
+  waits for the device anyway; every process reaches them at the same step, so they agree
+  without a collective per step.
+  """
+  return jax.process_count() == 1 or boundary or step % every == 0
+
+
+class _CompileThenAlign:
+  """Compiles a jitted step at its first call; multi-process: waits for all, then runs.
 
   Compile times differ between hosts (a busy CPU, a compilation-cache miss on one host); CPU
   clusters (gloo) fail a collective whose participants arrive further apart than its timeout,
   and other backends would just idle. Aligning after compiling keeps the first collective
-  together.
-  `on_compiled(compiled)` runs once (e.g. to log XLA's cost analysis; no extra compile).
+  together. `on_compiled(compiled)` runs once (e.g. to log XLA's cost analysis; no extra
+  compile); `seconds` is the time spent compiling (and aligning), which the loop's step
+  timings leave out.
   """
-  if jax.process_count() == 1 and on_compiled is None:
-    return step_fn
-  compiled = {}
 
-  def call(*args):
-    if 'fn' not in compiled:
-      compiled['fn'] = step_fn.lower(*args).compile()
-      if on_compiled is not None:
-        on_compiled(compiled['fn'])
+  def __init__(self, step_fn, name: str, timeout_s: int,
+               on_compiled: Callable[[Any], None] | None = None):
+    self._step_fn, self._name, self._timeout = step_fn, name, timeout_s
+    self._on_compiled = on_compiled
+    self._compiled = None
+    self.seconds = 0.0
+
+  def __call__(self, *args):
+    if self._compiled is None:
+      start = time.perf_counter()
+      self._compiled = self._step_fn.lower(*args).compile()
+      if self._on_compiled is not None:
+        self._on_compiled(self._compiled)
       if jax.process_count() > 1:
-        jax_compat.wait_at_barrier(f'segchange_{name}_compiled', timeout_s)
-    return compiled['fn'](*args)
-  return call
+        jax_compat.wait_at_barrier(f'segchange_{self._name}_compiled', self._timeout)
+      self.seconds += time.perf_counter() - start
+    return self._compiled(*args)
 
 
 def log_model_cost(compiled, n_params: int, examples_per_device: int) -> float:
@@ -149,6 +268,9 @@ def train_and_evaluate(config, workdir: str,
   """
   start_time = time.perf_counter()
   is_main = jax.process_index() == 0
+  cache_dir = compilation_cache.enable(config.train.compilation_cache_dir)
+  if cache_dir is not None:
+    logging.info('XLA compilation cache: %s', cache_dir)
   try:
     paths.check_writable(workdir, '--workdir')
   except ValueError as e:
@@ -189,10 +311,16 @@ def train_and_evaluate(config, workdir: str,
   text_table = jax.device_put(jnp.asarray(table_np), sharding.replicated(mesh))
   timeout = config.distributed.initialization_timeout
   n_params = int(sum(x.size for x in jax.tree.leaves(state.params)))
-  step_fn = _compile_then_align(
+  per_device = config.train.batch_size // n_shards
+  cost = {}   # the compiled step's FLOPs per device and step (XLA's cost analysis)
+
+  def on_compiled(compiled):
+    cost['flops'] = log_model_cost(compiled, n_params, per_device) * per_device
+
+  step_fn = _CompileThenAlign(
       train_step.make_train_step(model, config, mesh, state_shardings), 'train_step', timeout,
-      on_compiled=lambda c: log_model_cost(c, n_params, config.train.batch_size // n_shards))
-  eval_step = _compile_then_align(
+      on_compiled=on_compiled)
+  eval_step = _CompileThenAlign(
       train_step.make_eval_step(model, config, mesh, state_shardings), 'eval_step', timeout)
 
   ckpt = checkpointing.Checkpointer(workdir / 'checkpoints', config)
@@ -250,29 +378,59 @@ def train_and_evaluate(config, workdir: str,
   if is_main and config.train.progress_bar:
     from tqdm import tqdm  # pylint: disable=g-import-not-at-top
     progress = tqdm(total=total_steps, initial=step, desc='train', unit='step', dynamic_ncols=True)
-  window_loss, window_n, window_t = 0.0, 0, time.perf_counter()
-  train_cm = None
+  peak = mfu_lib.peak_tflops(jax.devices()[0].device_kind, config.model.dtype)
+  profile_start, profile_stop = (int(x) for x in config.train.profile_steps)
+  profiling = False
+  batches = DevicePrefetch(train_iter, mesh)
+  # On device: sums over the log window (loss, its parts, grad norm, steps) and exact counts
+  # of the epoch's training confusion matrix; fetched at log points and evaluations only.
+  window = None
+  productive_s = 0.0   # wall time spent in training steps (no compile, evaluation or saving)
+  window_t, window_other_s = time.perf_counter(), 0.0
+  compile_seen, input_seen = step_fn.seconds, batches.host_seconds
   val_result: dict[str, Any] = {}
   while step < total_steps:
-    batch = _host_batch_to_global(next(train_iter), mesh)
+    if is_main and step == profile_start and profile_stop > profile_start:
+      jax.profiler.start_trace(str(workdir / 'tb'))
+      profiling = True
+    batch, _ = batches.next()
     state, out = step_fn(state, batch, text_table)
+    window = _accumulate_train(window, out)
+    batches.fill()   # the next batches travel while this step runs
     step += 1
-    window_loss += float(out['loss'])
-    window_n += 1
-    train_cm = metrics_lib.accumulate(train_cm, jax.device_get(out['cm']))
-    if step % config.train.log_every_steps == 0 or step == total_steps:
-      elapsed = time.perf_counter() - window_t
+    if profiling and step >= profile_stop:
+      jax.block_until_ready(state)
+      jax.profiler.stop_trace()
+      profiling = False
+      logging.info('profile of steps %d-%d written to %s', profile_start + 1, step,
+                   workdir / 'tb')
+    logged = step % config.train.log_every_steps == 0 or step == total_steps
+    if logged:
+      sums = jax.device_get({k: v for k, v in window.items() if k != 'cm'})  # waits for `step`
+      window = _reset(window, keep_cm=True)   # the cm counts the whole epoch
+      now = time.perf_counter()
+      compiled_s, compile_seen = step_fn.seconds - compile_seen, step_fn.seconds
+      input_s, input_seen = batches.host_seconds - input_seen, batches.host_seconds
+      elapsed = max(now - window_t - window_other_s - compiled_s, 1e-9)
+      productive_s += elapsed
+      n = max(float(sums['steps']), 1.0)
+      step_time = elapsed / n
       lrs = optim.learning_rates(config, steps_per_epoch, step,
                                  float(jax.device_get(state.plateau['scale'])))
-      scalars = {'loss': window_loss / window_n,
-                 'examples_per_s': window_n * config.train.batch_size / max(elapsed, 1e-9),
-                 'grad_norm': float(out['grad_norm']), **{f'lr_{k}': v for k, v in lrs.items()}}
-      scalars.update({k: float(out[k]) for k in ('ce', 'dice', 'focal', 'bcl')})
+      scalars = {'loss': sums['loss'] / n, 'grad_norm': sums['grad_norm'] / n,
+                 **{k: sums[k] / n for k in LOSS_PARTS},
+                 'step_time_s': step_time,
+                 'examples_per_s': config.train.batch_size / step_time,
+                 'host_input_frac': min(input_s / elapsed, 1.0),
+                 'goodput': productive_s / max(now - start_time, 1e-9),
+                 **{f'lr_{k}': v for k, v in lrs.items()}}
+      if cost.get('flops'):
+        scalars.update(mfu_lib.throughput(cost['flops'], step_time, peak))
       writer.write(step, 'train', scalars)
       if progress is not None:
         progress.set_postfix(loss=f'{scalars["loss"]:.4f}', lr=f'{lrs.get("head", 0):.2e}',
                              ex_s=f'{scalars["examples_per_s"]:.1f}')
-      window_loss, window_n, window_t = 0.0, 0, time.perf_counter()
+      window_t, window_other_s = time.perf_counter(), 0.0
     if progress is not None:
       progress.update(1)
 
@@ -280,15 +438,17 @@ def train_and_evaluate(config, workdir: str,
     epoch = step // steps_per_epoch
     do_eval = (epoch_end and epoch >= config.train.start_eval
                and epoch % config.train.eval_every_epochs == 0) or step == total_steps
-    save_now = (config.checkpoint.every_steps and step % config.checkpoint.every_steps == 0)
+    save_now = bool(config.checkpoint.every_steps and step % config.checkpoint.every_steps == 0)
+    other_start = time.perf_counter()   # evaluation and saving are not step time
     if do_eval:
       val_result = evaluate_split(eval_step, state, config, config.data.val_split,
                                   prompt_to_index, text_table, mesh, config.eval.batch_size)
       val_result['epoch'] = epoch
       writer.write(step, 'val', _scalars(val_result))
-      if train_cm is not None:
+      if window is not None:
+        train_cm = metrics_lib.counts_to_host(window['cm'])
         writer.write(step, 'train_epoch', _scalars(metrics_lib.compute_metrics(train_cm)))
-      train_cm = None
+        window = _reset(window, keep_cm=False)
       if config.train.scheduler == 'plateau':
         state = state.replace(plateau=optim.plateau_update(
             state.plateau, val_result['loss'], patience=config.train.plateau_patience,
@@ -297,15 +457,22 @@ def train_and_evaluate(config, workdir: str,
                    val_result['loss'], val_result['f1'], val_result['iou'])
       card_metrics[config.data.val_split] = model_card.split_metrics(
           val_result, config.eval.threshold, step)
-    stop = _all_agree_to_stop(should_stop())
-    if do_eval or epoch_end or save_now or stop or step == total_steps:
-      ckpt.save(step, state, train_iter.get_state(), _scalars(val_result) if do_eval else None,
+    boundary = do_eval or epoch_end or save_now or step == total_steps
+    stop = (stop_check_due(step, config.train.stop_check_every, boundary or logged)
+            and _all_agree_to_stop(should_stop()))
+    if boundary or stop:
+      ckpt.save(step, state, batches.get_state(), _scalars(val_result) if do_eval else None,
                 card=card(step))
+    window_other_s += time.perf_counter() - other_start
     if stop:
+      if profiling:
+        jax.profiler.stop_trace()
       logging.warning('stopping after step %d on request (checkpoint saved)', step)
       ckpt.close()
       writer.close()
       return {'stopped_at_step': step}
+  if profiling:
+    jax.profiler.stop_trace()
   if progress is not None:
     progress.close()
   ckpt.wait()

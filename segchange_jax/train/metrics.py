@@ -54,6 +54,29 @@ def accumulate(total: np.ndarray | None, increment) -> np.ndarray:
   return inc.copy() if total is None else total + inc
 
 
+def zero_counts(shape: tuple[int, ...]) -> dict[str, Array]:
+  """An exact on-device running count: two uint32 words per entry (see add_counts)."""
+  return {'hi': jnp.zeros(shape, jnp.uint32), 'lo': jnp.zeros(shape, jnp.uint32)}
+
+
+def add_counts(total: dict[str, Array], increment: Array) -> dict[str, Array]:
+  """Adds a non-negative int32 increment to a zero_counts() total, on device, exactly.
+
+  JAX has no int64 without x64 mode and an epoch of 512 px pixels overflows int32 after ~8k
+  examples, so the count is kept as a 64-bit value in two uint32 words: the low word wraps
+  at most once per increment (< 2^31), and the wrap is carried into the high word.
+  """
+  lo = total['lo'] + increment.astype(jnp.uint32)
+  hi = total['hi'] + (lo < total['lo']).astype(jnp.uint32)
+  return {'hi': hi, 'lo': lo}
+
+
+def counts_to_host(total: dict[str, Array]) -> np.ndarray:
+  """The int64 value of an add_counts() total (one device fetch)."""
+  total = jax.device_get(total)
+  return (np.asarray(total['hi'], np.int64) << 32) + np.asarray(total['lo'], np.int64)
+
+
 def _div(num: np.ndarray, den: np.ndarray) -> np.ndarray:
   num = np.asarray(num, np.float64)
   den = np.asarray(den, np.float64)

@@ -203,3 +203,14 @@ def test_sek_edge_cases():
   assert empty['sek'] == 0.0 and empty['iou_change'] == 0.0
   with pytest.raises(ValueError, match='square'):
     metrics.sek(np.zeros((2, 3)))
+
+
+def test_device_counts_stay_exact_past_int32():
+  """An epoch of 512 px pixels overflows int32 counts; the two-word device counter does not."""
+  total = metrics.zero_counts((2, 2))
+  inc = jnp.asarray([[2**31 - 1, 7], [0, 2**30]], jnp.int32)
+  for _ in range(5):
+    total = metrics.add_counts(total, inc)
+  expect = 5 * np.asarray([[2**31 - 1, 7], [0, 2**30]], np.int64)
+  np.testing.assert_array_equal(metrics.counts_to_host(total), expect)
+  assert metrics.counts_to_host(total).dtype == np.int64
