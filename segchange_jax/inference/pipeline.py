@@ -54,9 +54,23 @@ def logits_to_probs(logits: np.ndarray) -> np.ndarray:
   return z / z.sum(-1, keepdims=True)
 
 
+def prompt_logits_to_probs(logits: np.ndarray) -> np.ndarray:
+  """Logits of P prompts, [B, H, W, P] (binary) or [B, H, W, P, K], -> probabilities
+  [B, H, W, P] (sigmoid) or [B, H, W, P * K] (softmax over K; channel p * K + k)."""
+  logits = np.asarray(logits, np.float32)
+  if logits.ndim == 4:
+    return 1.0 / (1.0 + np.exp(-logits))
+  probs = logits_to_probs(logits.reshape(-1, *logits.shape[-2:]))
+  return probs.reshape(*logits.shape[:3], -1)
+
+
 def detector_predictor(detector, text_embeddings: np.ndarray, tta: str = 'none') -> PredictFn:
   """Adapts a ChangeDetector-like object (predict_logits(a, b, emb)) to the engine's PredictFn.
 
+  `text_embeddings` [T, L] or [1, T, L]: one prompt, probabilities [B, H, W] (or [B, H, W, K]).
+  [1, P, T, L]: P prompts in ONE model call per window batch, probabilities [B, H, W, P]
+  (binary) or [B, H, W, P * K] (`prompt_logits_to_probs`); only detectors whose
+  `prompt_batch` attribute is true take those (the JAX ChangeDetector).
   `tta` other than 'none' (segchange_jax/models/tta.py) is passed on as predict_logits(...,
   tta=tta), which averages the logits of the transformed windows in one model call per batch;
   a detector without that argument (the ONNX backend) takes 'none' only.
@@ -69,11 +83,17 @@ def detector_predictor(detector, text_embeddings: np.ndarray, tta: str = 'none')
   emb = np.asarray(text_embeddings, np.float32)
   if emb.ndim == 2:
     emb = emb[None]
+  multi = emb.ndim == 4
+  if multi and not getattr(detector, 'prompt_batch', False):
+    raise cli.UsageError(f'{type(detector).__name__} takes one prompt per call, got '
+                         f'{emb.shape[1]} prompt embeddings {emb.shape}: use --backend jax for '
+                         'several prompts in one pass')
+  to_probs = prompt_logits_to_probs if multi else logits_to_probs
 
   def predict(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     batch_emb = np.broadcast_to(emb[:1], (a.shape[0],) + emb.shape[1:])
-    return logits_to_probs(detector.predict_logits(imagery.normalize(a), imagery.normalize(b),
-                                                   batch_emb, **extra))
+    return to_probs(detector.predict_logits(imagery.normalize(a), imagery.normalize(b),
+                                            batch_emb, **extra))
   return predict
 
 

@@ -6,6 +6,8 @@
     det.predict_scene('A.tif', 'B.tif', out='change.tif', prompt='...')  # whole GeoTIFFs
     logits = det.predict_logits(a_normalised, b_normalised, text_embeddings)  # [B, H, W, K]
     det.predict(image_a, image_b, tta='flips')   # test-time augmentation (models/tta.py)
+    by_prompt = det.predict(image_a, image_b, prompts=['new buildings', 'new roads'])
+    by_prompt['new roads'].mask                  # one Prediction per prompt, ONE model pass
 
 `predict` takes uint8 RGB [H, W, 3] arrays or image paths (PNG/JPEG/GeoTIFF read whole) and a
 prompt string; the prompt is encoded with the checkpoint config's text encoder (or looked up in
@@ -15,6 +17,10 @@ batch_size, Hann-blended overlaps); `predict_scene` is that command as a functio
 `tta=` ('none', 'flips', 'd4'; segchange_jax/models/tta.py) averages the logits over flipped
 and rotated copies of every window, all in the one jitted call per window batch (T x batch
 windows); the engine's windows are square, so 'd4' works on images of any size.
+`prompts=[...]` answers several prompts at once: each window goes through the model once, the
+trunk (backbone, BEV, difference, neck) once and the mask head for all prompts as one batch
+(models/segchange.py); the result is a dict prompt -> Prediction in the order given, each
+equal to `predict(..., prompt=that_prompt)` up to float rounding.
 
 Checkpoints: an upstream PyTorch `.pth` (converted on the fly; needs `config`), a directory
 written by `python -m segchange_jax.convert_torch` (`variables/` + `config.json`), or a training
@@ -46,6 +52,27 @@ class Prediction:
   mask: np.ndarray
 
 
+def check_prompts(prompts: Any) -> list[str]:
+  """The prompts of `prompts=` as a list, or one ValueError naming the offending entry."""
+  if isinstance(prompts, (str, bytes)) or not hasattr(prompts, '__iter__'):
+    raise ValueError(f'prompts={prompts!r} must be a list of strings (prompt= takes one prompt)')
+  prompts = list(prompts)
+  if not prompts:
+    raise ValueError('prompts=[] is empty: give at least one prompt')
+  seen: dict[str, int] = {}
+  for i, p in enumerate(prompts):
+    if not isinstance(p, str):
+      raise ValueError(f'prompts[{i}]={p!r} is not a string')
+    if not p.strip():
+      raise ValueError(f'prompts[{i}]={p!r} is empty: every prompt must name a change')
+    key = ' '.join(p.split())
+    if key in seen:
+      raise ValueError(f'prompts[{i}]={p!r} repeats prompts[{seen[key]}]='
+                       f'{prompts[seen[key]]!r}: give each prompt once')
+    seen[key] = i
+  return prompts
+
+
 class _ArraySink:
   """Collects the engine's finished rows in memory."""
   block_rows = 1
@@ -61,6 +88,8 @@ class _ArraySink:
 
 class ChangeDetector:
   """A loaded model with a jitted forward pass (compiled once per input shape)."""
+  # predict_logits takes [B, P, T, L] prompt batches (pipeline.detector_predictor checks this).
+  prompt_batch = True
 
   def __init__(self, config: ml_collections.ConfigDict, variables: dict,
                embeddings: str | None = None, checkpoint: str = ''):
@@ -88,7 +117,9 @@ class ChangeDetector:
                      tta: str = 'none') -> np.ndarray:
     """Logits [B, H, W, K] for ImageNet-normalised NHWC float images (H, W multiples of 32).
 
-    A single image [H, W, 3] and text [T, L] are accepted too (batch of one). `tta`: a set of
+    A single image [H, W, 3] and text [T, L] are accepted too (batch of one). Text
+    [B, P, T, L] (P prompts per pair, one model pass) gives [B, H, W, P] for K = 1 and
+    [B, H, W, P, K] otherwise (models/segchange.py). `tta`: a set of
     segchange_jax.models.tta.SETS, averaged in one model call of T x B images ('d4' needs
     H == W).
     """
@@ -105,9 +136,10 @@ class ChangeDetector:
     for side in a.shape[1:3]:
       config_lib.check_stride(side, 'image size', ValueError, f'image size {a.shape[1:3]} must '
                               'be a multiple of {stride} (pad or crop)')
-    if t.shape[0] != a.shape[0] or t.shape[-1] != self.config.text.dim:
+    if t.ndim not in (3, 4) or t.shape[0] != a.shape[0] or t.shape[-1] != self.config.text.dim:
       raise ValueError(f'text embeddings {t.shape} must be [B={a.shape[0]}, T, '
-                       f'{self.config.text.dim}] (config text.dim)')
+                       f'{self.config.text.dim}] (config text.dim), or [B, P, T, '
+                       f'{self.config.text.dim}] for P prompts')
     tta_lib.check_shape(tta, a.shape[1], a.shape[2])
     key = tta if isinstance(tta, str) else tuple(tta)  # a static jit argument: hashable
     out = np.asarray(self._forward(self.variables, a, b, t, key))
@@ -121,17 +153,33 @@ class ChangeDetector:
       self._prompts[prompt] = prompts.embed_one(self.config, prompt, npz=self.embeddings)
     return self._prompts[prompt]
 
-  def predictor(self, prompt: str | None = None, tta: str = 'none'):
-    """(uint8 a, uint8 b) -> probabilities, the engine's PredictFn for `prompt`."""
+  def predictor(self, prompt: str | None = None, tta: str = 'none',
+                prompts: list[str] | None = None):
+    """(uint8 a, uint8 b) -> probabilities, the engine's PredictFn for `prompt`.
+
+    With `prompts` (see check_prompts) one model call per window batch answers all of them:
+    probabilities [B, H, W, P] (binary) or [B, H, W, P * K] (pipeline.detector_predictor).
+    """
     from segchange_jax.inference import pipeline  # pylint: disable=g-import-not-at-top
-    return pipeline.detector_predictor(self, self.embed(prompt), tta)
+    if prompts is None:
+      return pipeline.detector_predictor(self, self.embed(prompt), tta)
+    if prompt is not None:
+      raise ValueError(f'give prompt= (one prompt) or prompts= (several), not both (got '
+                       f'prompt={prompt!r} and prompts={prompts!r})')
+    prompts = check_prompts(prompts)
+    emb = np.stack([self.embed(p)[0] for p in prompts])[None]  # [1, P, T, L]
+    return pipeline.detector_predictor(self, emb, tta)
 
   def predict(self, image_a: Any, image_b: Any, prompt: str | None = None,
-              threshold: float | None = None, tta: str = 'none') -> Prediction:
+              threshold: float | None = None, tta: str = 'none',
+              prompts: list[str] | None = None) -> Prediction | dict[str, Prediction]:
     """Change between two images of the same size (uint8 RGB [H, W, 3] arrays or paths).
 
     Windows, overlap, batch and threshold default to the config's infer.* values; `tta`
     ('none', 'flips', 'd4') as in predict_logits, on every window.
+    `prompts=[...]` instead of `prompt=`: a dict prompt -> Prediction (in the order given),
+    from one model pass per window batch for all prompts. Empty or repeated prompts (after
+    collapsing whitespace) and `prompt=` with `prompts=` are a ValueError.
     """
     from segchange_jax.inference import pipeline  # pylint: disable=g-import-not-at-top
     from segchange_jax.inference import raster_io  # pylint: disable=g-import-not-at-top
@@ -139,6 +187,11 @@ class ChangeDetector:
     threshold = float(self.config.infer.threshold if threshold is None else threshold)
     pipeline.check_settings(threshold=threshold)
     tta_lib.resolve(tta)
+    if prompts is not None:  # checked before any image is read
+      if prompt is not None:
+        raise ValueError(f'give prompt= (one prompt) or prompts= (several), not both (got '
+                         f'prompt={prompt!r} and prompts={prompts!r})')
+      prompts = check_prompts(prompts)
     raster = [x for x in (image_a, image_b)
               if isinstance(x, (str, os.PathLike)) and not raster_io.is_plain(os.fspath(x))]
     if raster:
@@ -152,17 +205,29 @@ class ChangeDetector:
                                            int(self.config.infer.overlap), source.height,
                                            source.width, quiet=True)
       channels = 1 if self.config.model.num_classes == 1 else int(self.config.model.num_classes)
+      if prompts is not None:  # P prompts, each `channels` wide, prompt-major
+        channels *= len(prompts)
       sink = _ArraySink(source.height, source.width, channels)
       # The batch of `infer` (not fewer for small images): one compiled shape, same numbers.
-      sliding_window.run_scene(source, self.predictor(prompt, tta), sink, window=window,
-                               overlap=overlap,
+      predict_fn = (self.predictor(prompt, tta) if prompts is None else
+                    self.predictor(tta=tta, prompts=prompts))
+      sliding_window.run_scene(source, predict_fn, sink, window=window, overlap=overlap,
                       batch_size=int(self.config.infer.batch_size), channels=channels,
                       progress=False)
     finally:
       source.close()
-    mask = raster_io.encode(sink.probs, sink.valid, False, threshold)[0]
-    probs = np.where(sink.valid[..., None], sink.probs, np.nan)
-    return Prediction(probs[..., 0] if channels == 1 else probs, mask)
+    if prompts is None:
+      mask = raster_io.encode(sink.probs, sink.valid, False, threshold)[0]
+      probs = np.where(sink.valid[..., None], sink.probs, np.nan)
+      return Prediction(probs[..., 0] if channels == 1 else probs, mask)
+    per_prompt = sink.probs.reshape(*sink.probs.shape[:2], len(prompts), -1)
+    out = {}
+    for i, p in enumerate(prompts):
+      probs_p = np.ascontiguousarray(per_prompt[:, :, i])
+      mask = raster_io.encode(probs_p, sink.valid, False, threshold)[0]
+      probs_p = np.where(sink.valid[..., None], probs_p, np.nan)
+      out[p] = Prediction(probs_p[..., 0] if probs_p.shape[-1] == 1 else probs_p, mask)
+    return out
 
   def predict_scene(self, a_path: str, b_path: str, out: str, prompt: str | None = None,
                     tta: str = 'none', **kwargs):

@@ -15,6 +15,12 @@ pixel of the full-resolution map. Exact rewrites used here:
 - the map arrives with the neck's last 1x1 conv unapplied (`layers.DeferredDense`): every use
   above is linear in it, so that conv folds into the small per-query / per-image weights (its
   bias adds the same score to every pixel of a query, which softmax removes).
+
+Several prompts at once (text [B, P, T, L]): only the DProjector query depends on the text, so
+the P text queries join the decoder's queries in the one pass over the pixels, and the learned
+queries' decoder, the gate and the decoder vector are computed once per image. What remains per
+prompt is the per-image kernel of the first output conv and the output convs after it, which
+run as one batch of B * P maps.
 """
 
 from __future__ import annotations
@@ -142,7 +148,14 @@ def finish_cross(pooled, wsum, w, heads: int):
 
 
 class MaskHead(nn.Module):
-  """Full-resolution map x [B, H, W, C] and text embeddings [B, T, L] -> logits [B, H, W, K]."""
+  """Full-resolution map x [B, H, W, C] and text embeddings [B, T, L] -> logits [B, H, W, K].
+
+  Text [B, P, T, L] (P prompts per image) gives [B, H, W, P] logits for K = 1 and
+  [B, H, W, P, K] for K > 1: the same numbers as P calls with one prompt each, for about the
+  cost of one call plus P output convs (module docstring). The head has no BatchNorm; in train
+  mode the output convs' GroupNorm is per map and the decoder's dropout is drawn once per image
+  (the decoder does not depend on the prompt, so all P prompts of an image share it).
+  """
   num_classes: int = 1
   heads: int = 8
   num_queries: int = 5
@@ -166,11 +179,14 @@ class MaskHead(nn.Module):
     pix = xd.reshape(b, h * w, -1)
     drop = lambda t: nn.Dropout(self.dropout)(t, det)
 
-    # DProjector text query.
-    t = jnp.mean(text.astype(jnp.float32), axis=1).astype(dt)
+    # DProjector text query: one per prompt.
+    multi = text.ndim == 4
+    t = jnp.mean(text.astype(jnp.float32), axis=-2).astype(dt)
     if text.shape[-1] != c:
       t = layers.dense(c, dt, 'lang2vis')(t)
-    t = t[:, None]  # [B, 1, C]
+    if not multi:
+      t = t[:, None]  # [B, 1, C]
+    p = t.shape[1]  # [B, P, C]
     dp_w = _MHA(c, dt, name='dproj_attn').weights()
     qk_dp = fold_queries(t, dp_w, self.heads)
 
@@ -191,12 +207,14 @@ class MaskHead(nn.Module):
       keep = None if det else nn.Dropout(self.dropout)(
           jnp.ones((b, n_q, self.heads, h * w), jnp.float32), det)
       if i == 0:  # one pass over the pixels for the text query and the first layer's queries
-        if keep is not None:  # (the text query's weights take no dropout)
-          keep = jnp.concatenate([jnp.ones_like(keep[:, :1]), keep], axis=1)
+        if keep is not None:  # (the text queries' weights take no dropout)
+          ones = (jnp.ones_like(keep[:, :1]) if not multi else
+                  jnp.ones((b, p, *keep.shape[2:]), keep.dtype))
+          keep = jnp.concatenate([ones, keep], axis=1)
         pooled, wsum = attend_pixels(pix, m.fold(jnp.concatenate([qk_dp, qk], axis=1)), keep)
         pooled = m.combine(pooled, wsum)
-        pooled_dp = finish_cross(pooled[:, :1], wsum[:, :1], dp_w, self.heads)
-        pooled, wsum = pooled[:, 1:], wsum[:, 1:]
+        pooled_dp = finish_cross(pooled[:, :p], wsum[:, :p], dp_w, self.heads)
+        pooled, wsum = pooled[:, p:], wsum[:, p:]
       else:
         pooled, wsum = attend_pixels(pix, m.fold(qk), keep)
         pooled = m.combine(pooled, wsum)
@@ -206,23 +224,38 @@ class MaskHead(nn.Module):
       f = layers.dense(c, dt, f'dec{i}_linear2')(drop(nn.relu(f)))
       tgt = layers.layer_norm(dt, f'dec{i}_norm3')(tgt + drop(f))
     d = jnp.mean(tgt, axis=1)  # [B, C]
-    query_vec = layers.dense(c, dt, 'dproj_lin')(pooled_dp + t)[:, 0]  # [B, C]
+    query_vec = layers.dense(c, dt, 'dproj_lin')(pooled_dp + t)  # [B, P, C]
+    query_vec = query_vec if multi else query_vec[:, 0]  # [B, C] for one prompt
 
     g = m.combine(jnp.mean(m.x.astype(jnp.float32), axis=(1, 2)).astype(dt))
     g = nn.relu(layers.dense(c // 8, dt, 'gate_fc1')(g))
     g = nn.sigmoid(layers.dense(c, dt, 'gate_fc2')(g))
-    scale = g + query_vec  # [B, C]: feat = x * scale
+    # feat = x * scale: scale [B, C], or [B, P, C] for P prompts.
+    scale = g[:, None] + query_vec if multi else g + query_vec
 
     # conv1x1(concat[x * scale, d]) = x @ (scale[:, None] * W_top) + (d @ W_bottom + bias).
     w0, b0 = layers.Linear(c // 2, dt, name='out_conv0')(in_features=2 * c)
-    k_img = scale[:, None, :] * w0[:c].T  # [B, C/2, C]
-    bias_img = d @ w0[c:] + b0 + m.offset(k_img)  # [B, C/2]
-    k_img = m.fold(k_img).transpose(0, 2, 1)  # [B, Cx, C/2]
-    y = jnp.einsum('bhwc,bco->bhwo', xd, k_img) + bias_img[:, None, None]
+    if not multi:
+      k_img = scale[:, None, :] * w0[:c].T  # [B, C/2, C]
+      bias_img = d @ w0[c:] + b0 + m.offset(k_img)  # [B, C/2]
+      k_img = m.fold(k_img).transpose(0, 2, 1)  # [B, Cx, C/2]
+      y = jnp.einsum('bhwc,bco->bhwo', xd, k_img) + bias_img[:, None, None]
+    else:  # the same per (image, prompt); the maps below are a batch of B * P
+      k_img = scale[:, :, None, :] * w0[:c].T  # [B, P, C/2, C]
+      bias_img = (d @ w0[c:] + b0)[:, None] + m.offset(k_img)  # [B, P, C/2]
+      k_img = m.fold(k_img).transpose(0, 1, 3, 2)  # [B, P, Cx, C/2]
+      # One [N, Cx] x [Cx, P * C/2] product per image (XLA:CPU ran the prompt-major output
+      # layout as a slower, strided product), then the maps moved prompt-major for the batch.
+      y = jnp.einsum('bhwc,bpco->bhwpo', xd, k_img) + bias_img[:, None, None]
+      y = y.transpose(0, 3, 1, 2, 4).reshape(b * p, h, w, -1)
     y = nn.relu(layers.group_norm(self.gn_groups, dt, 'out_gn0')(y))
     y = layers.ShiftedConv(c // 4, 3, dt, name='out_conv1')(y)  # = conv(), faster backward
     y = nn.relu(layers.group_norm(self.gn_groups, dt, 'out_gn1')(y))
-    return layers.dense(self.num_classes, dt, 'out_conv2')(y).astype(jnp.float32)
+    y = layers.dense(self.num_classes, dt, 'out_conv2')(y).astype(jnp.float32)
+    if not multi:
+      return y
+    y = y.reshape(b, p, h, w, -1).transpose(0, 2, 3, 1, 4)  # [B, H, W, P, K]
+    return y[..., 0] if self.num_classes == 1 else y
 
 
 def build_head(model_cfg, dtype: Any, name: str = 'mask_head') -> MaskHead:

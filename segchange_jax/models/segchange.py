@@ -1,7 +1,9 @@
 """The whole SegChange-R1 model: siamese backbone -> unify -> BEV -> difference -> neck -> head.
 
 Inputs are NHWC ImageNet-normalised images; text embeddings [B, T, L]; output logits
-[B, H, W, num_classes] (float32).
+[B, H, W, num_classes] (float32). Several prompts per pair: text [B, P, T, L] -> logits
+[B, H, W, P] (num_classes 1) or [B, H, W, P, num_classes], in one pass: everything before the
+mask head runs once per pair, the head once for all P prompts (models/head.py).
 """
 
 from __future__ import annotations
@@ -23,7 +25,14 @@ _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
 class SegChangeModel(nn.Module):
-  """`model_cfg` is the config's `model` section (frozen, so the module stays hashable)."""
+  """`model_cfg` is the config's `model` section (frozen, so the module stays hashable).
+
+  `text_emb` [B, T, L]: one prompt per pair, logits [B, H, W, K] (upstream's model, same
+  numbers). [B, P, T, L]: P prompts per pair, logits [B, H, W, P] for K = 1 and
+  [B, H, W, P, K] otherwise; prompt p's logits are those of a call with text_emb[:, p]. The
+  backbone, BEV, difference and neck run once per pair and the head's prompt-independent part
+  once; in train mode too (the head has no BatchNorm; see head.MaskHead for its dropout).
+  """
   model_cfg: ml_collections.FrozenConfigDict
   text_dim: int = 768
 
@@ -34,10 +43,18 @@ class SegChangeModel(nn.Module):
     dtype = _DTYPES[m.dtype]
     if image_a.shape != image_b.shape:
       raise ValueError(f'image_a {image_a.shape} and image_b {image_b.shape} must have one shape')
+    if text_emb.ndim not in (3, 4):
+      raise ValueError(f'text embeddings {text_emb.shape} must be [B, T, L] (one prompt per '
+                       'pair) or [B, P, T, L] (P prompts per pair)')
     if text_emb.shape[-1] != self.text_dim:
       raise ValueError(f'text embeddings have width {text_emb.shape[-1]}, the model expects '
                        f'text.dim={self.text_dim}')
     b = image_a.shape[0]
+    if text_emb.shape[0] != b:
+      raise ValueError(f'text embeddings {text_emb.shape} are for {text_emb.shape[0]} pairs, '
+                       f'the images for {b}: give one row per pair')
+    if text_emb.ndim == 4 and text_emb.shape[1] == 0:
+      raise ValueError(f'text embeddings {text_emb.shape} hold no prompt (P = 0)')
     backbone = backbones.build_backbone(m, dtype=dtype, name='backbone')
     if train and backbones.backbone_uses_batch_stats(m):
       # Two calls, as upstream: BatchNorm sees each time's batch separately (stats updated twice).
