@@ -204,9 +204,11 @@ def _depthwise_kernel_grad(x: jax.Array, g: jax.Array, k: int) -> jax.Array:
   The sum runs over blocks of two rows: each iteration reads two rows of x and the k + 1 rows
   of g they meet, and all k*k taps reduce them while they are in cache (a loop over taps would
   stream x and a shifted copy of g from memory k*k times, with more temporary memory).
-  Float32 accumulation.
+  Float32 accumulation. The loop keeps one partial sum per example and the batch is summed
+  after it: with the batch split over devices, a sum over the batch inside the loop is a
+  cross-device all-reduce in every iteration (bench/README.md, "Multi-host on CPU").
   """
-  _, h, w, c = x.shape
+  b, h, w, c = x.shape
   rows = 2 if h % 2 == 0 else 1
   gp = _pad_same(g, k)
 
@@ -214,10 +216,11 @@ def _depthwise_kernel_grad(x: jax.Array, g: jax.Array, k: int) -> jax.Array:
     xs = jax.lax.dynamic_slice_in_dim(x, i * rows, rows, axis=1)
     gs = jax.lax.dynamic_slice_in_dim(gp, i * rows, rows + k - 1, axis=1)
     taps = [jnp.sum(xs * gs[:, k - 1 - dy:k - 1 - dy + rows, k - 1 - dx:k - 1 - dx + w],
-                    axis=(0, 1, 2), dtype=jnp.float32)
+                    axis=(1, 2), dtype=jnp.float32)
             for dy in range(k) for dx in range(k)]
-    return acc + jnp.stack(taps).reshape(k, k, c)
-  return jax.lax.fori_loop(0, h // rows, block, jnp.zeros((k, k, c), jnp.float32))
+    return acc + jnp.stack(taps, axis=1).reshape(b, k, k, c)
+  acc = jax.lax.fori_loop(0, h // rows, block, jnp.zeros((b, k, k, c), jnp.float32))
+  return jnp.sum(acc, axis=0)
 
 
 depthwise_conv.defvjp(_depthwise_fwd, _depthwise_bwd)
@@ -270,18 +273,21 @@ def _shifted_bwd(res, g):
   x, kernel = res
   k, c, o = kernel.shape[0], x.shape[-1], g.shape[-1]
   dx = _shift_matmul(g, jnp.swapaxes(kernel[::-1, ::-1], -1, -2))
-  # Kernel gradient of tap (dy, dx): x^T [Cin, N] times g shifted by -d [N, Cout], float32
-  # accumulated. x is transposed once, so every tap's product is a plain [M, K] x [K, N] matmul
+  # Kernel gradient of tap (dy, dx): x^T [Cin, HW] times g shifted by -d [HW, Cout] per example,
+  # float32 accumulated. x is transposed once, so every tap's product is a plain batched matmul
   # (x^T @ shifted x made XLA transpose each slice); g is the narrower side to copy.
   # Pairing x shifted by +d with g equals pairing x with g shifted by -d; the taps run in a loop
   # (lax.map) so that one shifted copy of g exists at a time (unrolled, XLA scheduled all k*k).
-  xt = x.reshape(-1, c).T
+  # One product per example, summed over the batch after the loop: a batch split over devices
+  # then all-reduces once, not once per tap.
+  b = x.shape[0]
+  xt = jnp.swapaxes(x.reshape(b, -1, c), 1, 2)
   gp = _pad_same(g, k)
 
   def tap(t):
     s = jax.lax.dynamic_slice(gp, (0, k - 1 - t // k, k - 1 - t % k, 0), g.shape)
-    return jnp.matmul(xt, s.reshape(-1, o), preferred_element_type=jnp.float32)
-  dk = jax.lax.map(tap, jnp.arange(k * k))
+    return jnp.matmul(xt, s.reshape(b, -1, o), preferred_element_type=jnp.float32)
+  dk = jnp.sum(jax.lax.map(tap, jnp.arange(k * k)), axis=1)
   return dx, dk.reshape(kernel.shape).astype(kernel.dtype)
 
 

@@ -153,6 +153,58 @@ def test_add_broadcast_gradient_is_the_leading_sum(dtype):
     kernels.add_broadcast(x, b[:2])
 
 
+def _collectives_in_loops(hlo: str) -> list[str]:
+  """Collective instructions of optimized HLO text that sit in a while loop's body (or in a
+  computation that body calls): each runs once per iteration."""
+  comps, name = {}, None
+  for line in hlo.splitlines():
+    if line and not line[0].isspace() and line.rstrip().endswith('{'):
+      name = line.split('(', 1)[0].split()[-1].lstrip('%')
+      comps[name] = []
+    elif name is not None:
+      comps[name].append(line)
+  todo = re.findall(r'body=%?([\w.\-]+)', hlo)
+  seen, found = set(), []
+  while todo:
+    comp = todo.pop()
+    if comp in seen or comp not in comps:
+      continue
+    seen.add(comp)
+    for line in comps[comp]:
+      if re.search(r'\s(all-reduce|all-gather|reduce-scatter|collective-permute|all-to-all)'
+                   r'(-start)?\(', line):
+        found.append(line.strip()[:120])
+      todo += re.findall(r'(?:calls|to_apply|body)=%?([\w.\-]+)', line)
+  return found
+
+
+@pytest.mark.parametrize('fn,groups', [(kernels.depthwise_conv, 'depthwise'),
+                                       (kernels.shifted_conv, 'dense')])
+def test_kernel_gradients_all_reduce_once_over_a_sharded_batch(fn, groups):
+  """With the batch split over 8 devices, the written-out kernel gradients sum over the batch
+  after their loops: no collective runs inside a loop (one per iteration made the 2-process
+  demo step ~15x slower: bench/README.md, "Multi-host on CPU"), and the gradients equal the
+  single-device ones."""
+  devices = jax.devices()
+  assert len(devices) == 8, 'tests/conftest.py sets 8 host devices'
+  mesh = jax.sharding.Mesh(np.array(devices), ('data',))
+  rng = np.random.default_rng(3)
+  c = 4
+  x = jnp.asarray(rng.normal(size=(8, 16, 16, c)), jnp.float32)
+  shape = (3, 3, c) if groups == 'depthwise' else (3, 3, c, 6)
+  kernel = jnp.asarray(rng.normal(size=shape), jnp.float32)
+  ct = jnp.asarray(rng.normal(size=(8, 16, 16, shape[-1])), jnp.float32)
+  grad = jax.jit(jax.grad(lambda x, k: jnp.sum(fn(x, k) * ct), argnums=(0, 1)))
+  batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
+  whole = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  xs, ks = jax.device_put(x, batch), jax.device_put(kernel, whole)
+  hlo = grad.lower(xs, ks).compile().as_text()
+  assert re.search(r'\sall-reduce(-start)?\(', hlo), 'the kernel gradient must sum over devices'
+  assert _collectives_in_loops(hlo) == []
+  for got, want in zip(grad(xs, ks), grad(x, kernel)):
+    assert util.rel_err(got, want) <= 1e-6
+
+
 def test_every_kernel_names_an_existing_test_of_this_file():
   """Each public function of kernels.py names, in its docstring, the test here that proves it
   equal to its plain form."""
