@@ -68,8 +68,12 @@ def _loop_step_s(variant: str, batch: int, size: int, steps: int, windows: int,
   from segchange_jax.data import synthetic  # pylint: disable=g-import-not-at-top
   from segchange_jax.train import loop  # pylint: disable=g-import-not-at-top
   total = steps * (1 + windows)
-  # One epoch covers every step (plus a few val / test scenes for the final evaluation).
-  synthetic.generate(f'{tmp}/raw', n=batch * (total + 1) + 2 * batch, size=size, seed=0)
+  # One epoch covers every step, so that no epoch end (training metrics, a save) falls inside a
+  # timed window; val / test get the generator's share for the final evaluation.
+  n = batch * (total + 1)
+  while synthetic.split_sizes(n)[0][1] < batch * (total + 1):
+    n += batch
+  synthetic.generate(f'{tmp}/raw', n=n, size=size, seed=0)
   convert.convert('segchange-default', f'{tmp}/raw', f'{tmp}/shards',
                   ['train', 'val', 'test'], workers=2)
   c = variant_config(variant)

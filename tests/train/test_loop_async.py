@@ -3,6 +3,7 @@ ahead, mid-epoch resume exact with them, stop agreement only at boundaries, prof
 throughput columns. A toy model (tests/train/traincore_toy.py) keeps each run to seconds."""
 
 import csv
+import functools
 import os
 import time
 
@@ -74,19 +75,14 @@ def test_stop_agreement_is_due_at_boundaries_only_on_several_processes(monkeypat
   assert due == [7, 10, 20]
 
 
-def _burn(x):
-  return jax.lax.fori_loop(0, 60, lambda i, v: jnp.tanh(v @ v), x)
+def _burn(x, n=60):
+  return jax.lax.fori_loop(0, n, lambda i, v: jnp.tanh(v @ v), x)
 
 
-def test_loop_does_not_wait_for_the_device_between_log_points(toy_loop, monkeypatch, repo_root,
-                                                              dataset, tmp_path):
-  """Each step does extra device work (`_burn`, timed alone first). Between log points the host
-  must dispatch steps as fast as it can place their batches, not one per finished step: a loop
-  reading a value back (float(loss), device_get(cm)) after each step dispatches at most one
-  step per burn time. (A host callback would time the device directly, but it makes XLA:CPU
-  run the whole step synchronously.)"""
+def _slow_steps(monkeypatch, n: int = 60) -> float:
+  """Makes every train step do extra device work (`_burn`); returns that work's time alone."""
   x = jnp.full((384, 384), 1e-3, jnp.float32)
-  burn = jax.jit(_burn)
+  burn = jax.jit(functools.partial(_burn, n=n))
   burn(x).block_until_ready()
   start = time.perf_counter()
   burn(x).block_until_ready()
@@ -98,9 +94,21 @@ def test_loop_does_not_wait_for_the_device_between_log_points(toy_loop, monkeypa
 
     def slow(state, batch, table):
       new_state, out = step(state, batch, table)
-      return new_state, {**out, 'burn': jnp.sum(_burn(x + 0.0 * out['loss']))}
+      return new_state, {**out, 'burn': jnp.sum(_burn(x + 0.0 * out['loss'], n))}
     return jax.jit(slow, donate_argnums=(0,))
 
+  monkeypatch.setattr(loop.train_step, 'make_train_step', make)
+  return burn_s
+
+
+def test_loop_does_not_wait_for_the_device_between_log_points(toy_loop, monkeypatch, repo_root,
+                                                              dataset, tmp_path):
+  """Each step does extra device work (`_burn`, timed alone first). Between log points the host
+  must dispatch steps as fast as it can place their batches, not one per finished step: a loop
+  reading a value back (float(loss), device_get(cm)) after each step dispatches at most one
+  step per burn time. (A host callback would time the device directly, but it makes XLA:CPU
+  run the whole step synchronously.)"""
+  burn_s = _slow_steps(monkeypatch)
   dispatched = []
   real_accumulate = loop._accumulate_train  # pylint: disable=protected-access
 
@@ -108,7 +116,6 @@ def test_loop_does_not_wait_for_the_device_between_log_points(toy_loop, monkeypa
     dispatched.append(time.perf_counter())   # right after step n's dispatch
     return real_accumulate(window, out)
 
-  monkeypatch.setattr(loop.train_step, 'make_train_step', make)
   monkeypatch.setattr(loop, '_accumulate_train', accumulate)
   config = _config(repo_root, dataset, **{'train.max_steps': 6})
   loop.train_and_evaluate(config, str(tmp_path / 'run'))
@@ -120,6 +127,23 @@ def test_loop_does_not_wait_for_the_device_between_log_points(toy_loop, monkeypa
   assert span < 1.0 * burn_s, (
       f'dispatching steps 3-6 took {span:.3f} s, a step burns {burn_s:.3f} s: the host waited '
       f'for the device (dispatch times {dispatched})')
+
+
+def test_step_time_keeps_the_device_time_of_steps_before_an_epoch_end(toy_loop, monkeypatch,
+                                                                      repo_root, dataset,
+                                                                      tmp_path):
+  """An epoch end inside a log window (here step 6 of 12, a checkpoint save) waits for the
+  steps still running on the device; that wait is step time, not 'other' time (saving,
+  evaluating) left out of step_time_s. Counted as other, the window's step time came out at
+  about half a step's device work. Each step's device work is made long against the host's
+  per-step work, so that steps are still queued when the epoch ends."""
+  burn_s = _slow_steps(monkeypatch, n=400)
+  config = _config(repo_root, dataset, **{'train.max_steps': 12})
+  loop.train_and_evaluate(config, str(tmp_path / 'run'))
+  rows = _rows(tmp_path / 'run')
+  assert [int(r['step']) for r in rows] == [12]
+  step_time = float(rows[0]['step_time_s'])
+  assert step_time > 0.75 * burn_s, (step_time, burn_s)
 
 
 def test_log_rows_carry_throughput_and_a_profile_is_written(toy_loop, repo_root, dataset,
