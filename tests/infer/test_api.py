@@ -22,7 +22,8 @@ PROMPT = 'Buildings appearing or vanishing.'
 @pytest.fixture(scope='module')
 def detector(tmp_path_factory):
   root = tmp_path_factory.mktemp('api')
-  npz = tiny.write_embeddings(root / 'p.npz', ['other prompt', PROMPT])
+  # 'No changes.': the README snippet's second prompt.
+  npz = tiny.write_embeddings(root / 'p.npz', ['other prompt', PROMPT, 'No changes.'])
   # The prompt table is the config's text.embeddings: no text encoder needed.
   config = tiny.tiny_config(embeddings=npz)
   variables = tiny.save_checkpoint(root / 'ckpt', config)
