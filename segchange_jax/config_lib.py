@@ -21,6 +21,10 @@ DIFF_ATTENTIONS = ('SE', 'CBAM')
 REMAT_POLICIES = ('none', 'dots', 'block')
 DTYPES = ('float32', 'bfloat16')
 SCHEDULERS = ('step', 'plateau', 'cosine')
+TARGET_MODES = ('label', 'prompts')  # config.data.targets
+# The K target masks of a training example travel through the augmentation as the bits of one
+# uint16 map (nearest-neighbour warps and flips move bits exactly), so K is at most 16.
+MAX_PROMPTS_PER_EXAMPLE = 16
 HGNET_VARIANTS = ('B5',)
 
 
@@ -332,6 +336,17 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
   _range(config, 'data.prefetch_buffer', 1, integer=True)
   _range(config, 'data.synthetic.n', 0, integer=True)
   _range(config, 'data.synthetic.size', 32, integer=True)
+  _choice(config, 'data.targets', TARGET_MODES)
+  _range(config, 'data.prompts_per_example', 1, integer=True)
+  if config.data.prompts_per_example > MAX_PROMPTS_PER_EXAMPLE:
+    raise ConfigError(f'config.data.prompts_per_example={config.data.prompts_per_example} must '
+                      f'be <= {MAX_PROMPTS_PER_EXAMPLE} (the masks of one example are augmented '
+                      'as the bits of a 16-bit map); lower it')
+  _range(config, 'data.negative_rate', 0.0, 1.0)
+  if config.data.targets == 'prompts' and m.num_classes != 1:
+    raise ConfigError(f"config.data.targets='prompts' trains one binary mask per prompt, but "
+                      f'config.model.num_classes={m.num_classes}; set num_classes=1 or '
+                      "data.targets='label'")
 
   for dotted in ('loss.weight_ce', 'loss.weight_dice', 'loss.weight_focal', 'loss.weight_bcl',
                  'loss.gamma', 'loss.bcl_margin'):

@@ -44,6 +44,14 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.worker_processes = 0    # > 0: those threads run in each of that many grain processes
   c.data.prefetch_buffer = 2
   c.data.shuffle = True
+  # What a training example asks the model: 'label' (one prompt per record, its label, as
+  # upstream) or 'prompts' (the records' per-prompt targets: each example draws
+  # prompts_per_example (prompt, mask) slots, a share negative_rate of them prompts of the
+  # dataset's target_prompts that the example does not carry, with an empty mask; evaluation
+  # asks every target prompt of every example and reports per-prompt F1 / IoU).
+  c.data.targets = 'label'
+  c.data.prompts_per_example = 2
+  c.data.negative_rate = 0.25
   # Synthetic scenes (data_prep.synthetic) generated into source_root when n > 0 and missing.
   c.data.synthetic = ml_collections.ConfigDict()
   c.data.synthetic.n = 0

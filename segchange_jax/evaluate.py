@@ -14,7 +14,11 @@ reports for the same checkpoint and split.
 Writes into --out (default `eval_<split>`):
 - `metrics_<split>.json`: precision, recall, f1, iou, oa (change class for binary models, macro
   averages for multi-class), kappa (Cohen's, whole matrix), loss and its parts, num_examples,
-  plus checkpoint / split / threshold, tta.
+  plus checkpoint / split / threshold, tta. A model trained with config.data.targets='prompts'
+  (and scored with that config) is asked every target prompt of the split on every pair: the
+  keys above pool all (pair, prompt) masks, and `f1/<prompt>`, `iou/<prompt>`,
+  `precision/<prompt>`, `recall/<prompt>` score each prompt, `macro_f1` / `macro_iou` /
+  `macro_precision` / `macro_recall` their means (train/metrics.prompt_metrics).
 - `per_example_<split>.csv` (single-process runs): index, file name, tp, fp, fn, iou, f1 of
   every example (change pixels = any non-zero class; a score whose denominator is 0 - nothing
   changed, nothing predicted - counts as 1, a perfect example).

@@ -7,6 +7,18 @@ Batches are dicts of numpy arrays for one process:
   mask: float32 [b], 1 for real examples, 0 for eval padding.
 A record with an empty prompt uses config.data.prompt when '' is not in `prompt_to_index`.
 
+With config.data.targets = 'prompts' (the records' per-prompt targets, `records.decode`) each
+example asks several prompts, laid out like the model's logits [b, H, W, K]:
+  label: uint8 [b, H, W, K], 0/1, slot k the mask of prompt_index[:, k] (uint8: evaluation
+    asks every target prompt, which can be dozens of masks per example);
+  prompt_index: int32 [b, K].
+Training: K = config.data.prompts_per_example slots drawn from (seed, global position) alone
+(`sample_prompts`): each slot is negative with probability config.data.negative_rate (a prompt
+of the dataset's target_prompts the record does not carry, all-zero mask), else one of the
+record's own targets; the K masks share the example's crop and augmentation. Evaluation: K = P,
+every prompt of dataset_info.json's target_prompts (sorted) on every example, so per-prompt
+metrics are defined. A record without targets carries one: (its prompt, its label).
+
 Sizes: records larger than config.data.image_size are randomly cropped (same window for A, B
 and label) for training; evaluation always uses whole records, which must then all have one
 size, a multiple of 32. Records smaller than image_size are an error (re-convert with --tile).
@@ -36,8 +48,9 @@ from segchange_jax.data import augment
 from segchange_jax.data import imagery
 from segchange_jax.data import records
 
-# Separate random streams for the epoch permutations and the per-example augmentations.
-_PERMUTATION_STREAM, _AUGMENT_STREAM = 0, 1
+# Separate random streams for the epoch permutations, the per-example augmentations and the
+# prompt-slot draws (config.data.targets='prompts').
+_PERMUTATION_STREAM, _AUGMENT_STREAM, _TARGET_STREAM = 0, 1, 2
 _ENDLESS = 2**40   # training steps; MapDataset.range needs an end
 _MIN_SHM_BYTES = 1 << 16
 _CONVERT_HINT = 'create it with `python -m data_prep.convert --layout ... --root RAW --out DIR`'
@@ -102,6 +115,86 @@ def _check_sizes(s: dict, size: int, split: str, train: bool) -> None:
                        '(or 256)')
 
 
+def target_prompts(config, info: dict | None = None) -> list[str]:
+  """Prompts every config.data.targets='prompts' example is asked in evaluation (dataset_info's
+  target_prompts, sorted); one InputError naming the shards and the fix when it has none."""
+  shards_dir = config.data.shards_dir
+  info = load_dataset_info(shards_dir) if info is None else info
+  names = list(info.get('target_prompts') or [])
+  if not names:
+    raise InputError(
+        f"config.data.targets='prompts' trains on per-prompt targets, but "
+        f'{os.path.join(shards_dir, "dataset_info.json")} lists no target_prompts (shards '
+        'converted before targets existed, or a layout without them): re-convert with '
+        'data_prep.convert from a layout that has targets (synthetic scenes: delete the shards '
+        'and config.data.source_root, they are regenerated with targets), or set '
+        "--config.data.targets=label")
+  return sorted(names)
+
+
+def prompt_table_info(config, info: dict) -> dict:
+  """`info` whose 'prompts' also list the target prompts when config.data.targets='prompts', so
+  that `prompts.dataset_table` embeds every prompt the batches can index."""
+  if config.data.targets != 'prompts':
+    return info
+  names = list(info.get('prompts') or [])
+  names += [p for p in target_prompts(config, info) if p not in set(names)]
+  return {**info, 'prompts': names}
+
+
+def sample_prompts(rng: np.random.Generator, carried: list[str], vocabulary: list[str], k: int,
+                   negative_rate: float) -> list[str]:
+  """K prompts for one training example, in random slot order.
+
+  The number of negatives (prompts of `vocabulary` not in `carried`) is Binomial(k,
+  negative_rate); the rest are drawn from `carried` (the record's own targets), without
+  replacement while there are enough. With no negatives available every slot is a carried
+  prompt; with nothing carried every slot is a negative.
+  """
+  carried_set = set(carried)
+  negatives = [p for p in vocabulary if p not in carried_set]
+  if not carried and not negatives:
+    raise InputError('an example carries no target and the dataset lists no target_prompts; '
+                     "re-convert the data with targets or set --config.data.targets=label")
+  n_neg = int(rng.binomial(k, negative_rate))
+  if not carried:
+    n_neg = k
+  if not negatives:
+    n_neg = 0
+  n_pos = k - n_neg
+  pos = [carried[i] for i in rng.choice(len(carried), n_pos, replace=n_pos > len(carried))
+         ] if n_pos else []
+  neg = [negatives[i] for i in rng.choice(len(negatives), n_neg, replace=n_neg > len(negatives))
+         ] if n_neg else []
+  slots = pos + neg
+  return [slots[i] for i in rng.permutation(k)]
+
+
+def _record_targets(ex: dict, default_prompt: str) -> dict[str, np.ndarray]:
+  """{prompt: mask} of a decoded record; one without targets carries (prompt, label)."""
+  if ex['targets']:
+    return dict(ex['targets'])
+  return {ex['prompt'] or default_prompt: ex['label']}
+
+
+def _pack_bits(masks: list[np.ndarray | None], shape: tuple[int, int]) -> np.ndarray:
+  """K masks (None = empty) -> one uint16 map, bit k set where mask k is non-zero.
+
+  The augmentations move the label with nearest-neighbour warps and flips, which move each bit
+  exactly as they would move that mask alone: one draw, one warp, K masks.
+  """
+  packed = np.zeros(shape, np.uint16)
+  for k, m in enumerate(masks):
+    if m is not None:
+      packed |= (m > 0).astype(np.uint16) << k
+  return packed
+
+
+def _unpack_bits(packed: np.ndarray, k: int) -> np.ndarray:
+  """[H, W] uint16 -> uint8 [H, W, k] of 0/1."""
+  return ((packed[..., None] >> np.arange(k, dtype=np.uint16)) & 1).astype(np.uint8)
+
+
 def _prompt_index(prompt: str, prompt_to_index: dict[str, int], default: str) -> int:
   if prompt in prompt_to_index:
     return prompt_to_index[prompt]
@@ -119,11 +212,39 @@ def _to_example(a, b, label, prompt, binary, prompt_to_index, default, mask=1.0)
           'mask': np.float32(mask)}
 
 
+def _slot_masks(record: bytes, slots: Callable[[list[str]], list[str]], default_prompt: str
+                ) -> tuple[dict, list[str], np.ndarray]:
+  """A record's images, its K slot prompts and their masks packed (`_pack_bits`).
+
+  Only the masks of the drawn prompts are decoded: a record may carry many targets.
+  """
+  raw = records.parse(record)
+  ex = {'image_a': records.decode_png(raw['image_a'], 3),
+        'image_b': records.decode_png(raw['image_b'], 3)}
+  label = records.decode_png(raw['label'], 1)
+  carried = dict(raw['targets']) or {raw['prompt'] or default_prompt: None}   # None: the label
+  prompts = slots(list(carried))
+  chosen = {p: (label if carried[p] is None else records.decode_png(carried[p], 1))
+            for p in dict.fromkeys(prompts) if p in carried}
+  records.check_targets(raw['file_name'], list(chosen), ex['image_a'].shape[:2],
+                        [m.shape[:2] for m in chosen.values()])
+  return ex, prompts, _pack_bits([chosen.get(p) for p in prompts], label.shape)
+
+
 def _train_example(record: bytes, rng: np.random.Generator, size: int, augment_cfg: dict,
-                   binary: bool, prompt_to_index: dict[str, int], default_prompt: str) -> dict:
-  """Record bytes -> randomly cropped, augmented, normalised example."""
-  ex = records.decode(record, targets=False)
-  a, b, label = ex['image_a'], ex['image_b'], ex['label']
+                   binary: bool, prompt_to_index: dict[str, int], default_prompt: str,
+                   slots: Callable[[list[str]], list[str]] | None = None) -> dict:
+  """Record bytes -> randomly cropped, augmented, normalised example.
+
+  `slots`: None (the record's label and prompt), or a function of the prompts the record
+  carries giving the K prompts to ask (a prompt it does not carry gets an empty mask).
+  """
+  if slots is None:
+    ex = records.decode(record, targets=False)
+    a, b, label = ex['image_a'], ex['image_b'], ex['label']
+  else:
+    ex, prompts, label = _slot_masks(record, slots, default_prompt)
+    a, b = ex['image_a'], ex['image_b']
   h, w = label.shape
   if (h, w) != (size, size):
     y = int(rng.integers(0, h - size + 1))
@@ -131,6 +252,12 @@ def _train_example(record: bytes, rng: np.random.Generator, size: int, augment_c
     win = np.s_[y:y + size, x:x + size]
     a, b, label = (np.ascontiguousarray(v[win]) for v in (a, b, label))
   a, b, label = augment.augment_pair(a, b, label, rng, augment_cfg)
+  if slots is not None:
+    return {'image_a': imagery.normalize(a), 'image_b': imagery.normalize(b),
+            'label': _unpack_bits(label, len(prompts)),
+            'prompt_index': np.asarray([_prompt_index(p, prompt_to_index, default_prompt)
+                                        for p in prompts], np.int32),
+            'mask': np.float32(1.0)}
   return _to_example(a, b, label, ex['prompt'], binary, prompt_to_index, default_prompt)
 
 
@@ -170,15 +297,34 @@ class _GlobalOrder:
     return int(self._permutation(epoch)[offset]) if self.shuffle else offset
 
 
-class _TrainLoad:
-  """Global stream position -> training example; picklable for grain's worker processes."""
+class _SlotDraw:
+  """A record's targets -> its K prompts, drawn from (seed, global position); picklable."""
 
-  def __init__(self, source, order: _GlobalOrder, seed: int, kwargs: dict):
+  def __init__(self, seed: int, position: int, vocabulary: list[str], k: int, rate: float):
+    self._rng = np.random.default_rng([seed, _TARGET_STREAM, position])
+    self._vocabulary, self._k, self._rate = vocabulary, k, rate
+
+  def __call__(self, carried: list[str]) -> list[str]:
+    return sample_prompts(self._rng, carried, self._vocabulary, self._k, self._rate)
+
+
+class _TrainLoad:
+  """Global stream position -> training example; picklable for grain's worker processes.
+
+  `prompts`: None (train on the label), or (vocabulary, K, negative_rate) for
+  config.data.targets='prompts'. The slot draw has its own random stream, so the crop and
+  augmentation of a position are the same in both modes.
+  """
+
+  def __init__(self, source, order: _GlobalOrder, seed: int, kwargs: dict,
+               prompts: tuple[list[str], int, float] | None = None):
     self._source, self._order, self._seed, self._kwargs = source, order, seed, kwargs
+    self._prompts = prompts
 
   def __call__(self, position: int) -> dict:
     rng = np.random.default_rng([self._seed, _AUGMENT_STREAM, position])
-    return _train_example(self._source[self._order(position)], rng, **self._kwargs)
+    slots = None if self._prompts is None else _SlotDraw(self._seed, position, *self._prompts)
+    return _train_example(self._source[self._order(position)], rng, slots=slots, **self._kwargs)
 
 
 class _AtPosition:
@@ -329,7 +475,11 @@ def create_train_iterator(config, prompt_to_index: dict[str, int], process_index
                 binary=config.model.num_classes == 1, prompt_to_index=dict(prompt_to_index),
                 default_prompt=config.data.prompt)
 
-  load = _TrainLoad(source, order, seed, kwargs)
+  prompts = None
+  if config.data.targets == 'prompts':
+    prompts = (target_prompts(config), int(config.data.prompts_per_example),
+               float(config.data.negative_rate))
+  load = _TrainLoad(source, order, seed, kwargs, prompts)
   it = TrainIterator(load, batch, process_index, process_count, _read_threads(config),
                      max(1, int(config.data.prefetch_buffer)), _worker_processes(config))
   return it, steps
@@ -340,23 +490,36 @@ class _EvalLoad:
 
   def __init__(self, source, num_examples: int, global_batch: int, local_batch: int, offset: int,
                shape: tuple[int, int], binary: bool, prompt_to_index: dict[str, int],
-               default_prompt: str):
+               default_prompt: str, prompts: list[str] | None = None):
     self._source, self._n, self._global_batch, self._local_batch, self._offset = (
         source, num_examples, global_batch, local_batch, offset)
     self._shape, self._binary, self._table, self._default = (
         tuple(shape), binary, prompt_to_index, default_prompt)
+    self._prompts = prompts   # config.data.targets='prompts': every target prompt, in order
 
   def __call__(self, i: int) -> dict:
     step, j = divmod(int(i), self._local_batch)
     g = step * self._global_batch + self._offset + j
+    slots = () if self._prompts is None else (len(self._prompts),)
     if g >= self._n:
       zero = np.zeros((*self._shape, 3), np.uint8)
       return {'image_a': imagery.normalize(zero), 'image_b': imagery.normalize(zero),
-              'label': np.zeros(self._shape, np.int32), 'prompt_index': np.int32(0),
-              'mask': np.float32(0.0)}
-    ex = records.decode(self._source[g], targets=False)
-    return _to_example(ex['image_a'], ex['image_b'], ex['label'], ex['prompt'], self._binary,
-                       self._table, self._default)
+              'label': np.zeros((*self._shape, *slots), np.uint8 if slots else np.int32),
+              'prompt_index': np.zeros(slots, np.int32), 'mask': np.float32(0.0)}
+    ex = records.decode(self._source[g], targets=self._prompts is not None)
+    if self._prompts is None:
+      return _to_example(ex['image_a'], ex['image_b'], ex['label'], ex['prompt'], self._binary,
+                         self._table, self._default)
+    targets = _record_targets(ex, self._default)
+    label = np.zeros((*self._shape, len(self._prompts)), np.uint8)
+    for k, p in enumerate(self._prompts):
+      if p in targets:
+        label[..., k] = targets[p] > 0
+    return {'image_a': imagery.normalize(ex['image_a']),
+            'image_b': imagery.normalize(ex['image_b']), 'label': label,
+            'prompt_index': np.asarray([_prompt_index(p, self._table, self._default)
+                                        for p in self._prompts], np.int32),
+            'mask': np.float32(1.0)}
 
 
 def create_eval_iterator(config, split: str, prompt_to_index: dict[str, int], batch_size: int,
@@ -373,9 +536,10 @@ def create_eval_iterator(config, split: str, prompt_to_index: dict[str, int], ba
   n = s['num_examples']
   steps = -(-n // batch_size)
   h, w = s['image_size']
+  prompts = target_prompts(config) if config.data.targets == 'prompts' else None
   load = _EvalLoad(grain.ArrayRecordDataSource(paths), n, batch_size, b, process_index * b,
                    (h, w), config.model.num_classes == 1, dict(prompt_to_index),
-                   config.data.prompt)
+                   config.data.prompt, prompts)
   ds = grain.MapDataset.range(steps * b).map(load).batch(b)
   return _to_iter(ds, grain.ReadOptions(num_threads=_read_threads(config), prefetch_buffer_size=4),
                   _worker_processes(config))

@@ -149,7 +149,12 @@ def evaluate(config, variables: dict, split: str, out_dir: str, num_images: int 
   if num_images and not single:
     raise EvaluationError('comparison images need a single process; pass --num_images=0')
   batch_size = batch_size or config.eval.batch_size
-  table_np, prompt_to_index = prompts.dataset_table(config, info)
+  if num_images and config.data.targets == 'prompts':
+    raise EvaluationError("comparison images show one mask per record; with "
+                          "config.data.targets='prompts' pass --num_images=0 (the per-prompt "
+                          'scores are in the metrics)')
+  table_np, prompt_to_index = prompts.dataset_table(
+      config, input_pipeline.prompt_table_info(config, info))
   mesh = sharding.create_mesh(config)
   model = segchange.build_model(config)
   if tta != 'none':

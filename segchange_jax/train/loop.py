@@ -49,6 +49,8 @@ class TrainingError(RuntimeError):
 # the host reads, augments and transfers batch n + 2.
 DEVICE_PREFETCH = 2
 LOSS_PARTS = ('ce', 'dice', 'focal', 'bcl')
+# Step outputs that are pixel counts, summed exactly (metrics.add_counts), not as floats.
+COUNT_KEYS = ('cm', 'prompt_cm')
 
 
 def _host_batch_to_global(batch: dict, mesh) -> dict:
@@ -103,16 +105,19 @@ class DevicePrefetch:
 
 def _add_tree(total, increment):
   """Running sums on device: float leaves add, 'cm' counts add exactly (metrics.add_counts)."""
-  out = {k: v + increment[k] for k, v in total.items() if k != 'cm'}
-  out['cm'] = metrics_lib.add_counts(total['cm'], increment['cm'])
+  out = {k: v + increment[k] for k, v in total.items() if k not in COUNT_KEYS}
+  out.update({k: metrics_lib.add_counts(total[k], increment[k]) for k in COUNT_KEYS
+              if k in total})
   return out
 
 
 @jax.jit
 def _zero_sums(example_out: dict) -> dict:
   """Zero running sums shaped like a step's outputs (cm as exact counts), placed like them."""
-  zeros = {k: jnp.zeros_like(v, jnp.float32) for k, v in example_out.items() if k != 'cm'}
-  zeros['cm'] = metrics_lib.zero_counts(jnp.shape(example_out['cm']))
+  zeros = {k: jnp.zeros_like(v, jnp.float32) for k, v in example_out.items()
+           if k not in COUNT_KEYS}
+  zeros.update({k: metrics_lib.zero_counts(jnp.shape(example_out[k])) for k in COUNT_KEYS
+                if k in example_out})
   return zeros
 
 
@@ -130,7 +135,7 @@ def _accumulate_train(sums: dict, out: dict) -> dict:
 @jax.jit
 def _accumulate_eval(sums: dict | None, out: dict) -> dict:
   """Adds one eval batch's sums to the split's running sums on device."""
-  out = {k: (v if k == 'cm' else v.astype(jnp.float32)) for k, v in out.items()}
+  out = {k: (v if k in COUNT_KEYS else v.astype(jnp.float32)) for k, v in out.items()}
   return _add_tree(_zero_sums(out) if sums is None else sums, out)
 
 
@@ -170,8 +175,12 @@ def evaluate_split(eval_step, state, config, split: str, prompt_to_index, text_t
   if sums is None:
     raise TrainingError(f'split {split!r} has no examples')
   cm = metrics_lib.counts_to_host(sums.pop('cm'))
+  prompt_cm = sums.pop('prompt_cm', None)
   sums = {k: float(v) for k, v in jax.device_get(sums).items()}
   result = dict(metrics_lib.compute_metrics(cm))
+  if prompt_cm is not None:   # config.data.targets='prompts': scores per target prompt
+    result.update(metrics_lib.prompt_metrics(metrics_lib.counts_to_host(prompt_cm),
+                                             input_pipeline.target_prompts(config)))
   n = max(sums.get('n', 0.0), 1.0)
   result['loss'] = sums.get('loss_sum', 0.0) / n
   for part in LOSS_PARTS:
@@ -287,7 +296,8 @@ def train_and_evaluate(config, workdir: str,
   shards_dir = shards.ensure_dataset(config)
   info = input_pipeline.load_dataset_info(shards_dir)
   shards.check_dataset_matches_config(info, config, shards_dir)
-  table_np, prompt_to_index = prompts.dataset_table(config, info)
+  table_np, prompt_to_index = prompts.dataset_table(
+      config, input_pipeline.prompt_table_info(config, info))
 
   mesh = sharding.create_mesh(config)
   n_shards = mesh.shape['data'] * mesh.shape['fsdp']

@@ -19,6 +19,11 @@ Multi-class (K>1):
   binary BCL. Fixed shapes, O(N K) memory.
 Every loss takes a per-example `mask` [B] (1 = real, 0 = padding): padded examples add nothing
 to any sum or count, so a padded batch gives the loss of its real examples.
+Prompt slots (config.data.targets='prompts'): logits [B,H,W,K] with labels [B,H,W,K] (same rank)
+hold K binary (prompt, mask) slots per example; each term is the binary loss of every slot (its
+[B,H,W] logits against its masks, the sums of Dice and BCL over the batch) averaged over the K
+slots, so a batch with K slots scores the mean of its K one-slot batches and K = 1 is exactly
+the binary loss.
 """
 
 from __future__ import annotations
@@ -120,20 +125,36 @@ def multiclass_losses(logits: Array, labels: Array, mask: Array | None = None, *
   return {'ce': ce, 'dice': dice, 'focal': focal, 'bcl': bcl}
 
 
+def slot_losses(logits: Array, labels: Array, mask: Array | None = None,
+                **kw: float) -> dict[str, Array]:
+  """Binary loss terms of K prompt slots, averaged over the slots.
+
+  logits [B,H,W,K]; labels [B,H,W,K] (non-zero = in the slot's prompt target); `kw` as for
+  `binary_losses`.
+  """
+  if labels.shape != logits.shape:
+    raise ValueError(f'prompt-slot labels {labels.shape} must match the logits {logits.shape}')
+  per_slot = jax.vmap(lambda z, y: binary_losses(z, y, mask, **kw), in_axes=(-1, -1))(
+      logits, labels)
+  return {k: jnp.mean(v) for k, v in per_slot.items()}
+
+
 def total_loss(logits: Array, labels: Array, mask: Array | None,
                loss_config: Mapping[str, Any]) -> tuple[Array, dict[str, Array]]:
   """Weighted total from `config.loss` and the dict of its parts (unweighted).
 
   Args:
-    logits: [B,H,W,K] model output (K=1 binary, sigmoid; K>1 softmax).
-    labels: int [B,H,W].
+    logits: [B,H,W,K] model output (K=1 binary, sigmoid; K>1 softmax), or K prompt slots.
+    labels: int [B,H,W]; [B,H,W,K] for K binary prompt slots (`slot_losses`).
     mask: float [B], 1 for real examples, 0 for padding (None = all real).
     loss_config: `config.loss` (weight_ce, weight_dice, weight_focal, weight_bcl, alpha, gamma,
       bcl_margin).
   """
   kw = dict(alpha=loss_config['alpha'], gamma=loss_config['gamma'],
             margin=loss_config['bcl_margin'])
-  if logits.shape[-1] == 1:
+  if labels.ndim == logits.ndim == 4:
+    parts = slot_losses(logits, labels, mask, **kw)
+  elif logits.shape[-1] == 1:
     parts = binary_losses(logits, labels, mask, **kw)
   else:
     parts = multiclass_losses(logits, labels, mask, **kw)

@@ -34,8 +34,11 @@ def confusion_matrix(logits: Array, labels: Array, mask: Array | None = None, *,
                      threshold: float = 0.5) -> Array:
   """int32 [C,C] counts of (true, predicted) over the valid examples' pixels.
 
-  C = 2 for binary logits [B,H,W,1] (labels: non-zero = change), else K.
+  C = 2 for binary logits [B,H,W,1] (labels: non-zero = change), else K. Logits [B,H,W,K] with
+  labels [B,H,W,K] (same rank) are K binary prompt slots: 2 x 2 counts pooled over the slots.
   """
+  if labels.ndim == logits.ndim == 4:
+    return jnp.sum(slot_confusion_matrices(logits, labels, mask, threshold=threshold), axis=0)
   num_classes = max(2, logits.shape[-1])
   pred = predictions(logits, threshold)
   true = (labels > 0).astype(jnp.int32) if logits.shape[-1] == 1 else labels.astype(jnp.int32)
@@ -46,6 +49,27 @@ def confusion_matrix(logits: Array, labels: Array, mask: Array | None = None, *,
   index = (true * num_classes + pred).reshape(-1)
   counts = jax.ops.segment_sum(weight.reshape(-1), index, num_segments=num_classes ** 2)
   return counts.reshape(num_classes, num_classes)
+
+
+def slot_confusion_matrices(logits: Array, labels: Array, mask: Array | None = None, *,
+                            threshold: float = 0.5) -> Array:
+  """int32 [K,2,2] (true, predicted) counts of each of K binary prompt slots.
+
+  logits [B,H,W,K] (sigmoid(z) > threshold = in the prompt's target), labels [B,H,W,K]
+  (non-zero = in it), mask [B] (0 = padding, not counted).
+  """
+  if labels.shape != logits.shape:
+    raise ValueError(f'prompt-slot labels {labels.shape} must match the logits {logits.shape}')
+  k = logits.shape[-1]
+  pred = (jax.nn.sigmoid(logits.astype(jnp.float32)) > threshold).astype(jnp.int32)
+  true = (labels > 0).astype(jnp.int32)
+  if mask is None:
+    weight = jnp.ones(true.shape, jnp.int32)
+  else:
+    weight = jnp.broadcast_to((mask > 0).astype(jnp.int32).reshape((-1, 1, 1, 1)), true.shape)
+  index = jnp.arange(k, dtype=jnp.int32) * 4 + true * 2 + pred
+  counts = jax.ops.segment_sum(weight.reshape(-1), index.reshape(-1), num_segments=4 * k)
+  return counts.reshape(k, 2, 2)
 
 
 def accumulate(total: np.ndarray | None, increment) -> np.ndarray:
@@ -157,3 +181,26 @@ def sek(cm: np.ndarray) -> dict[str, float]:
   miou = float(iou.mean())
   return {'sek': value, 'kappa_n0': kappa_n0, 'iou_change': float(iou[1]),
           'iou_no_change': float(iou[0]), 'miou': miou, 'score': 0.3 * miou + 0.7 * value}
+
+
+def prompt_metrics(cms: np.ndarray, prompts: list[str]) -> dict[str, float]:
+  """Per-prompt scores from int [P,2,2] confusion matrices (one per prompt, in `prompts` order).
+
+  'f1/<prompt>', 'iou/<prompt>', 'precision/<prompt>', 'recall/<prompt>' as `compute_metrics`
+  scores a binary matrix, and 'macro_f1' / 'macro_iou' / 'macro_precision' / 'macro_recall':
+  their means over the prompts that occur in the labels or the predictions (as the multi-class
+  macro averages; a prompt nobody marks and nothing carries has no score to average).
+  """
+  cms = np.asarray(cms, np.int64)
+  if cms.ndim != 3 or cms.shape[1:] != (2, 2) or len(cms) != len(prompts):
+    raise ValueError(f'prompt_metrics needs [{len(prompts)},2,2] matrices, got {cms.shape}')
+  out, present = {}, []
+  names = ('f1', 'iou', 'precision', 'recall')
+  for cm, prompt in zip(cms, prompts):
+    m = compute_metrics(cm)
+    out.update({f'{n}/{prompt}': m[n] for n in names})
+    present.append(cm[1].sum() + cm[0, 1] > 0)
+  for n in names:
+    values = [out[f'{n}/{p}'] for p, keep in zip(prompts, present) if keep]
+    out[f'macro_{n}'] = float(np.mean(values)) if values else 0.0
+  return out

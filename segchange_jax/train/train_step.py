@@ -8,6 +8,10 @@ rngs={'dropout': key}, mutable=[...])` returns logits [B,H,W,K]. Variables: 'par
 Batches are dicts: 'image_a', 'image_b' float32 [b,H,W,3], 'label' int32 [b,H,W],
 'prompt_index' int32 [b], 'mask' float32 [b] (0 = padding). Prompt embeddings live in a device
 table [P, T, L] indexed inside the step, so the text encoder never runs in the step.
+With config.data.targets='prompts' a batch holds K prompt slots per example: 'prompt_index'
+[b,K] gathers text [b,K,T,L], the model answers all K in one pass with logits [b,H,W,K], and
+'label' [b,H,W,K] holds each slot's mask; losses average the slots (losses.slot_losses), the
+confusion matrix pools them and evaluation also counts per prompt ('prompt_cm').
 
 Under jit with the batch split over ('data', 'fsdp'), BatchNorm's batch mean/var are means over
 the global batch (XLA inserts the all-reduce), i.e. synchronised BatchNorm, not per-device stats.
@@ -201,6 +205,9 @@ def eval_outputs(model, config, variables: Mapping[str, Any], batch: Batch,
   out = {'cm': metrics.confusion_matrix(logits, batch['label'], batch['mask'],
                                         threshold=config.eval.threshold),
          'loss_sum': total * n, 'n': n}
+  if batch['label'].ndim == logits.ndim == 4:   # prompt slots: slot k is prompt k of every example
+    out['prompt_cm'] = metrics.slot_confusion_matrices(logits, batch['label'], batch['mask'],
+                                                       threshold=config.eval.threshold)
   out.update({f'{k}_sum': v * n for k, v in parts.items()})
   return out, logits
 
@@ -210,7 +217,8 @@ def make_eval_step(model, config, mesh: Mesh, state_shardings: Any):
 
   Returns {'cm': int32 [C,C], 'loss_sum': loss x valid examples, 'n': valid examples,
   'ce_sum', 'dice_sum', 'focal_sum', 'bcl_sum'}: add over batches, divide by n on the host
-  (upstream's val loss is the example-weighted mean of batch losses).
+  (upstream's val loss is the example-weighted mean of batch losses). Prompt-slot batches add
+  'prompt_cm' int32 [P,2,2], the counts of each prompt.
   """
   def eval_step(state: TrainState, batch: Batch, text_table: jax.Array):
     variables = {'params': state.params, **state.model_state}
