@@ -6,6 +6,10 @@ import cv2
 import numpy as np
 import pytest
 
+from configs import base
+from segchange_jax.data import convert
+from segchange_jax.data import synthetic
+
 
 def write_png(path: str, array: np.ndarray) -> None:
   os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -45,3 +49,27 @@ def tmp(tmp_path):
 def helpers():
   import types  # pylint: disable=g-import-not-at-top
   return types.SimpleNamespace(write_png=write_png, make_pair=make_pair, write_folder=write_folder)
+
+
+@pytest.fixture(scope='module')
+def shards(tmp_path_factory):
+  """12 synthetic 64 px scenes (with their per-prompt targets) converted into 2 shards."""
+  root = tmp_path_factory.mktemp('raw')
+  synthetic.generate(str(root), n=12, size=64, seed=0)   # 8 train / 2 val / 2 test
+  out = str(tmp_path_factory.mktemp('shards'))
+  convert.convert('segchange-default', str(root), out, num_shards=2)
+  return out
+
+
+def data_config(shards_dir: str, **data):
+  """The base config reading `shards_dir` at 64 px, batch 4, no reader threads; `data` sets
+  further config.data fields. Not validated."""
+  c = base.get_config()
+  with c.unlocked():
+    c.data.shards_dir = shards_dir
+    c.data.image_size = 64
+    c.data.num_workers = 0
+    c.train.batch_size = 4
+    for k, v in data.items():
+      setattr(c.data, k, v)
+  return c

@@ -13,30 +13,13 @@ from segchange_jax.data import convert
 from segchange_jax.data import input_pipeline as ip
 from segchange_jax.data import records
 from segchange_jax.data import synthetic
+from tests.data.conftest import data_config
 
 VOCAB = list(synthetic.PROMPT_VOCABULARY)
 
 
-@pytest.fixture(scope='module')
-def shards(tmp_path_factory):
-  root = tmp_path_factory.mktemp('raw')
-  synthetic.generate(str(root), n=12, size=64, seed=0)   # 8 train / 2 val / 2 test
-  out = str(tmp_path_factory.mktemp('shards'))
-  convert.convert('segchange-default', str(root), out, num_shards=2)
-  return out
-
-
 def _config(shards_dir, **data):
-  c = base.get_config()
-  with c.unlocked():
-    c.data.shards_dir = shards_dir
-    c.data.image_size = 64
-    c.data.num_workers = 0
-    c.train.batch_size = 4
-    c.data.targets = 'prompts'
-    for k, v in data.items():
-      setattr(c.data, k, v)
-  return config_lib.validate_config(c)
+  return config_lib.validate_config(data_config(shards_dir, **{'targets': 'prompts', **data}))
 
 
 def _table(config):
