@@ -78,6 +78,23 @@ def variant_config(variant: str):
   return c
 
 
+def random_model(variant: str, dtype: str):
+  """(config, model, variables, rng) for a forward benchmark: the variant's model in `dtype`
+  with N(0, 0.02) weights from numpy's seed-0 generator, which is returned for the inputs."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  from segchange_jax.models import segchange  # pylint: disable=g-import-not-at-top
+  config = variant_config(variant)
+  config.model.dtype = dtype
+  model = segchange.build_model(config)
+  shapes = segchange.variable_shapes(model, 64)
+  rng = np.random.default_rng(0)
+  variables = jax.tree.map(lambda s: jnp.asarray(rng.normal(0, 0.02, s.shape), s.dtype), shapes)
+  return config, model, variables, rng
+
+
 def run_child(script: str, args: list[str], env: dict | None = None,
               timeout: float | None = None) -> tuple[dict | None, str]:
   """Runs `python script args` in a fresh process; (its RESULT json or None, stderr tail).

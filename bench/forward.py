@@ -18,6 +18,7 @@ import time
 from _common import VARIANTS
 from _common import image_size
 from _common import positive_int
+from _common import random_model
 from _common import rss_mb as _rss_mb
 from _common import run_child
 from _common import timed
@@ -27,15 +28,8 @@ from _common import variant_config as _config
 def run_ours(variant: str, batch: int, size: int, iters: int, dtype: str) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
 
-  from segchange_jax.models import segchange  # pylint: disable=g-import-not-at-top
-  config = _config(variant)
-  config.model.dtype = dtype
-  model = segchange.build_model(config)
-  shapes = segchange.variable_shapes(model, 64)
-  rng = np.random.default_rng(0)
-  variables = jax.tree.map(lambda s: jnp.asarray(rng.normal(0, 0.02, s.shape), s.dtype), shapes)
+  config, model, variables, rng = random_model(variant, dtype)
   a = jnp.asarray(rng.normal(size=(batch, size, size, 3)), jnp.float32)
   t = jnp.asarray(rng.normal(size=(batch, 8, config.text.dim)), jnp.float32)
   base_rss = _rss_mb()

@@ -18,7 +18,7 @@ import time
 
 from _common import image_size
 from _common import positive_int
-from _common import variant_config
+from _common import random_model
 from _common import xla_cost
 
 
@@ -27,15 +27,8 @@ def measure(variant: str, size: int, batch: int, prompts: list[int], iters: int,
   """[{'prompts', 'ms', 'gflops', 'compile_s'}] per entry of `prompts`."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
 
-  from segchange_jax.models import segchange  # pylint: disable=g-import-not-at-top
-  config = variant_config(variant)
-  config.model.dtype = dtype
-  model = segchange.build_model(config)
-  shapes = segchange.variable_shapes(model, 64)
-  rng = np.random.default_rng(0)
-  variables = jax.tree.map(lambda s: jnp.asarray(rng.normal(0, 0.02, s.shape), s.dtype), shapes)
+  config, model, variables, rng = random_model(variant, dtype)
   a = jnp.asarray(rng.normal(size=(batch, size, size, 3)), jnp.float32)
   b = jnp.asarray(rng.normal(size=(batch, size, size, 3)), jnp.float32)
   fwd = jax.jit(lambda v, a, b, t: model.apply(v, a, b, t))
