@@ -72,12 +72,6 @@ def slot_confusion_matrices(logits: Array, labels: Array, mask: Array | None = N
   return counts.reshape(k, 2, 2)
 
 
-def accumulate(total: np.ndarray | None, increment) -> np.ndarray:
-  """Host-side int64 running sum of confusion-matrix increments."""
-  inc = np.asarray(jax.device_get(increment), dtype=np.int64)
-  return inc.copy() if total is None else total + inc
-
-
 def zero_counts(shape: tuple[int, ...]) -> dict[str, Array]:
   """An exact on-device running count: two uint32 words per entry (see add_counts)."""
   return {'hi': jnp.zeros(shape, jnp.uint32), 'lo': jnp.zeros(shape, jnp.uint32)}

@@ -27,18 +27,19 @@ def _numpy_scores(true, pred, num_classes):
 
 def test_binary_confusion_and_metrics_over_batches():
   rng = np.random.default_rng(0)
-  total = None
+  total = metrics.zero_counts((2, 2))
   all_true, all_pred = [], []
   for _ in range(3):
     z = rng.normal(size=(4, 16, 16, 1)).astype(np.float32)
     y = rng.integers(0, 2, (4, 16, 16)).astype(np.int32)
     mask = np.array([1, 1, 0, 1], np.float32)
-    total = metrics.accumulate(total, metrics.confusion_matrix(
+    total = metrics.add_counts(total, metrics.confusion_matrix(
         jnp.asarray(z), jnp.asarray(y), jnp.asarray(mask), threshold=0.3))
     keep = mask == 1
     p = 1 / (1 + np.exp(-z[keep, ..., 0].astype(np.float64)))
     all_pred.append((p > 0.3).astype(int).ravel())
     all_true.append(y[keep].ravel())
+  total = metrics.counts_to_host(total)
   true, pred = np.concatenate(all_true), np.concatenate(all_pred)
   assert total.dtype == np.int64 and total.sum() == true.size
   ref_cm = np.array([[np.sum((true == a) & (pred == b)) for b in range(2)] for a in range(2)])
@@ -56,7 +57,7 @@ def test_multiclass_macro_over_present_classes():
   z = rng.normal(size=(3, 8, 8, k)).astype(np.float32)
   z[..., 4] = -100.0  # class 4 never predicted
   y = rng.integers(0, 4, (3, 8, 8)).astype(np.int32)  # ... nor present: excluded from macro
-  cm = metrics.accumulate(None, metrics.confusion_matrix(jnp.asarray(z), jnp.asarray(y)))
+  cm = np.asarray(metrics.confusion_matrix(jnp.asarray(z), jnp.asarray(y)), np.int64)
   pred = np.argmax(z, -1).ravel()
   ref, present, oa = _numpy_scores(y.ravel(), pred, k)
   got = metrics.compute_metrics(cm)
@@ -119,7 +120,7 @@ def test_kappa_from_device_confusion_matrix_matches_pixel_definition():
   for k in (1, 4):
     z = rng.normal(size=(3, 12, 12, k)).astype(np.float32)
     y = rng.integers(0, max(2, k), (3, 12, 12)).astype(np.int32)
-    cm = metrics.accumulate(None, metrics.confusion_matrix(jnp.asarray(z), jnp.asarray(y)))
+    cm = np.asarray(metrics.confusion_matrix(jnp.asarray(z), jnp.asarray(y)), np.int64)
     if k == 1:
       pred = (1 / (1 + np.exp(-z[..., 0].astype(np.float64))) > 0.5).astype(int).ravel()
     else:
