@@ -280,7 +280,10 @@ def train_and_evaluate(config, workdir: str,
   """
   start_time = time.perf_counter()
   is_main = jax.process_index() == 0
-  cache_dir = compilation_cache.enable(config.train.compilation_cache_dir)
+  try:
+    cache_dir = compilation_cache.enable(config.train.compilation_cache_dir)
+  except NotADirectoryError as e:
+    raise TrainingError(str(e)) from e
   if cache_dir is not None:
     logging.info('XLA compilation cache: %s', cache_dir)
   try:

@@ -197,3 +197,12 @@ def test_bad_profile_steps_and_stop_check_every_are_config_errors(repo_root, dat
     _config(repo_root, dataset, **{'train.profile_steps': (5, 2)})
   with pytest.raises(config_lib.ConfigError, match='stop_check_every'):
     _config(repo_root, dataset, **{'train.stop_check_every': 0})
+
+
+def test_a_file_as_compilation_cache_dir_is_a_training_error(repo_root, dataset, tmp_path):
+  """The train CLI turns TrainingError into one line (exit 2), not a traceback."""
+  f = tmp_path / 'not_a_dir'
+  f.write_text('x')
+  config = _config(repo_root, dataset, **{'train.compilation_cache_dir': str(f)})
+  with pytest.raises(loop.TrainingError, match='is a file: give a directory'):
+    loop.train_and_evaluate(config, str(tmp_path / 'run'))
