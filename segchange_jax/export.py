@@ -2,7 +2,8 @@ r"""Inference bundle: Orbax params, config, prompt embeddings and a self-contain
 
   python -m segchange_jax.export --checkpoint CKPT --out DIR [--config configs/x.py] \
       [--prompts "Buildings with changes" --prompts "..." | --embeddings prompts.npz] \
-      [--size 512] [--format stablehlo|onnx] [--platforms cpu,cuda] [--raw_inputs]
+      [--size 512] [--format stablehlo|onnx] [--platforms cpu,cuda] [--raw_inputs] \
+      [--prompt_batch P]
 
 DIR holds `variables/` + `config.json` (the model for segchange_jax), `prompts.npz` (from
 --prompts encoded with the config's text encoder, --embeddings, or config.data.prompt), the
@@ -23,6 +24,12 @@ file, model_embeddings.stablehlo / model_embeddings.onnx, takes text_emb float32
 place of prompt. --raw_inputs writes one file with the float graph instead, `logits =
 f(image_a, image_b, text_emb)` on images already normalised (RGB / 255, then ImageNet
 mean/std), for users who normalise themselves.
+--prompt_batch P exports graphs that answer P prompts per image pair in one pass (the image
+trunk once, the mask head for all P): prompt int32 [b, P] (or text_emb float32 [b, P, T, L];
+--raw_inputs too) -> probabilities float32 [b, S, S, P] and mask uint8 [b, S, S, P] for K = 1
+([b, S, S, P, K] probabilities otherwise); signature.json and the model card record
+`prompt_batch`, and `infer --backend onnxruntime` runs up to P prompts on such a bundle
+(inference/onnx_runtime.py pads fewer). Without it the graphs take one prompt, as above.
 """
 
 from __future__ import annotations
@@ -48,7 +55,7 @@ def _stablehlo(f, config, variables) -> str:
   from segchange_jax.inference import export  # pylint: disable=g-import-not-at-top
   sig = export.write_bundle(f.out, config, variables, f.prompts, f.embeddings, f.size,
                             f.platforms, overwrite=f.overwrite, raw_inputs=f.raw_inputs,
-                            card=_card(f))
+                            card=_card(f), prompt_batch=f.prompt_batch)
   return f'{export.MODEL_FILE} for {sig["platforms"]}, inputs {json.dumps(sig["inputs"])}'
 
 
@@ -56,7 +63,7 @@ def _onnx(f, config, variables) -> str:
   from segchange_jax.inference import onnx_export  # pylint: disable=g-import-not-at-top
   sig = onnx_export.write_bundle(f.out, config, variables, f.prompts, f.embeddings, f.size,
                                  overwrite=f.overwrite, raw_inputs=f.raw_inputs,
-                                 card=_card(f))
+                                 card=_card(f), prompt_batch=f.prompt_batch)
   return f'{onnx_export.MODEL_FILE} ({sig["bytes"]} bytes), inputs {json.dumps(sig["inputs"])}'
 
 
@@ -81,6 +88,9 @@ def define_flags() -> None:
                     'f(image_a, image_b, text_emb) on ImageNet-normalised float32 images (by '
                     'default the graphs take uint8 images and a prompt index or embedding and '
                     'return probabilities and the mask).')
+  flags.DEFINE_integer('prompt_batch', None, 'Export graphs that take P prompts per image pair '
+                       'in one pass (prompt int32 [b, P], text_emb [b, P, T, L] -> '
+                       'probabilities [b, S, S, P]); default: one prompt per pair.')
   flags.DEFINE_enum('format', 'stablehlo', list(FORMATS), 'stablehlo: model.stablehlo '
                     '(jax.export); onnx: model.onnx (opset 17, dynamic batch) for ONNX Runtime '
                     '(pip install .[onnx]; segchange_jax/inference/onnx_export.py).')
@@ -93,7 +103,8 @@ def main(argv: Sequence[str]) -> None:
   for name in ('checkpoint', 'out'):
     if not f[name].value:
       raise cli.UsageError(f'--{name} is required')
-  bundle.check_args(f.out, f.size, f.prompts, f.embeddings, f.overwrite, [f.checkpoint])
+  bundle.check_args(f.out, f.size, f.prompts, f.embeddings, f.overwrite, [f.checkpoint],
+                    prompt_batch=f.prompt_batch)
   cli.quiet_libraries()
   config = config_lib.validate_config(f.config) if f.config is not None else None
   # Lazy (jax, orbax, the model): flag errors above come back at once.

@@ -22,8 +22,14 @@ A bundle DIR holds:
   K = 1; argmax otherwise). With `raw_inputs` (`--raw_inputs`) one graph (`RAW`) instead:
   `logits = f(image_a, image_b, text_emb)` on ImageNet-normalised float32 images, for users
   who normalise themselves.
+  With `prompt_batch` P (`--prompt_batch P`) every graph answers P prompts per image pair in
+  one pass (models/segchange.py): `prompt` int32 [b, P] (P rows of the table), `text_emb`
+  float32 [b, P, T, L]; `probabilities` float32 [b, S, S, P] (K = 1; [b, S, S, P, K]
+  otherwise), `mask` uint8 [b, S, S, P], the RAW graph's `logits` [b, S, S, P] ([b, S, S, P,
+  K]). Prompt p's outputs are those of the one-prompt graph for that prompt. Fewer prompts run
+  padded to P (inference/onnx_runtime.py repeats the first and drops the padding's outputs).
 - `signature.json` (`signature`): each graph's inputs and outputs, normalisation, decision
-  rule, threshold, prompts.
+  rule, threshold, prompts (and `prompt_batch` P for a `--prompt_batch` export).
 - `model_card.json` + `MODEL_CARD.md`: the exported checkpoint's model card (train/model_card.py:
   code, config, data fingerprint, metrics, ...) with the export settings added (`export_card`).
 - `README.md` (`readme`): how to load and call the model file with its runtime alone (a python
@@ -95,7 +101,8 @@ class Graph:
 
   `fn(consts, *inputs)` (`graph_function`) with `inputs`: name -> jax.ShapeDtypeStruct (batch
   symbolic 'b', `graph_specs`), returning `output_names` in order; `kind`: PROMPT, EMBEDDINGS or
-  RAW; `prompts` and `threshold`: the bundle's, for the file's own metadata.
+  RAW; `prompts` and `threshold`: the bundle's, for the file's own metadata; `prompt_batch`:
+  P for a graph answering P prompts per pair, None for the one-prompt graph.
   """
   kind: str
   fn: Callable[..., Any]
@@ -104,19 +111,33 @@ class Graph:
   output_names: tuple[str, ...]
   prompts: tuple[str, ...]
   threshold: float
+  prompt_batch: int | None = None
 
 
 def check_args(out: str, size: int | None, prompts: Sequence[str] | None = None,
                embeddings: str | None = None, overwrite: bool = False,
-               inputs: Sequence[str] = (), error: type[Exception] = BundleError) -> None:
+               inputs: Sequence[str] = (), error: type[Exception] = BundleError,
+               prompt_batch: int | None = None) -> None:
   """Refuses, before anything slow: `out` naming an input or an existing non-empty folder
-  (without `overwrite`), a size (None: the config's) off the model stride, and both prompt
-  sources."""
+  (without `overwrite`), a size (None: the config's) off the model stride, both prompt
+  sources, and a prompt batch (None: one prompt) below 1."""
   atomic.check_output_dir(out, inputs, overwrite)
   if size is not None:
     config_lib.check_stride(size, '--size', error)
   if prompts and embeddings:
     raise error('give --prompts or --embeddings, not both')
+  check_prompt_batch(prompt_batch, error)
+
+
+def check_prompt_batch(prompt_batch: int | None, error: type[Exception] = BundleError) -> None:
+  """Refuses a prompt batch that is not a positive integer (None: the one-prompt graphs)."""
+  if prompt_batch is None:
+    return
+  if isinstance(prompt_batch, bool) or not isinstance(prompt_batch, (int, np.integer)):
+    raise error(f'--prompt_batch={prompt_batch!r} must be an integer (prompts per image pair)')
+  if prompt_batch < 1:
+    raise error(f'--prompt_batch={prompt_batch} must be >= 1 (prompts per image pair; leave it '
+                'out for the one-prompt graphs)')
 
 
 def embeddings_file(model_file: str) -> str:
@@ -132,26 +153,32 @@ def graph_files(fmt: BundleFormat, raw_inputs: bool = False) -> dict[str, str]:
   return {fmt.model_file: PROMPT, embeddings_file(fmt.model_file): EMBEDDINGS}
 
 
-def graph_specs(config, size: int, kind: str) -> dict[str, Any]:
-  """{input name: jax.ShapeDtypeStruct} of a graph of `kind`, batch symbolic 'b'."""
+def graph_specs(config, size: int, kind: str, prompt_batch: int | None = None
+                ) -> dict[str, Any]:
+  """{input name: jax.ShapeDtypeStruct} of a graph of `kind`, batch symbolic 'b'; with
+  `prompt_batch` P the prompt inputs gain a P axis after the batch."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   (b,) = jax.export.symbolic_shape('b')
   image = jax.ShapeDtypeStruct((b, size, size, 3), jnp.float32 if kind == RAW else jnp.uint8)
-  text = jax.ShapeDtypeStruct((b, int(config.text.max_tokens), int(config.text.dim)),
-                              jnp.float32)
-  third = jax.ShapeDtypeStruct((b,), jnp.int32) if kind == PROMPT else text
+  per_pair = (b,) if prompt_batch is None else (b, int(prompt_batch))
+  text = jax.ShapeDtypeStruct(
+      (*per_pair, int(config.text.max_tokens), int(config.text.dim)), jnp.float32)
+  third = jax.ShapeDtypeStruct(per_pair, jnp.int32) if kind == PROMPT else text
   return dict(zip(GRAPH_INPUTS[kind], (image, image, third)))
 
 
 def graph_function(config, variables: dict, kind: str, table: np.ndarray | None = None):
   """(fn, consts): the function a model file holds, `fn(consts, *inputs)` with the inputs of
-  `graph_specs(config, size, kind)`, and the variables' leaves (float32 numpy) as `consts`.
+  `graph_specs(config, size, kind[, prompt_batch])`, and the variables' leaves (float32
+  numpy) as `consts`.
 
   RAW gives the logits; PROMPT and EMBEDDINGS (uint8 images, normalised as
   `segchange_jax.data.imagery.normalize` does) give (probabilities, mask) with the config's
-  infer.threshold. PROMPT picks its text embedding from `table` [P, T, L] (a constant of the
-  graph); an index outside 0..P-1 gives a NaN embedding, hence NaN probabilities.
+  infer.threshold. PROMPT picks its text embedding from `table` [N, T, L] (a constant of the
+  graph); an index outside 0..N-1 gives a NaN embedding, hence NaN probabilities. Prompt
+  inputs with a prompt axis ([b, P] indices, [b, P, T, L] embeddings) give the model's P-prompt
+  outputs: probabilities [b, S, S, P] (K = 1) or [b, S, S, P, K], mask [b, S, S, P].
   """
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
@@ -177,11 +204,12 @@ def graph_function(config, variables: dict, kind: str, table: np.ndarray | None 
     if kind == PROMPT:
       valid = (text >= 0) & (text < rows)
       emb = jnp.take(table, jnp.clip(text, 0, rows - 1), axis=0, mode='clip')
-      text = jnp.where(valid[:, None, None], emb, jnp.nan)
+      text = jnp.where(valid[..., None, None], emb, jnp.nan)
     y = logits(lv, imagery.normalize(image_a), imagery.normalize(image_b), text)
     if k == 1:
       probabilities = jax.nn.sigmoid(y)
-      mask = probabilities[..., 0] > threshold
+      # One prompt: [b, S, S, 1] -> mask [b, S, S]; P prompts: [b, S, S, P] is the mask's shape.
+      mask = (probabilities if text.ndim == 4 else probabilities[..., 0]) > threshold
     else:
       probabilities = jax.nn.softmax(y, axis=-1)
       mask = jnp.argmax(y, axis=-1)
@@ -191,46 +219,64 @@ def graph_function(config, variables: dict, kind: str, table: np.ndarray | None 
 
 
 def make_graph(config, variables: dict, kind: str, size: int, table: np.ndarray | None = None,
-               prompts: Sequence[str] = (), error: type[Exception] = BundleError) -> Graph:
+               prompts: Sequence[str] = (), error: type[Exception] = BundleError,
+               prompt_batch: int | None = None) -> Graph:
   """The `Graph` of kind `kind` for square inputs of `size` (a multiple of the model stride,
-  else `error`): `graph_function`, `graph_specs` and the kind's output names together."""
+  else `error`): `graph_function`, `graph_specs` and the kind's output names together;
+  `prompt_batch` P: the graph takes P prompts per image pair."""
   config_lib.check_stride(size, '--size', error)
+  check_prompt_batch(prompt_batch, error)
   fn, consts = graph_function(config, variables, kind, table)
-  return Graph(kind, fn, consts, graph_specs(config, size, kind),
+  return Graph(kind, fn, consts, graph_specs(config, size, kind, prompt_batch),
                (OUTPUT_NAME,) if kind == RAW else OUTPUT_NAMES, tuple(prompts),
-               float(config.infer.threshold))
+               float(config.infer.threshold),
+               None if prompt_batch is None else int(prompt_batch))
 
 
-def _graph_io(kind: str, size: int, t: int, dim: int, k: int) -> dict[str, Any]:
+def _graph_io(kind: str, size: int, t: int, dim: int, k: int,
+              prompt_batch: int | None = None) -> dict[str, Any]:
   image = {'shape': ['b', size, size, 3], 'dtype': 'float32' if kind == RAW else 'uint8'}
-  third = ({'shape': ['b'], 'dtype': 'int32'} if kind == PROMPT
-           else {'shape': ['b', t, dim], 'dtype': 'float32'})
+  per_pair = ['b'] if prompt_batch is None else ['b', int(prompt_batch)]
+  third = ({'shape': per_pair, 'dtype': 'int32'} if kind == PROMPT
+           else {'shape': [*per_pair, t, dim], 'dtype': 'float32'})
   inputs = dict(zip(GRAPH_INPUTS[kind], (image, dict(image), third)))
-  if kind == RAW:
-    outputs = {OUTPUT_NAME: {'shape': ['b', size, size, k], 'dtype': 'float32'}}
+  # The model's shapes: one prompt keeps K (also for K = 1); P prompts drop it for K = 1.
+  if prompt_batch is None:
+    out, mask = ['b', size, size, k], ['b', size, size]
   else:
-    outputs = {'probabilities': {'shape': ['b', size, size, k], 'dtype': 'float32'},
-               'mask': {'shape': ['b', size, size], 'dtype': 'uint8'}}
+    out = ['b', size, size, int(prompt_batch)] + ([] if k == 1 else [k])
+    mask = ['b', size, size, int(prompt_batch)]
+  if kind == RAW:
+    outputs = {OUTPUT_NAME: {'shape': out, 'dtype': 'float32'}}
+  else:
+    outputs = {'probabilities': {'shape': out, 'dtype': 'float32'},
+               'mask': {'shape': mask, 'dtype': 'uint8'}}
   return {'function': FUNCTIONS[kind], 'inputs': inputs, 'outputs': outputs}
 
 
 def signature(config, fmt: BundleFormat, size: int, text_shape: Sequence[int],
-              prompts: Sequence[str], graphs: dict[str, tuple[str, dict[str, Any]]]
-              ) -> dict[str, Any]:
+              prompts: Sequence[str], graphs: dict[str, tuple[str, dict[str, Any]]],
+              prompt_batch: int | None = None) -> dict[str, Any]:
   """signature.json: each graph (`graphs`: file -> (kind, the format's own entries)), the main
-  graph's inputs and outputs, normalisation, decision rule, threshold and prompts."""
+  graph's inputs and outputs, normalisation, decision rule, threshold and prompts;
+  `prompt_batch` (P prompts per pair) only for a `--prompt_batch` export."""
   from segchange_jax.data import imagery  # pylint: disable=g-import-not-at-top
   t, dim = (int(x) for x in text_shape)
   k = int(config.model.num_classes)
   main_kind, main_extra = graphs[fmt.model_file]
   raw = main_kind == RAW
-  io = {f: {**_graph_io(kind, size, t, dim, k), **extra} for f, (kind, extra) in graphs.items()}
+  io = {f: {**_graph_io(kind, size, t, dim, k, prompt_batch), **extra}
+        for f, (kind, extra) in graphs.items()}
+  multi = prompt_batch is not None
   if raw:
-    decision = ('change = sigmoid(logits[..., 0]) > threshold' if k == 1
-                else 'class = argmax(logits, -1)')
+    decision = ('change = sigmoid(logits[..., 0]) > threshold' if k == 1 and not multi else
+                'change = sigmoid(logits) > threshold' if k == 1 else
+                'class = argmax(logits, -1)')
   else:
-    decision = ('mask = probabilities[..., 0] > threshold' if k == 1
-                else 'mask = argmax(probabilities, -1)')
+    decision = ('mask = probabilities[..., 0] > threshold' if k == 1 and not multi else
+                'mask = probabilities > threshold' if k == 1 else
+                'mask = argmax(probabilities, -1)')
+  extra = {} if not multi else {'prompt_batch': int(prompt_batch)}
   return {
       'function': FUNCTIONS[main_kind], 'format': fmt.name, 'file': fmt.model_file,
       'raw_inputs': raw, 'inputs': io[fmt.model_file]['inputs'],
@@ -242,13 +288,43 @@ def signature(config, fmt: BundleFormat, size: int, text_shape: Sequence[int],
                               'channels': 'RGB', 'in_graph': not raw},
       'decision': decision, 'decision_in_graph': not raw,
       'threshold': float(config.infer.threshold), 'prompts': list(prompts),
-      'text_model': config.text.model, **main_extra}
+      'text_model': config.text.model, **extra, **main_extra}
 
 
-def example_code(fmt: BundleFormat) -> str:
+def _classes(shape: Sequence[Any], multi: bool) -> int:
+  """K of an output shape: [b, S, S, K] (one prompt), [b, S, S, P] or [b, S, S, P, K]."""
+  return int(shape[4]) if len(shape) == 5 else 1 if multi else int(shape[3])
+
+
+def _prompt_rows(prompt_batch: int, names: Sequence[str]) -> list[int]:
+  """P table rows for a README example: each prompt once, then row 0 repeated as padding."""
+  rows = list(range(min(prompt_batch, len(names))))
+  return rows + [0] * (prompt_batch - len(rows))
+
+
+def example_code(fmt: BundleFormat, prompt_batch: int | None = None,
+                 names: Sequence[str] = ()) -> str:
   """The README's python block of a uint8 bundle: read a.png and b.png, run the model file with
-  its runtime alone, save mask.png. The same text for every bundle of the format."""
+  its runtime alone, save mask.png. The same text for every bundle of the format; with
+  `prompt_batch` P (a `--prompt_batch` bundle whose table holds `names`) it asks for P rows
+  and saves one mask_<p>.png per prompt."""
   imports = sorted(['import numpy as np', *fmt.imports])
+  if prompt_batch is not None:
+    rows = _prompt_rows(prompt_batch, names)
+    used = min(prompt_batch, len(names))
+    return (
+        '\n'.join(imports) + '\nfrom PIL import Image\n\n'
+        '# From the bundle folder: a.png, b.png show one place at two dates (RGB, the bundle '
+        'size).\n'
+        f'{fmt.load.strip()}\n'
+        "a = np.asarray(Image.open('a.png').convert('RGB'))[None]  # uint8 [1, S, S, 3]\n"
+        "b = np.asarray(Image.open('b.png').convert('RGB'))[None]\n"
+        f'# [1, {prompt_batch}]: {prompt_batch} rows of the prompt table (signature.json '
+        '"prompts"); fewer prompts: repeat a row and ignore its outputs.\n'
+        f'prompt = np.array([{rows}], np.int32)\n'
+        f'probabilities, mask = {fmt.call.strip()}\n'
+        f'for p in range({used}):  # mask [1, S, S, {prompt_batch}]: one mask per prompt\n'
+        "  Image.fromarray((mask[0, ..., p] > 0).astype(np.uint8) * 255).save(f'mask_{p}.png')\n")
   return (
       '\n'.join(imports) + '\nfrom PIL import Image\n\n'
       '# From the bundle folder: a.png, b.png show one place at two dates (RGB, the bundle size).\n'
@@ -263,14 +339,30 @@ def example_code(fmt: BundleFormat) -> str:
 def _raw_code(fmt: BundleFormat, sig: dict[str, Any]) -> str:
   """The README's python block of a --raw_inputs bundle: normalise, call, decide."""
   size = sig['inputs']['image_a']['shape'][1]
-  k = sig['outputs'][OUTPUT_NAME]['shape'][3]
+  pb = sig.get('prompt_batch')
+  out_shape = sig['outputs'][OUTPUT_NAME]['shape']
+  k = _classes(out_shape, pb is not None)
   norm, thr, names = sig['image_normalisation'], sig['threshold'], sig['prompts']
-  if k == 1:
+  per = '' if pb is None else f', {pb}'
+  if k == 1 and pb is None:
     decide = ('THRESHOLD = {thr!r}  # the config\'s infer.threshold\n'
               'change = 1 / (1 + np.exp(-logits[..., 0])) > THRESHOLD  # [1, S, S] bool\n'
               ).format(thr=thr)
+  elif k == 1:
+    decide = ('THRESHOLD = {thr!r}  # the config\'s infer.threshold\n'
+              'change = 1 / (1 + np.exp(-logits)) > THRESHOLD  # [1, S, S, {pb}] bool, one '
+              'map per prompt\n').format(thr=thr, pb=pb)
   else:
-    decide = 'classes = logits.argmax(-1)  # [1, S, S] class id, 0 = no change\n'
+    decide = f'classes = logits.argmax(-1)  # [1, S, S{per}] class id, 0 = no change\n'
+  if pb is None:
+    pick = ('prompts = np.load(\'prompts.npz\')\n'
+            f'row = list(prompts[\'prompts\']).index({names[0]!r})\n'
+            'text_emb = prompts[\'embeddings\'][row][None]  # [1, T, L]\n\n')
+  else:
+    pick = ('prompts = np.load(\'prompts.npz\')\n'
+            f'# {pb} rows of the table (fewer prompts: repeat a row and ignore its outputs).\n'
+            f'text_emb = prompts[\'embeddings\'][{_prompt_rows(pb, names)}][None]  '
+            f'# [1, {pb}, T, L]\n\n')
   return (
       '\n'.join(sorted(['import numpy as np', *fmt.imports])) + '\n\n'
       f'{fmt.load.strip()}\n\n'
@@ -283,11 +375,9 @@ def _raw_code(fmt: BundleFormat, sig: dict[str, Any]) -> str:
       'rng = np.random.default_rng(0)\n'
       f'rgb_a = rng.integers(0, 256, ({size}, {size}, 3), dtype=np.uint8)\n'
       f'rgb_b = rng.integers(0, 256, ({size}, {size}, 3), dtype=np.uint8)\n\n'
-      'prompts = np.load(\'prompts.npz\')\n'
-      f'row = list(prompts[\'prompts\']).index({names[0]!r})\n'
-      'text_emb = prompts[\'embeddings\'][row][None]  # [1, T, L]\n\n'
+      + pick +
       'image_a, image_b = normalise(rgb_a), normalise(rgb_b)\n'
-      f'logits = {fmt.raw_call.strip()}  # [1, {size}, {size}, {k}]\n' + decide)
+      f'logits = {fmt.raw_call.strip()}  # {[1] + out_shape[1:]}\n' + decide)
 
 
 def readme(fmt: BundleFormat, sig: dict[str, Any]) -> str:
@@ -295,21 +385,36 @@ def readme(fmt: BundleFormat, sig: dict[str, Any]) -> str:
   raw = sig['raw_inputs']
   size = sig['inputs']['image_a']['shape'][1]
   graphs = sig['graphs']
+  pb = sig.get('prompt_batch')
+  multi = pb is not None
   emb_file = next((f for f, g in graphs.items() if g['kind'] == EMBEDDINGS), None)
-  t, dim = (graphs[emb_file] if emb_file else sig)['inputs']['text_emb']['shape'][1:]
-  k = next(iter(sig['outputs'].values()))['shape'][3]
+  t, dim = (graphs[emb_file] if emb_file else sig)['inputs']['text_emb']['shape'][-2:]
+  out_shape = next(iter(sig['outputs'].values()))['shape']
+  k = _classes(out_shape, multi)
+  shown = lambda shape: '[' + ', '.join(str(d) for d in shape) + ']'
   norm, thr, names = sig['image_normalisation'], sig['threshold'], sig['prompts']
   scale = '1 / 255' if norm['scale'] == 1 / 255 else repr(norm['scale'])
   normalise = (f'multiply by {scale}, subtract the ImageNet mean {norm["mean"]} and divide by '
                f'the ImageNet std {norm["std"]}, per channel')
-  text_emb = (f'float32 [b, {t}, {dim}], a prompt embedding: one row of `prompts.npz` (arrays '
-              f'`prompts` [P] str and `embeddings` [P, {t}, {dim}] float32) or, for other '
-              'prompts, `python -m segchange_jax.embed_prompts` with the text encoder '
-              f'`{sig["text_model"]}`')
+  per = '' if not multi else f'{pb}, '
+  text_emb = (f'float32 [b, {per}{t}, {dim}], '
+              + ('a prompt embedding: one row' if not multi else
+                 f'{pb} prompt embeddings per image pair: rows') +
+              f' of `prompts.npz` (arrays `prompts` [P] str and `embeddings` [P, {t}, {dim}] '
+              'float32) or, for other prompts, `python -m segchange_jax.embed_prompts` with the '
+              f'text encoder `{sig["text_model"]}`')
+  batch_note = '' if not multi else (
+      f'\n\nThis bundle was exported with `--prompt_batch {pb}`: every call answers {pb} prompts '
+      'per image pair in one pass (the image trunk runs once, the mask head for all prompts); '
+      f'prompt p\'s outputs are at index p of the prompt axis. For fewer than {pb} prompts, '
+      'repeat one and ignore its outputs; for more, re-export with a larger `--prompt_batch`.')
   if raw:
-    rule = (f'change where `sigmoid(logits[..., 0]) > threshold`, threshold = {thr!r} (the '
-            "model config's `infer.threshold`)" if k == 1 else
-            '`class = argmax(logits, -1)` (0: no change; class ids as in training)')
+    if k == 1:
+      rule = (f'change where `sigmoid(logits{"" if multi else "[..., 0]"}) > threshold`, '
+              f'threshold = {thr!r} (the model config\'s `infer.threshold`)'
+              + (', one map per prompt' if multi else ''))
+    else:
+      rule = '`class = argmax(logits, -1)` (0: no change; class ids as in training)'
     intro = (f'`{fmt.model_file}` computes `{FUNCTION}` on normalised float images (exported '
              'with `--raw_inputs`; without it the bundle takes uint8 images and returns '
              'probabilities and the mask)')
@@ -319,14 +424,16 @@ def readme(fmt: BundleFormat, sig: dict[str, Any]) -> str:
         f'{normalise}.\n'
         f'- `text_emb`: {text_emb}, repeated over the batch. This bundle holds '
         f'{", ".join(repr(n) for n in names)}.\n'
-        f'- `logits`: float32 [b, {size}, {size}, {k}].\n\n'
+        f'- `logits`: float32 {shown(out_shape)}.\n\n'
         f'Decision rule: {rule}.\n\n')
     how = 'From the bundle folder:'
     code = _raw_code(fmt, sig)
   else:
-    rule = (f'`mask = probabilities[..., 0] > threshold`, threshold = {thr!r} (the model '
-            "config's `infer.threshold`)" if k == 1 else
-            '`mask = argmax(probabilities, -1)` (0: no change; class ids as in training)')
+    if k == 1:
+      rule = (f'`mask = probabilities{"" if multi else "[..., 0]"} > threshold`, threshold = '
+              f"{thr!r} (the model config's `infer.threshold`)")
+    else:
+      rule = '`mask = argmax(probabilities, -1)` (0: no change; class ids as in training)'
     table = ', '.join(f'{i} = {n!r}' for i, n in enumerate(names))
     intro = (f'`{fmt.model_file}` computes `{FUNCTIONS[PROMPT]}`: the change between two '
              'co-registered images of one place, steered by a text prompt from the '
@@ -334,28 +441,33 @@ def readme(fmt: BundleFormat, sig: dict[str, Any]) -> str:
              f'decision rule are inside the file; `{emb_file}` is the same model taking the '
              'prompt as an embedding `text_emb` in place of `prompt`, for prompts outside the '
              'table (ONNX has no optional inputs, hence two files)')
+    mask_shape = sig['outputs']['mask']['shape']
     inputs = (
         f'- `image_a`, `image_b`: uint8 [b, {size}, {size}, 3], channels '
         f'{", ".join(norm["channels"])} as read from the image files (NHWC; `b` is any batch '
         f'size). The graph normalises them: {normalise}.\n'
-        f'- `prompt` (`{fmt.model_file}`): int32 [b], a row of the prompt table: {table} '
+        + (f'- `prompt` (`{fmt.model_file}`): int32 [b], a row of the prompt table: {table} '
+           if not multi else
+           f'- `prompt` (`{fmt.model_file}`): int32 [b, {pb}], {pb} rows of the prompt table '
+           f'per image pair: {table} ') +
         '(`signature.json` "prompts", `prompts.npz`); an index outside the table gives NaN '
         'probabilities.\n'
         f'- `text_emb` (`{emb_file}`): {text_emb}.\n'
-        f'- `probabilities`: float32 [b, {size}, {size}, {k}], '
+        f'- `probabilities`: float32 {shown(out_shape)}, '
         + ('sigmoid of the logits' if k == 1 else 'softmax of the logits over the classes')
         + '.\n'
-        f'- `mask`: uint8 [b, {size}, {size}], ' + ('1 = change, 0 = no change' if k == 1 else
-                                                  'class id, 0 = no change') + '.\n\n'
+        f'- `mask`: uint8 {shown(mask_shape)}, ' + ('1 = change, 0 = no change' if k == 1 else
+                                                   'class id, 0 = no change') + '.\n\n'
         f'Decision rule (in the graph): {rule}.\n\n')
     how = (f'From the bundle folder, with two RGB images of {size} x {size} px saved as '
-           '`a.png` and `b.png`; it writes `mask.png`:')
-    code = example_code(fmt)
+           '`a.png` and `b.png`; it writes '
+           + ('`mask.png`:' if not multi else 'one `mask_<p>.png` per prompt:'))
+    code = example_code(fmt, pb, names)
   notes = fmt.notes.format_map(sig).strip()
   return (
       f'# SegChange change detector: {fmt.title} bundle\n\n'
       f'{intro}. The weights are inside the file, so {fmt.runtime} and numpy alone run it '
-      '(no segchange_jax, no model code).\n\n'
+      f'(no segchange_jax, no model code).{batch_note}\n\n'
       '## Inputs and outputs\n\n' + inputs +
       f'## Load and call ({fmt.runtime} alone)\n\n'
       f'{how}\n\n'
@@ -363,7 +475,8 @@ def readme(fmt: BundleFormat, sig: dict[str, Any]) -> str:
       + (f'{notes}\n\n' if notes else '') +
       '## Other files\n\n'
       '- `signature.json`: the same facts as JSON (each graph\'s inputs and outputs, '
-      'normalisation, decision, threshold, prompts).\n'
+      'normalisation, decision, threshold, prompts' + (', prompt_batch' if multi else '') +
+      ').\n'
       '- `variables/` + `config.json`: the same model for segchange_jax: '
       "`ChangeDetector.from_checkpoint('DIR')` (segchange_jax.inference.predictor); whole "
       'scenes: `python -m segchange_jax.infer --checkpoint DIR --a A.tif --b B.tif --out '
@@ -375,11 +488,13 @@ def write(out: str, config, variables: dict, fmt: BundleFormat,
           prompts: Sequence[str] | None = None, embeddings: str | None = None,
           size: int | None = None, overwrite: bool = False,
           error: type[Exception] = BundleError, raw_inputs: bool = False,
-          card: dict[str, Any] | None = None) -> dict[str, Any]:
+          card: dict[str, Any] | None = None,
+          prompt_batch: int | None = None) -> dict[str, Any]:
   """Writes the bundle (module docstring) and returns its signature.
 
   `card`: the model card of the exported checkpoint (`checkpoints.read_card`), copied into the
-  bundle with the export settings added (`export_card`).
+  bundle with the export settings added (`export_card`). `prompt_batch` P: graphs answering P
+  prompts per image pair (`--prompt_batch`); None: the one-prompt graphs.
 
   `write_model(path, graph)` writes one model file holding the `Graph` `graph` and returns
   the signature entries of its own (platforms, opset, ...); it is called once per graph
@@ -390,20 +505,21 @@ def write(out: str, config, variables: dict, fmt: BundleFormat,
   from segchange_jax.interop import checkpoints  # pylint: disable=g-import-not-at-top
   from segchange_jax.text import prompts as prompts_lib  # pylint: disable=g-import-not-at-top
   size = int(size or config.infer.window)
-  check_args(out, size, prompts, embeddings, overwrite, error=error)
+  check_args(out, size, prompts, embeddings, overwrite, error=error,
+             prompt_batch=prompt_batch)
   names, emb = prompts_lib.embed(config, prompts or None, npz=embeddings)
   with atomic.atomic_dir(out) as tmp:
     checkpoints.save_variables(tmp, config, variables)
     prompts_lib.write_npz(os.path.join(tmp, PROMPTS_FILE), names, emb, '', config.text.model)
     graphs = {}
     for name, kind in graph_files(fmt, raw_inputs).items():
-      graph = make_graph(config, variables, kind, size, emb, names, error)
+      graph = make_graph(config, variables, kind, size, emb, names, error, prompt_batch)
       try:
         graphs[name] = (kind, write_model(os.path.join(tmp, name), graph))
       except OverflowError as e:  # a shape product past int32 while tracing the graph
         raise error(f'--size {size} is too large to export ({e}); export the window size '
                     'you infer with (--size 512, say): whole scenes run window by window') from e
-    sig = signature(config, fmt, size, emb.shape[1:], names, graphs)
+    sig = signature(config, fmt, size, emb.shape[1:], names, graphs, prompt_batch)
     with open(os.path.join(tmp, SIGNATURE_FILE), 'w') as f:
       json.dump(sig, f, indent=2)
     with open(os.path.join(tmp, README_FILE), 'w') as f:
@@ -429,6 +545,8 @@ def export_card(card: dict[str, Any] | None, config, sig: dict[str, Any]) -> dic
       'raw_inputs': sig.get('raw_inputs', False), 'size': sig['inputs']['image_a']['shape'][1],
       'prompts': sig['prompts'], 'threshold': sig['threshold'],
       'code': checkpoints.code_version()}
+  if 'prompt_batch' in sig:
+    card['export']['prompt_batch'] = sig['prompt_batch']
   return card
 
 

@@ -5,9 +5,11 @@ normalisation, the prompt table and the threshold inside) and `model_embeddings.
 same with `text_emb` in place of `prompt` (inference/bundle.py says why two files); with
 `raw_inputs` one file, `logits = f(image_a, image_b, text_emb)` on normalised float images.
 The batch `b` is symbolic and the weights are closed-over constants, so jax alone runs a file
-(no params, no model code). Each file is as large as the weights, and a serialized module must
-stay under 2 GB. The rest of the bundle (variables, prompts, signature, README) is
-inference/bundle.py's.
+(no params, no model code). With `prompt_batch` P (`--prompt_batch P`) each file answers P
+prompts per image pair in one pass (prompt int32 [b, P] / text_emb [b, P, T, L] ->
+probabilities [b, S, S, P]; inference/bundle.py). Each file is as large as the weights,
+and a serialized module must stay under 2 GB. The rest of the bundle (variables, prompts,
+signature, README) is inference/bundle.py's.
 """
 
 from __future__ import annotations
@@ -46,10 +48,12 @@ def export_function(fn, consts: Sequence[Any], inputs: dict[str, Any],
 
 def export_forward(config, variables: dict, size: int,
                    platforms: Sequence[str] | None = None, kind: str = bundle.RAW,
-                   table=None):
+                   table=None, prompt_batch: int | None = None):
   """`jax.export.Exported` of a bundle graph (`bundle.make_graph`), batch symbolic `b`:
-  by default the RAW one, (image_a, image_b, text_emb) -> logits."""
-  graph = bundle.make_graph(config, variables, kind, size, table, error=ExportError)
+  by default the RAW one, (image_a, image_b, text_emb) -> logits; `prompt_batch` P: text_emb
+  [b, P, T, L] -> logits [b, S, S, P] (K = 1)."""
+  graph = bundle.make_graph(config, variables, kind, size, table, error=ExportError,
+                            prompt_batch=prompt_batch)
   return export_function(graph.fn, graph.consts, graph.inputs, platforms)
 
 
@@ -69,9 +73,11 @@ def write_bundle(out: str, config, variables: dict, prompts: Sequence[str] | Non
                  embeddings: str | None = None, size: int | None = None,
                  platforms: Sequence[str] | None = ('cpu', 'cuda'),
                  overwrite: bool = False, raw_inputs: bool = False,
-                 card: dict[str, Any] | None = None) -> dict[str, Any]:
+                 card: dict[str, Any] | None = None,
+                 prompt_batch: int | None = None) -> dict[str, Any]:
   """Writes a bundle (inference/bundle.py) with model.stablehlo (and, unless `raw_inputs`,
-  model_embeddings.stablehlo); returns the signature dict. `card`: the checkpoint's model card."""
+  model_embeddings.stablehlo); returns the signature dict. `card`: the checkpoint's model card;
+  `prompt_batch` P: graphs taking P prompts per image pair."""
 
   def write_model(path: str, graph: bundle.Graph) -> dict[str, Any]:
     import jax  # pylint: disable=g-import-not-at-top
@@ -83,4 +89,5 @@ def write_bundle(out: str, config, variables: dict, prompts: Sequence[str] | Non
             'bytes': os.path.getsize(path)}
 
   return bundle.write(out, config, variables, FORMAT, write_model, prompts, embeddings, size,
-                      overwrite, error=ExportError, raw_inputs=raw_inputs, card=card)
+                      overwrite, error=ExportError, raw_inputs=raw_inputs, card=card,
+                      prompt_batch=prompt_batch)

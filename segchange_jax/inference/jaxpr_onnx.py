@@ -12,7 +12,8 @@ inputs, in order) and each equation is emitted as ONNX nodes with `onnx.helper`:
   or a kernel reshape becomes an initializer.
 - `gather` with a static or a dynamic start vector and no batch of indices (what jnp slicing
   lowers to when the batch is symbolic) becomes Slice/Squeeze; whole rows of a table picked by
-  a batch of indices (`table[idx]`, indices clamped into range like XLA's) becomes Gather.
+  an array of indices of any rank (`table[idx]`, indices clamped into range like XLA's)
+  becomes Gather.
 - `dot_general` becomes MatMul (dense layers) or Einsum; convolutions Transpose+Conv+Transpose;
   `reduce_window_max` MaxPool; `erfc` 1 - Erf; `rsqrt` Reciprocal(Sqrt).
 - Shapes that contain a symbolic dimension (`b`, `2*b`, ...) are computed in the graph from
@@ -475,12 +476,14 @@ class Converter:
     return self.node1('Squeeze', [y, self.ints(collapsed)]) if collapsed else y
 
   def _is_row_gather(self, eqn, ishape) -> bool:
-    """`table[idx]` / `jnp.take(table, idx, axis=0)`: whole rows of axis 0 for indices [n, 1]."""
+    """`table[idx]` / `jnp.take(table, idx, axis=0)`: whole rows of axis 0 for indices
+    [..., 1] (e.g. [n, 1], or [b, P, 1] for a [b, P] index array)."""
     dn, sizes = eqn.params['dimension_numbers'], list(eqn.params['slice_sizes'])
     shape = list(eqn.invars[0].aval.shape)
-    return (len(ishape) == 2 and str(ishape[1]) == '1' and not dn.operand_batching_dims
+    lead = len(ishape) - 1  # the index array's own axes come first in the output
+    return (len(ishape) >= 2 and str(ishape[-1]) == '1' and not dn.operand_batching_dims
             and list(dn.start_index_map) == [0] and list(dn.collapsed_slice_dims) == [0]
-            and list(dn.offset_dims) == list(range(1, len(shape)))
+            and list(dn.offset_dims) == list(range(lead, lead + len(shape) - 1))
             and str(sizes[0]) == '1' and [str(s) for s in sizes[1:]] == [str(d) for d in shape[1:]])
 
   def _row_gather(self, eqn, x, idx):
@@ -492,7 +495,7 @@ class Converter:
     if not _is_const_dim(rows):
       raise ConversionError('gather of rows from a table with a symbolic number of rows')
     i = self.node1('Cast', [self.name_of(idx)], to=self.onnx.TensorProto.INT64)
-    i = self.node1('Squeeze', [i, self.ints([1])])
+    i = self.node1('Squeeze', [i, self.ints([len(eqn.invars[1].aval.shape) - 1])])
     i = self.node1('Min', [self.node1('Max', [i, self.ints([0])]), self.ints([int(rows) - 1])])
     return self.node1('Gather', [self.name_of(x), i], axis=0)
 

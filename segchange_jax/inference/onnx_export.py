@@ -11,7 +11,9 @@ the same with text_emb float32 [b, T, L] in place of prompt (ONNX has no optiona
 inference/bundle.py). With --raw_inputs, model.onnx alone, `logits = f(image_a, image_b,
 text_emb)` on normalised float32 images. `b` is a dynamic dimension. Each graph is traced with a
 symbolic batch and converted by inference/jaxpr_onnx.py, the model's weights becoming
-initializers; the graph's metadata (`metadata_props`) holds its kind, prompts and threshold.
+initializers; the graph's metadata (`metadata_props`) holds its kind, prompts and threshold
+(and `segchange.prompt_batch` P of a `--prompt_batch P` export, whose graphs take prompt int32
+[b, P] / text_emb [b, P, T, L] and return probabilities [b, S, S, P]: inference/bundle.py).
 The rest of the folder (variables, prompts, signature, README) is the bundle's.
 `README_EXAMPLE` is the README's code block, the same for every ONNX bundle.
 """
@@ -63,39 +65,46 @@ def to_onnx(fn, consts: Sequence[Any], inputs: dict[str, Any], output_names: Seq
 
 
 def convert(config, variables: dict, size: int, opset: int = OPSET, kind: str = bundle.RAW,
-            table=None):
+            table=None, prompt_batch: int | None = None):
   """ONNX ModelProto of a bundle graph (`bundle.make_graph`), batch dynamic ('b'): by
-  default the RAW one, (image_a, image_b, text_emb) -> logits; `table` [P, T, L]: the prompt
-  table of a PROMPT graph.
+  default the RAW one, (image_a, image_b, text_emb) -> logits; `table` [N, T, L]: the prompt
+  table of a PROMPT graph; `prompt_batch` P: P prompts per image pair.
 
   Returns (model, report) where report counts the ONNX ops emitted.
   """
-  graph = bundle.make_graph(config, variables, kind, size, table, error=OnnxExportError)
+  graph = bundle.make_graph(config, variables, kind, size, table, error=OnnxExportError,
+                            prompt_batch=prompt_batch)
   return to_onnx(graph.fn, graph.consts, graph.inputs, graph.output_names, opset)
 
 
-def set_metadata(proto, kind: str, prompts: Sequence[str], threshold: float) -> None:
+def set_metadata(proto, kind: str, prompts: Sequence[str], threshold: float,
+                 prompt_batch: int | None = None) -> None:
   """Graph metadata that makes a model file self-describing for `onnx_runtime.OnnxDetector`."""
   import onnx  # pylint: disable=g-import-not-at-top
-  onnx.helper.set_model_props(proto, {'segchange.kind': kind,
-                                      'segchange.prompts': json.dumps(list(prompts)),
-                                      'segchange.threshold': repr(float(threshold))})
+  props = {'segchange.kind': kind, 'segchange.prompts': json.dumps(list(prompts)),
+           'segchange.threshold': repr(float(threshold))}
+  if prompt_batch is not None:
+    props['segchange.prompt_batch'] = str(int(prompt_batch))
+  onnx.helper.set_model_props(proto, props)
 
 
 def write_bundle(out: str, config, variables: dict, prompts: Sequence[str] | None = None,
                  embeddings: str | None = None, size: int | None = None,
                  overwrite: bool = False, raw_inputs: bool = False,
-                 card: dict[str, Any] | None = None) -> dict[str, Any]:
+                 card: dict[str, Any] | None = None,
+                 prompt_batch: int | None = None) -> dict[str, Any]:
   """Writes a bundle (inference/bundle.py) with model.onnx (and, unless `raw_inputs`,
-  model_embeddings.onnx); returns the signature dict. `card`: the checkpoint's model card."""
+  model_embeddings.onnx); returns the signature dict. `card`: the checkpoint's model card;
+  `prompt_batch` P: graphs taking P prompts per image pair."""
   import onnxruntime  # pylint: disable=g-import-not-at-top
 
   def write_model(path: str, graph: bundle.Graph) -> dict[str, Any]:
     proto, ops = to_onnx(graph.fn, graph.consts, graph.inputs, graph.output_names)
-    set_metadata(proto, graph.kind, graph.prompts, graph.threshold)
+    set_metadata(proto, graph.kind, graph.prompts, graph.threshold, graph.prompt_batch)
     nbytes = save(proto, path)
     return {'opset': OPSET, 'bytes': nbytes, 'onnx_ops': ops,
             'onnxruntime_tested': onnxruntime.__version__}
 
   return bundle.write(out, config, variables, FORMAT, write_model, prompts, embeddings, size,
-                      overwrite, error=OnnxExportError, raw_inputs=raw_inputs, card=card)
+                      overwrite, error=OnnxExportError, raw_inputs=raw_inputs, card=card,
+                      prompt_batch=prompt_batch)
