@@ -2,6 +2,8 @@ r"""Change detection on a pair of large rasters (or plain images) with a trained
 
   python -m segchange_jax.infer --checkpoint CKPT --a A.tif --b B.tif \
       --prompt "Buildings with changes" --out change.tif [--polygons change.geojson]
+  python -m segchange_jax.infer --checkpoint CKPT --a A.tif --b B.tif \
+      --prompt "new buildings" --prompt "new roads" --out change.tif --polygons change.gpkg
 
 --checkpoint: anything segchange_jax.interop.checkpoints.load_variables reads (training
 checkpoints, a convert_torch output, an export bundle; an upstream .pth with --config). Only the
@@ -28,6 +30,17 @@ segchange_jax/inference/formats.py); other extensions are refused:
   FlatGeobuf keep the raster CRS (segchange_jax.inference.vectors).
 - `--preview Q.png`: a small picture A | B | overlay (change red on a darkened B).
 With --probabilities, --postprocess only shapes the polygons (the raster keeps raw probabilities).
+--prompt given P > 1 times: each window batch goes through the model once for all P prompts
+(backbone to neck once, the mask head for the P prompts as one batch), and the outputs hold
+them all: --out and --probability_out get one band per prompt (band i = the i-th --prompt;
+P x K probability bands for K classes), each band's description and band tag PROMPT set to its
+prompt, the file tag PROMPTS a JSON list of them (instead of PROMPT); --polygons get every
+prompt's regions in one layer with a `prompt` attribute; --postprocess filters each prompt's
+mask; --preview draws prompt i in its own colour (red, blue, yellow, green, ...). Prompts must
+be distinct and non-empty. A PNG --out (one mask) is refused for several prompts, and so is
+--backend onnxruntime on an export that takes fewer prompts per call (export --prompt_batch P
+takes up to P; segchange_jax/inference/onnx_runtime.py). One --prompt writes exactly the
+single-prompt outputs above.
 Inputs: a raster file or three single-band files 'R.TIF,G.TIF,B.TIF' per date; band and 16-bit
 rules in segchange_jax/data/imagery.py, nodata and grid rules in
 segchange_jax/inference/raster_io.py; A and B must share a pixel grid unless --align. Windowing
@@ -46,6 +59,8 @@ Example, Landsat-8 scenes of adjacent WRS rows (B stored as single-band files, 0
 """
 
 from __future__ import annotations
+
+import re
 
 from absl import flags
 
@@ -71,8 +86,9 @@ def define_flags() -> None:
   flags.DEFINE_string('b', None, 'Date B, same forms as --a.')
   flags.DEFINE_string('out', None, f'Output mask: {formats.describe(formats.RASTER)}.')
   flags.DEFINE_boolean('overwrite', False, 'Replace outputs that already exist.')
-  flags.DEFINE_string('prompt', None, "Text prompt (default: the checkpoint config's "
-                      'data.prompt).')
+  flags.DEFINE_multi_string('prompt', None, "Text prompt (default: the checkpoint config's "
+                            'data.prompt); repeat it for several prompts in one pass (one '
+                            'output band and polygon `prompt` value per prompt).')
   flags.DEFINE_integer('window', None, 'Window size fed to the model (multiple of 32; '
                        'default config.infer.window).')
   flags.DEFINE_integer('overlap', None, 'Overlap between neighbouring windows (px; '
@@ -126,6 +142,8 @@ def main(argv: list[str]) -> None:
     if not f[name].value:
       raise cli.UsageError(f'--{name} is required (see --help)')
   check_settings(f.window, f.overlap, f.batch, f.threshold)
+  prompt_list = _prompts(f.prompt)
+  prompt = f.prompt[0] if f.prompt and prompt_list is None else None
   cli.quiet_libraries()
   config = config_lib.validate_config(f.config) if f.config is not None else None
   if f.backend == 'onnxruntime' and f.tta != 'none':
@@ -133,11 +151,12 @@ def main(argv: list[str]) -> None:
                          '--tta none with --backend onnxruntime)')
   if f.backend == 'onnxruntime':  # the exported file through the same engine
     from segchange_jax.inference import onnx_runtime  # pylint: disable=g-import-not-at-top
-    factory = lambda: onnx_runtime.load_model(f.checkpoint, f.onnx, config, f.prompt,
-                                              f.embeddings, f.text_model, f.window)
+    several = {} if prompt_list is None else {'prompts': prompt_list}
+    factory = lambda: onnx_runtime.load_model(f.checkpoint, f.onnx, config, prompt,
+                                              f.embeddings, f.text_model, f.window, **several)
   else:
-    factory = lambda: _load_jax_model(f.checkpoint, config, f.prompt, f.embeddings, f.text_model,
-                                      f.tta)
+    factory = lambda: _load_jax_model(f.checkpoint, config, prompt, f.embeddings, f.text_model,
+                                      f.tta, prompt_list)
   stats = run_inference(
       f.a, f.b, f.out, None, window=f.window, overlap=f.overlap,
       batch=f.batch, threshold=f.threshold, probabilities=f.probabilities,
@@ -145,8 +164,24 @@ def main(argv: list[str]) -> None:
       min_convexity=f.min_convexity, polygons_path=f.polygons,
       probs_path=f.probability_out, preview_path=f.preview, overwrite=f.overwrite,
       align=f.align, bands=_bands(f.bands), nodata=f.nodata,
-      progress=f.progress, gdal_cache_mb=f.gdal_cache_mb, predictor_factory=factory)
-  print(f'wrote {f.out}: {stats.windows} windows in {stats.seconds:.1f} s')
+      progress=f.progress, gdal_cache_mb=f.gdal_cache_mb, predictor_factory=factory,
+      prompts=prompt_list)
+  bands = ('' if prompt_list is None else
+           ' (bands: ' + ', '.join(f'{i + 1} {p!r}' for i, p in enumerate(prompt_list)) + ')')
+  print(f'wrote {f.out}{bands}: {stats.windows} windows in {stats.seconds:.1f} s')
+
+
+def _prompts(values: list[str] | None) -> list[str] | None:
+  """The --prompt list when given more than once (checked: distinct, non-empty), else None."""
+  if not values or len(values) == 1:
+    return None
+  # The predictor module loads jax; only several prompts need its check before the model.
+  from segchange_jax.inference import predictor  # pylint: disable=g-import-not-at-top
+  try:
+    return predictor.check_prompts(values)
+  except ValueError as e:  # its prompts[i] is the (i+1)-th --prompt
+    raise cli.UsageError(re.sub(r'prompts\[(\d+)\]', lambda m: f'--prompt #{int(m[1]) + 1}',
+                                str(e))) from e
 
 
 def _load_jax_model(*args):

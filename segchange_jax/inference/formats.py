@@ -5,7 +5,9 @@
   `raster_io.MASK_NODATA`, or float32 probabilities with nodata NaN), to the output path:
   `write(src_tif, dst, probabilities)`.
 - VECTOR formats write `--polygons`: `write(path, features, crs) -> count`, where features are
-  `vectors.iter_features` tuples (shapely polygon in the raster CRS, value, area, area_px).
+  `vectors.iter_features` tuples (shapely polygon in the raster CRS, value, area, area_px);
+  for several prompts `write(path, features, crs, prompt_field=True)` with the prompt as a
+  fifth item, written as a `prompt` attribute.
 
 A new output format is one `register('.ext', OutputFormat(...))`, an entry of FORMATS; the
 pipeline, its checks and its error messages read the table.
@@ -39,6 +41,8 @@ class OutputFormat:
   refused for georeferenced inputs.
   `needs_crs` (vector): coordinates need a CRS (e.g. GeoJSON is WGS 84); refused for inputs
   without one.
+  `multiband` (raster): the format holds one band per prompt; one that holds a single mask is
+  refused for several prompts.
   """
   kind: str
   description: str
@@ -46,6 +50,7 @@ class OutputFormat:
   probabilities: bool = True
   georeferenced: bool = True
   needs_crs: bool = False
+  multiband: bool = True
 
 
 FORMATS: dict[str, OutputFormat] = {}
@@ -65,7 +70,7 @@ _GEOJSON = OutputFormat(VECTOR, 'GeoJSON, RFC 7946, WGS 84', vectors.write_geojs
 register('.tif', _GEOTIFF)
 register('.tiff', _GEOTIFF)
 register('.png', OutputFormat(RASTER, 'PNG mask', raster_io.write_png, probabilities=False,
-                              georeferenced=False))
+                              georeferenced=False, multiband=False))
 register('.geojson', _GEOJSON)
 register('.json', _GEOJSON)
 register('.gpkg', OutputFormat(VECTOR, 'GeoPackage, raster CRS',
@@ -101,6 +106,15 @@ def check_probabilities(fmt: OutputFormat, path: str, flag: str) -> None:
     raise OutputFormatError(f'{flag} {path}: probabilities need a '
                             f'{" / ".join(_exts(RASTER, lambda f: f.probabilities))} output '
                             f'({fmt.description} holds a mask only)')
+
+
+def check_bands(fmt: OutputFormat, path: str, flag: str, prompts: int) -> None:
+  """Refuses a single-mask raster format as the destination of `prompts` > 1 masks."""
+  if prompts > 1 and not fmt.multiband:
+    raise OutputFormatError(f'{flag} {path}: {fmt.description} holds one mask, but {prompts} '
+                            f'prompts were given; use a '
+                            f'{" / ".join(_exts(RASTER, lambda f: f.multiband))} output (one '
+                            'band per prompt) or one --prompt per run')
 
 
 def check_inputs(fmt: OutputFormat, path: str, flag: str, georeferenced: bool) -> None:

@@ -6,12 +6,20 @@ forms): `run_inference` validates the settings and output paths, opens the pair
 the mask, probabilities, polygons and preview together (`atomic.Outputs`) in the formats the
 extensions pick from `formats.FORMATS`. `predictor.load_model` turns any checkpoint into such a
 predict function; settings nobody gives come from `default_config` (infer.*).
+
+Several prompts (`prompts=[...]`, `infer --prompt A --prompt B`): the predict function answers
+all P in one model call per window batch (`detector_predictor` with [1, P, T, L] embeddings),
+its P x K probability channels prompt-major. The mask raster then has one band per prompt (the
+probability raster P x K bands), each band's description and band tag PROMPT its prompt, and
+the polygons of all prompts go into one layer with a `prompt` attribute; postprocessing runs on
+each prompt's mask. A PNG `--out` holds one mask and is refused for several prompts.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import inspect
+import itertools
 import os
 import sys
 from typing import Callable, Sequence
@@ -129,11 +137,14 @@ def clamp_window(window: int, overlap: int, height: int, width: int,
 
 
 def _check_outputs(a: str, b: str, out: str, probabilities: bool, probs_path: str | None,
-                   polygons: Sequence[str], preview: str | None, overwrite: bool) -> None:
+                   polygons: Sequence[str], preview: str | None, overwrite: bool,
+                   prompts: Sequence[str] | None = None) -> None:
   """Formats by extension and the never-destroy rules, before any input is opened."""
   out_format = formats.lookup(out, formats.RASTER, '--out')
   if probabilities:
     formats.check_probabilities(out_format, out, '--out')
+  if prompts and len(prompts) > 1:
+    formats.check_bands(out_format, out, '--out', len(prompts))
   if probs_path:
     formats.check_probabilities(formats.lookup(probs_path, formats.RASTER, '--probability_out'),
                                 probs_path, '--probability_out')
@@ -164,17 +175,24 @@ def run_inference(a: str, b: str, out: str, predict_probs: PredictFn | None, *,
                   overwrite: bool = False, align: bool = False, bands=None,
                   nodata: float | None = None, progress: bool = True, gdal_cache_mb: int = 256,
                   tags: dict | None = None,
-                  predictor_factory: Callable[[], Model] | None = None
+                  predictor_factory: Callable[[], Model] | None = None,
+                  prompts: Sequence[str] | None = None
                   ) -> sliding_window.SceneStats:
   """Runs the whole pipeline (module docstring); returns what the engine did.
 
   Settings left at None come from the factory's config (config.infer.*), else DEFAULT_INFER.
   `predictor_factory` (if given) builds the model after the inputs and outputs were checked.
+  `prompts`: the P prompts the predictor answers in one pass, in its channel order (module
+  docstring; a list predictor.check_prompts accepts); None for one prompt (single-band
+  outputs, no `prompt` attribute).
   """
   import rasterio  # pylint: disable=g-import-not-at-top
   polygons = [polygons_path] if isinstance(polygons_path, str) else list(polygons_path or [])
+  if prompts is not None:
+    prompts = list(prompts)
   check_settings(window, overlap, batch, threshold)
-  _check_outputs(a, b, out, probabilities, probs_path, polygons, preview_path, overwrite)
+  _check_outputs(a, b, out, probabilities, probs_path, polygons, preview_path, overwrite,
+                 prompts)
   # Bounded GDAL block cache: windows overlap, so a few tile rows of cache avoid re-decoding,
   # but GDAL's default (5 % of RAM) would grow with the scene.
   with rasterio.Env(GDAL_CACHEMAX=int(gdal_cache_mb)):
@@ -185,7 +203,7 @@ def run_inference(a: str, b: str, out: str, predict_probs: PredictFn | None, *,
         max_perimeter_ratio=max_perimeter_ratio, min_convexity=min_convexity, polygons=polygons,
         probs_path=probs_path, preview_path=preview_path, align=align, bands=bands,
         nodata=nodata, progress=progress, tags=dict(tags or {}),
-        predictor_factory=predictor_factory)
+        predictor_factory=predictor_factory, prompts=prompts)
 
 
 def _open_source(a, b, bands, nodata, align):
@@ -211,7 +229,7 @@ def _resolve(settings: dict, config) -> dict:
 def _run_inference(a, b, out, predict_probs, *, channels, settings, probabilities,
                    do_postprocess, min_area, max_perimeter_ratio, min_convexity, polygons,
                    probs_path, preview_path, align, bands, nodata, progress, tags,
-                   predictor_factory):
+                   predictor_factory, prompts):
   import tqdm  # pylint: disable=g-import-not-at-top
   out_format = formats.lookup(out, formats.RASTER, '--out')
   vector_formats = [formats.lookup(p, formats.VECTOR, '--polygons') for p in polygons]
@@ -241,19 +259,25 @@ def _run_inference(a, b, out, predict_probs, *, channels, settings, probabilitie
       dummy = np.zeros((batch, window, window, 3), np.uint8)
       probe = np.asarray(predict_probs(dummy, dummy))
       channels = 1 if probe.ndim == 3 else probe.shape[-1]
+    groups = len(prompts) if prompts else 1
+    if channels % groups:
+      raise ValueError(f'the predictor returns {channels} probability channels, which do not '
+                       f'split into the {groups} prompts {prompts}: give it the same prompts')
     # reset() also restarts the clock, so the rate shown is windows/s, not load + compile.
     grid = sliding_window.Grid(source.height, source.width, window, overlap)
     bar.reset(total=len(grid.windows()))
     # Every raster output streams into a scratch GeoTIFF that its format's writer copies at the end.
     scratch.append(_scratch_name(out))
     mask_sink = raster_io.GeoTiffSink(scratch[-1], source.height, source.width, source.crs,
-                                      source.transform, channels, probabilities, threshold, tags)
+                                      source.transform, channels, probabilities, threshold, tags,
+                                      prompts)
     sinks = [mask_sink]
     probs_sink = None
     if probs_path:
       scratch.append(_scratch_name(probs_path))
       probs_sink = raster_io.GeoTiffSink(scratch[-1], source.height, source.width, source.crs,
-                                        source.transform, channels, True, threshold, tags)
+                                        source.transform, channels, True, threshold, tags,
+                                        prompts)
       sinks.append(probs_sink)
     try:
       stats = sliding_window.run_scene(source, predict_probs, raster_io.TeeSink(sinks),
@@ -266,10 +290,12 @@ def _run_inference(a, b, out, predict_probs, *, channels, settings, probabilitie
     with atomic.Outputs() as outs:
       mask, nodata_value = None, None
       if do_postprocess or polygons or preview_path:
-        mask, nodata_value = scene_outputs.whole_mask(mask_sink, probabilities, threshold)
-        if do_postprocess:
-          mask = postprocess.filter_components(mask, min_area, max_perimeter_ratio,
-                                               min_convexity, nodata_value)
+        mask, nodata_value = scene_outputs.whole_mask(mask_sink, probabilities, threshold,
+                                                      groups)
+        if do_postprocess:  # each prompt's mask on its own
+          rules = (min_area, max_perimeter_ratio, min_convexity, nodata_value)
+          mask = (postprocess.filter_components(mask, *rules) if mask.ndim == 2 else
+                  np.stack([postprocess.filter_components(m, *rules) for m in mask]))
           if not probabilities:  # rewrite the scratch mask in one go
             scene_outputs.rewrite_mask(mask_sink.path, mask)
       out_format.write(mask_sink.path, outs.path(out), probabilities)
@@ -277,8 +303,15 @@ def _run_inference(a, b, out, predict_probs, *, channels, settings, probabilitie
         formats.lookup(probs_path, formats.RASTER, '--probability_out').write(
             probs_sink.path, outs.path(probs_path), True)
       for p, fmt in zip(polygons, vector_formats):
-        fmt.write(outs.path(p), vectors.iter_features(mask, source.transform, nodata_value),
-                  source.crs)
+        if prompts is None:
+          fmt.write(outs.path(p), vectors.iter_features(mask, source.transform, nodata_value),
+                    source.crs)
+        else:  # one layer, every feature tagged with its prompt
+          per_prompt = mask if mask.ndim == 3 else mask[None]
+          features = itertools.chain.from_iterable(
+              vectors.iter_features(m, source.transform, nodata_value, prompt=name)
+              for m, name in zip(per_prompt, prompts))
+          fmt.write(outs.path(p), features, source.crs, prompt_field=True)
       if preview_path:
         scene_outputs.write_preview(outs.path(preview_path), source, mask, nodata_value)
     return stats

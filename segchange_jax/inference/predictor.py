@@ -30,6 +30,7 @@ checkpoint directory of `segchange_jax.train` (`state/` + `config/` under a step
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from typing import Any
 
@@ -230,33 +231,57 @@ class ChangeDetector:
     return out
 
   def predict_scene(self, a_path: str, b_path: str, out: str, prompt: str | None = None,
-                    tta: str = 'none', **kwargs):
+                    tta: str = 'none', prompts: list[str] | None = None, **kwargs):
     """`python -m segchange_jax.infer` as a function: whole scenes in bounded memory.
 
-    `tta` as in predict (recorded in the GeoTIFF tag TTA). `kwargs` are
+    `tta` as in predict (recorded in the GeoTIFF tag TTA). `prompts=[...]` instead of
+    `prompt=`: all answered in one model pass per window batch, written as one band per prompt
+    and polygons with a `prompt` attribute (pipeline's module docstring). `kwargs` are
     segchange_jax.inference.pipeline.run_inference's (window, overlap, batch, threshold,
     probs_path, polygons_path, preview_path, overwrite, align, bands, nodata, progress, ...);
     settings left out come from the config. Returns the engine's SceneStats.
     """
     from segchange_jax.inference import pipeline  # pylint: disable=g-import-not-at-top
-    prompt = self.config.data.prompt if prompt is None else prompt
     tta_lib.resolve(tta)
-    tags = dict(CHECKPOINT=self.checkpoint, PROMPT=prompt, TTA=tta)
-    factory = lambda: pipeline.Model(self.predictor(prompt, tta), self.config, tags)
+    if prompts is not None:
+      if prompt is not None:
+        raise ValueError(f'give prompt= (one prompt) or prompts= (several), not both (got '
+                         f'prompt={prompt!r} and prompts={prompts!r})')
+      prompts = check_prompts(prompts)
+      tags = dict(CHECKPOINT=self.checkpoint, PROMPTS=json.dumps(prompts), TTA=tta)
+      factory = lambda: pipeline.Model(self.predictor(tta=tta, prompts=prompts), self.config,
+                                       tags)
+    else:
+      prompt = self.config.data.prompt if prompt is None else prompt
+      tags = dict(CHECKPOINT=self.checkpoint, PROMPT=prompt, TTA=tta)
+      factory = lambda: pipeline.Model(self.predictor(prompt, tta), self.config, tags)
     kwargs.setdefault('progress', False)
     return pipeline.run_inference(os.fspath(a_path), os.fspath(b_path), os.fspath(out), None,
-                               predictor_factory=factory, **kwargs)
+                               predictor_factory=factory, prompts=prompts, **kwargs)
 
 
 def load_model(checkpoint: str, config=None, prompt: str | None = None,
                embeddings: str | None = None, text_model: str | None = None,
-               tta: str = 'none'):
+               tta: str = 'none', prompt_list: list[str] | None = None):
   """`pipeline.Model` of a checkpoint (variables only, checked against its config) and the
   prompt's embedding (default the config's data.prompt): what `infer --backend jax` runs, with
-  test-time augmentation `tta` (models/tta.py SETS) on every window batch."""
+  test-time augmentation `tta` (models/tta.py SETS) on every window batch.
+
+  `prompt_list` (several `infer --prompt`, see check_prompts) instead of `prompt`: one model
+  call per window batch answers them all (probabilities [B, H, W, P], or P x K channels); the
+  tag PROMPTS holds them as a JSON list.
+  """
   from segchange_jax.inference import pipeline  # pylint: disable=g-import-not-at-top
   from segchange_jax.text import prompts  # pylint: disable=g-import-not-at-top
   config, variables = checkpoints.load_checkpoint(checkpoint, config)
+  if prompt_list is not None:
+    prompt_list = check_prompts(prompt_list)
+    emb = np.stack([prompts.embed_one(config, p, npz=embeddings, text_model=text_model)[0]
+                    for p in prompt_list])[None]  # [1, P, T, L]
+    tags = dict(CHECKPOINT=os.path.abspath(checkpoint), PROMPTS=json.dumps(prompt_list),
+                TTA=tta)
+    return pipeline.Model(pipeline.detector_predictor(ChangeDetector(config, variables), emb,
+                                                      tta), config, tags)
   prompt = prompt if prompt is not None else config.data.prompt
   emb = prompts.embed_one(config, prompt, npz=embeddings, text_model=text_model)
   tags = dict(CHECKPOINT=os.path.abspath(checkpoint), PROMPT=prompt, TTA=tta)

@@ -15,7 +15,9 @@ PNG/JPEG pairs (no georeferencing) are read whole: they are small by nature.
 Outputs: rows stream into a scratch tiled GeoTIFF (`GeoTiffSink`), which the output format's
 writer (inference/formats.py) copies once the scene is finished: `write_cog` into a
 Cloud-Optimized GeoTIFF (internal 256 px tiles, overviews, deflate; mask outputs carry a colour
-table), `write_png` into a PNG mask. Naming and renaming: segchange_jax.atomic.
+table), `write_png` into a PNG mask. Naming and renaming: segchange_jax.atomic. Several prompts
+answered in one pass give one mask band per prompt (`GeoTiffSink(prompts=...)`, `encode(groups=)`),
+each described by its prompt.
 """
 
 from __future__ import annotations
@@ -271,8 +273,16 @@ def _as_rgb(x, name: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def encode(probs: np.ndarray, valid: np.ndarray, probabilities: bool,
-           threshold: float) -> np.ndarray:
-  """Finished rows -> output values [C or 1, rows, W] (mask uint8 or float32 probabilities)."""
+           threshold: float, groups: int = 1) -> np.ndarray:
+  """Finished rows -> output values [C or groups, rows, W] (mask uint8 or float32
+  probabilities).
+
+  `groups` > 1: the C channels are `groups` prompts of C / groups channels each (prompt-major,
+  pipeline.prompt_logits_to_probs), and the mask has one band per prompt.
+  """
+  if groups > 1 and not probabilities:
+    per = np.split(probs, groups, axis=-1)
+    return np.concatenate([encode(p, valid, False, threshold) for p in per])
   if probabilities:
     out = np.where(valid[..., None], probs, np.nan).astype(np.float32)
     return out.transpose(2, 0, 1)
@@ -283,36 +293,57 @@ def encode(probs: np.ndarray, valid: np.ndarray, probabilities: bool,
   return np.where(valid, mask, MASK_NODATA)[None]
 
 
+def band_names(prompts: Sequence[str], channels: int, probabilities: bool) -> list[str]:
+  """Band descriptions of a P-prompt raster: the prompt of each mask band, or of each
+  probability band ('<prompt> (class k)' when every prompt has K > 1 class channels)."""
+  if not probabilities or channels == len(prompts):
+    return list(prompts)
+  k = channels // len(prompts)
+  return [f'{p} (class {c})' for p in prompts for c in range(k)]
+
+
 class GeoTiffSink:
   """Streams rows into a tiled, deflate-compressed scratch GeoTIFF at `path`.
 
   `write_cog` then turns it into the final Cloud-Optimized GeoTIFF (GDAL's COG driver copies a
-  finished raster; it cannot be written row by row).
+  finished raster; it cannot be written row by row). `prompts` (several prompts answered in
+  one pass, `channels` = P x K prompt-major): one mask band per prompt (or the P x K
+  probability bands), each described by its prompt (band description and band tag PROMPT,
+  which the COG copy keeps).
   """
   block_rows = 256
 
   def __init__(self, path: str, height: int, width: int, crs, transform, channels: int,
-               probabilities: bool, threshold: float, tags: dict | None = None):
+               probabilities: bool, threshold: float, tags: dict | None = None,
+               prompts: Sequence[str] | None = None):
     self.path = self.partial = path
     self.probabilities, self.threshold = probabilities, threshold
+    self.groups = len(prompts) if prompts else 1
+    if channels % self.groups:
+      raise ValueError(f'{channels} probability channels do not split into {self.groups} '
+                       'prompts')
     profile = dict(driver='GTiff', height=height, width=width, tiled=True, blockxsize=256,
                    blockysize=256, compress='deflate', crs=crs, transform=transform)
     if probabilities:
       profile.update(count=channels, dtype='float32', nodata=float('nan'), predictor=3)
     else:
-      profile.update(count=1, dtype='uint8', nodata=MASK_NODATA)
+      profile.update(count=self.groups, dtype='uint8', nodata=MASK_NODATA)
     with warnings.catch_warnings():
       if transform is None:  # plain inputs: a scratch without georeferencing on purpose
         profile.pop('transform')
         warnings.simplefilter('ignore', rasterio.errors.NotGeoreferencedWarning)
       self.ds = rasterio.open(path, 'w', **profile)
-    if not probabilities:
+    if not probabilities:  # GeoTIFF keeps a colour table for the first band only
       self.ds.write_colormap(1, MASK_COLORS)
     if tags:
       self.ds.update_tags(**{k: str(v) for k, v in tags.items()})
+    if prompts:
+      for i, name in enumerate(band_names(prompts, profile['count'], probabilities)):
+        self.ds.set_band_description(i + 1, name)
+        self.ds.update_tags(i + 1, PROMPT=prompts[i * len(prompts) // profile['count']])
 
   def write(self, row0: int, probs: np.ndarray, valid: np.ndarray) -> None:
-    out = encode(probs, valid, self.probabilities, self.threshold)
+    out = encode(probs, valid, self.probabilities, self.threshold, self.groups)
     self.ds.write(out, window=Window(0, row0, out.shape[2], out.shape[1]))
 
   def close(self) -> None:
