@@ -1,4 +1,4 @@
-"""Browser app: pick a sample pair or upload two dates, type a prompt, see and download the change.
+"""Browser app: pick a sample pair or upload two dates, type prompts, see and download the change.
 
     pip install -e '.[app]'
     python -m segchange_jax.app --checkpoint runs/demo/checkpoints [--port 7860] [--host 127.0.0.1]

@@ -4,8 +4,9 @@
 
 --checkpoint: anything `infer` reads except an upstream .pth without its config (training
 checkpoints dir, convert_torch output, export bundle; --config for a .pth). The page offers
-the bundled sample pairs or two uploads (PNG/JPEG/GeoTIFF), a prompt, a threshold slider and
-the mask and polygons as downloads. --host 0.0.0.0 serves other machines too (no
+the bundled sample pairs or two uploads (PNG/JPEG/GeoTIFF), one or more prompts (one per line:
+one multi-prompt run, each prompt drawn in its own colour with a legend), a threshold slider
+and the mask and polygons as downloads. --host 0.0.0.0 serves other machines too (no
 authentication: only on a network you trust). Stop with Ctrl-C.
 """
 

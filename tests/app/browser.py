@@ -41,14 +41,17 @@ def serve(detector, workroot: str) -> tuple[str, object]:
 
 def run_sample(url: str, screenshot: str | None = None, timeout_s: float = 300,
                check_error: bool = False, threshold: float | None = None,
-               expect_after_threshold: str = 'Changed area') -> dict:
+               expect_after_threshold: str = 'Changed area',
+               prompts: list[str] | None = None, bad_prompts: str | None = None) -> dict:
   """Loads the page, runs the default sample pair, waits for the result; what arrived.
 
-  Returns the area text, the overlay image's natural size (0 if it did not load), the
-  download list's text, error toasts and the URLs requested from anywhere but the app; with
-  `threshold`, also the area after moving the slider there (waiting up to a minute for
-  `expect_after_threshold` to show); with `check_error`, the message shown when "Upload" is run
-  without files.
+  Returns the area text, the overlay image's natural size (0 if it did not load) and its
+  pixels (`overlay`, uint8 RGB as served), the legend's entries (prompt, share text and the
+  swatch's computed colour), the download list's text, error toasts and the URLs requested
+  from anywhere but the app; with `prompts`, they are typed into the prompt box (one per line)
+  first; with `threshold`, also the area after moving the slider there (waiting up to a minute
+  for `expect_after_threshold` to show); with `bad_prompts`, the message shown when the box
+  holds that text; with `check_error`, the message shown when "Upload" is run without files.
   """
   from playwright.sync_api import sync_playwright  # pylint: disable=g-import-not-at-top
 
@@ -64,6 +67,8 @@ def run_sample(url: str, screenshot: str | None = None, timeout_s: float = 300,
              if not r.url.startswith((origin, 'data:', 'blob:')) else None)
       tab.goto(url, wait_until='load', timeout=60_000)
       tab.wait_for_selector('#run', timeout=60_000)
+      if prompts:
+        tab.fill('#prompt textarea', '\n'.join(prompts))
       tab.click('#run', timeout=60_000)
       tab.wait_for_function(  # the result, or an error message (then fail at once)
           "() => (document.querySelector('#area')?.innerText || '').includes('Changed area')"
@@ -81,6 +86,13 @@ def run_sample(url: str, screenshot: str | None = None, timeout_s: float = 300,
                                            "'#overlay img'); return [i.naturalWidth, "
                                            "i.naturalHeight]; }"),
                  downloads=tab.inner_text('#downloads'),
+                 overlay=_image_pixels(tab.get_attribute('#overlay img', 'src'), origin),
+                 legend=tab.evaluate(
+                     "() => Array.from(document.querySelectorAll('#legend .legend-entry'))"
+                     ".map(e => ({prompt: e.querySelector('.legend-prompt').innerText,"
+                     " share: e.querySelector('.legend-share').innerText,"
+                     " colour: getComputedStyle(e.querySelector('.legend-swatch'))"
+                     ".backgroundColor}))"),
                  errors=tab.evaluate("() => Array.from(document.querySelectorAll("
                                      "'.toast-body')).map(e => e.innerText)"),
                  external_requests=external)
@@ -98,6 +110,14 @@ def run_sample(url: str, screenshot: str | None = None, timeout_s: float = 300,
         except Exception:  # pylint: disable=broad-except  # the caller asserts on the text
           pass
         got['area_after_threshold'] = tab.inner_text('#area')
+      if bad_prompts is not None:  # e.g. a repeated prompt: one message on the page
+        tab.fill('#prompt textarea', bad_prompts)
+        tab.click('#run')
+        tab.wait_for_selector('.toast-body', timeout=60_000)
+        got['prompt_error_toast'] = tab.inner_text('.toast-body')
+        for close in tab.query_selector_all('.toast-close'):
+          close.click()
+        tab.wait_for_function("() => !document.querySelector('.toast-body')", timeout=30_000)
       if check_error:  # "Upload" chosen with nothing uploaded: one message on the page
         tab.click('#sample input')
         tab.get_by_role('option', name=ui.UPLOAD).click(timeout=30_000)
@@ -109,12 +129,35 @@ def run_sample(url: str, screenshot: str | None = None, timeout_s: float = 300,
       browser.close()
 
 
+def _image_pixels(src: str | None, origin: str):
+  """uint8 RGB array of an <img> src served by the app (a URL under `origin` or a data: URL)."""
+  import base64  # pylint: disable=g-import-not-at-top
+  import io  # pylint: disable=g-import-not-at-top
+  import urllib.request  # pylint: disable=g-import-not-at-top
+
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  if not src:
+    return None
+  if src.startswith('data:'):
+    data = base64.b64decode(src.split(',', 1)[1])
+  else:
+    if src.startswith('/'):
+      src = origin + src
+    with urllib.request.urlopen(src, timeout=30) as r:
+      data = r.read()
+  with Image.open(io.BytesIO(data)) as im:
+    return np.asarray(im.convert('RGB'))
+
+
 def main() -> None:
   import argparse  # pylint: disable=g-import-not-at-top
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--checkpoint', required=True)
   parser.add_argument('--embeddings', default=None)
   parser.add_argument('--out', required=True, help='screenshot PNG')
+  parser.add_argument('--prompt', action='append', default=None,
+                      help='a prompt to type (repeat for several: one colour each)')
   args = parser.parse_args()
   if chromium() is None:
     sys.exit('error: Chromium is not installed: apt-get install -y chromium')
@@ -123,7 +166,7 @@ def main() -> None:
   with tempfile.TemporaryDirectory() as workroot:
     url, page = serve(detector, workroot)
     try:
-      got = run_sample(url, screenshot=args.out)
+      got = run_sample(url, screenshot=args.out, prompts=args.prompt)
     finally:
       page.close()
   # 256 colours keep the picture for docs/ at about a third of the size.
@@ -132,7 +175,7 @@ def main() -> None:
     small = im.convert('RGB').quantize(256, method=Image.Quantize.MEDIANCUT,
                                        dither=Image.Dither.NONE)
   small.save(args.out, optimize=True)
-  print(got)
+  print({k: v for k, v in got.items() if k != 'overlay'})
 
 
 if __name__ == '__main__':

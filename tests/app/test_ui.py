@@ -38,15 +38,25 @@ def test_bundled_samples_regenerate_bit_identically(tmp_path):
     assert ds.crs.to_epsg() == 32618 and ds.res == (0.5, 0.5) and ds.shape == (256, 256)
 
 
+def _diff(a, b):
+  return np.abs(a.astype(np.float32) - b.astype(np.float32)).mean(-1) / 255.0
+
+
 class _PixelwiseDetector:
-  """ChangeDetector's surface for `detect`: probability = mean |A - B| / 255 per pixel."""
+  """ChangeDetector's surface for `detect`: probability = mean |A - B| / 255 per pixel; with
+  `prompts=[...]` (one call for all) prompt i gets that times 4 ** i, clipped to 1, so each
+  prompt marks a different area."""
 
   def __init__(self, config):
     self.config, self.checkpoint, self.prompts = config, 'stand-in', []
 
-  def predictor(self, prompt):
-    self.prompts.append(prompt)
-    return lambda a, b: np.abs(a.astype(np.float32) - b.astype(np.float32)).mean(-1) / 255.0
+  def predictor(self, prompt=None, prompts=None):
+    if prompts is None:
+      self.prompts.append(prompt)
+      return _diff
+    self.prompts.append(list(prompts))
+    return lambda a, b: np.stack([np.minimum(_diff(a, b) * 4 ** i, 1.0)
+                                  for i in range(len(prompts))], -1)
 
 
 def test_detect_runs_the_windowed_engine_and_reports_progress(tmp_path):
@@ -226,3 +236,108 @@ def test_checkpoint_path_is_shown_as_typed_inside_the_working_directory(tmp_path
   assert ui.shown_path(inside) == os.path.join('runs', 'demo', 'checkpoints')
   outside = os.path.dirname(str(tmp_path))
   assert ui.shown_path(outside) == outside
+
+
+def test_two_prompts_one_pass_two_masks_two_colours_and_a_legend(tmp_path):
+  """Two prompts (one per line): ONE predictor call for both; render gives two masks (two
+  bands of the COG, described by their prompts), polygons with a `prompt` attribute, an
+  overlay with each prompt in its own colour and a legend of two entries whose areas are the
+  masks' pixel counts."""
+  import pyogrio  # pylint: disable=g-import-not-at-top
+  config = tiny.tiny_config()
+  det = _PixelwiseDetector(config)
+  a_path, b_path = samples.SAMPLES[0].paths
+  prompts = ['new buildings', 'roads <b>&</b> "tracks"']  # the legend escapes user text
+  run = ui.detect(det, a_path, b_path, f'  {prompts[0]}\n{prompts[1]}  \n',
+                  str(tmp_path / 'run'))
+  assert det.prompts == [prompts]  # one call for all prompts
+  assert run.prompts == tuple(prompts) and run.channels == 2 and run.classes == 1
+  assert json.loads(run.tags['PROMPTS']) == prompts
+  shown = ui.render(run, 0.3, str(tmp_path / 'out'))
+  probs, valid = run.arrays()
+  want = [np.count_nonzero((probs[..., i] > 0.3) & valid) for i in range(2)]
+  assert want[0] < want[1]  # prompt 2 marks more (x4): the two masks differ
+  assert [e.prompt for e in shown.legend] == prompts
+  assert [e.changed_px for e in shown.legend] == want
+  assert shown.legend[0].rgb != shown.legend[1].rgb
+  assert shown.legend[0].rgb == (255, 0, 0)  # the first prompt stays red, as with one prompt
+  for e in shown.legend:
+    assert e.share == pytest.approx(100.0 * e.changed_px / (256 * 256))
+  page = shown.legend_html
+  assert page.count('class="legend-entry"') == 2
+  assert html_escaped(prompts[1]) in page and prompts[1] not in page
+  assert f'{shown.legend[1].share:.2f} %' in page and shown.legend[1].hex in page
+  assert shown.area_text.count('Changed area') == 2 and '1. `new buildings`' in shown.area_text
+  assert [os.path.basename(f) for f in shown.files] == [
+      'change_mask.tif', 'change_polygons.gpkg', 'change_polygons.geojson']
+  with rasterio.open(shown.files[0]) as ds:
+    assert ds.count == 2 and list(ds.descriptions) == prompts
+    bands = ds.read()
+  for i in range(2):
+    np.testing.assert_array_equal(bands[i], (probs[..., i] > 0.3).astype(np.uint8))
+  assert pyogrio.read_info(shown.files[1])['fields'].tolist() == [
+      'value', 'area', 'area_px', 'prompt']
+  with open(shown.files[2]) as f:
+    features = [ft['properties'] for ft in json.load(f)['features']]
+  assert {ft['prompt'] for ft in features} == set(prompts)
+  for i, p in enumerate(prompts):
+    assert sum(ft['area_px'] for ft in features if ft['prompt'] == p) == want[i]
+  # Overlay: pixels marked by prompt 2 only are in its colour (blue dominant), by both in
+  # prompt 2's (drawn on top); unmarked pixels are B darkened.
+  only2 = (bands[1] > 0) & (bands[0] == 0)
+  y, x = np.argwhere(only2)[0]
+  assert shown.overlay[y, x, 2] > shown.overlay[y, x, 0]
+  y, x = np.argwhere(bands[0] > 0)[0]  # prompt 1's change lies inside prompt 2's here
+  assert shown.overlay[y, x, 2] > shown.overlay[y, x, 0]
+  # A lower threshold re-renders without the model: more marked area for both prompts.
+  low = ui.render(run, 0.1, str(tmp_path / 'low'))
+  assert all(lo.changed_px > hi.changed_px for lo, hi in zip(low.legend, shown.legend))
+
+
+def test_two_prompts_on_plain_images_give_one_png_per_prompt(tmp_path):
+  det = _PixelwiseDetector(tiny.tiny_config())
+  run = ui.detect(det, *samples.SAMPLES[1].paths, 'a\nb', str(tmp_path / 'run'))
+  shown = ui.render(run, 0.3, str(tmp_path / 'out'))
+  assert [os.path.basename(f) for f in shown.files] == [
+      'change_mask_1.png', 'change_mask_2.png', 'change_polygons.gpkg']
+  for i, f in enumerate(shown.files[:2]):
+    assert (np.asarray(Image.open(f)) == 255).sum() == shown.legend[i].changed_px
+
+
+def test_one_prompt_behaves_as_before(tmp_path):
+  """A single line: the one-prompt predictor call, tag PROMPT, one red legend entry."""
+  config = tiny.tiny_config()
+  det = _PixelwiseDetector(config)
+  run = ui.detect(det, *samples.SAMPLES[1].paths, 'new roads\n', str(tmp_path / 'run'))
+  assert det.prompts == ['new roads'] and run.tags['PROMPT'] == 'new roads'
+  assert 'PROMPTS' not in run.tags and run.prompts == ('new roads',) and run.channels == 1
+  shown = ui.render(run, 0.3, str(tmp_path / 'out'))
+  assert shown.area_text.startswith('**Changed area:')
+  assert [(e.prompt, e.rgb) for e in shown.legend] == [('new roads', (255, 0, 0))]
+
+
+def html_escaped(text: str) -> str:
+  import html  # pylint: disable=g-import-not-at-top
+  return html.escape(text)
+
+
+@pytest.mark.parametrize('text, words', [
+    ('new roads\n\nnew buildings', 'prompt line 2 is empty: write one prompt per line'),
+    ('new roads\nnew  roads', "prompt line 2 ('new  roads') repeats line 1: give each prompt "
+                               'once'),
+    ('\n'.join(f'p{i}' for i in range(ui.MAX_PROMPTS + 1)),
+     f'{ui.MAX_PROMPTS + 1} prompts: the page draws at most {ui.MAX_PROMPTS}'),
+])
+def test_prompt_box_errors_are_one_line_before_any_work(tmp_path, text, words):
+  det = _PixelwiseDetector(tiny.tiny_config())
+  with pytest.raises(cli.UsageError) as e:
+    ui.detect(det, *samples.SAMPLES[1].paths, text, str(tmp_path / 'run'))
+  msg = ui.user_message(e.value)
+  assert words in msg and '\n' not in msg
+  assert det.prompts == [] and not (tmp_path / 'run').exists()
+
+
+def test_blank_prompt_box_means_the_config_prompt():
+  assert ui.parse_prompts('  \n ', 'Buildings.') == ['Buildings.']
+  assert ui.parse_prompts(None, 'Buildings.') == ['Buildings.']
+  assert ui.parse_prompts(' a \n b', 'x') == ['a', 'b']
