@@ -18,7 +18,13 @@ Writes into --out (default `eval_<split>`):
   (and scored with that config) is asked every target prompt of the split on every pair: the
   keys above pool all (pair, prompt) masks, and `f1/<prompt>`, `iou/<prompt>`,
   `precision/<prompt>`, `recall/<prompt>` score each prompt, `macro_f1` / `macro_iou` /
-  `macro_precision` / `macro_recall` their means (train/metrics.prompt_metrics).
+  `macro_precision` / `macro_recall` their means (train/metrics.prompt_metrics). On semantic
+  change data (the `second` layout's directional prompts 'A -> B' among the targets) also the
+  SeK of semantic change detection papers (train/metrics.sek): `sek`, `sek_score` (0.3 mIoU +
+  0.7 SeK, the SECOND benchmark's score), `sek_miou`, `sek_kappa_n0`, `sek_iou_change`,
+  `sek_iou_no_change`, the matrix `semantic_confusion` of both dates' class maps and its
+  `semantic_classes`; the class maps come from the prompt masks as
+  train/evaluation.SemanticPlan describes.
 - `per_example_<split>.csv` (single-process runs): index, file name, tp, fp, fn, iou, f1 of
   every example (change pixels = any non-zero class; a score whose denominator is 0 - nothing
   changed, nothing predicted - counts as 1, a perfect example).

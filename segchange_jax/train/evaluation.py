@@ -7,11 +7,19 @@ training reports for the same checkpoint and split. With `tta` (segchange_jax/mo
 the model inside that jitted step is `tta.tta_logits` over the transforms (one model call of
 T x batch records), so loss, metrics, per-example scores and images all come from the averaged
 logits.
+
+Semantic change (SECOND-style data: config.data.targets='prompts' and target prompts 'A -> B'
+of the `second` layout's classes, data/layouts.py): the records carry per-prompt masks, not
+the two land-cover maps, so `SemanticPlan` rebuilds both dates' class maps from the
+directional prompts, for the truth and for the prediction (its docstring says exactly how),
+and the split's [C, C] matrix of both dates feeds metrics.sek: 'sek' and its parts in the
+metrics.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import heapq
 import json
 import os
@@ -21,6 +29,7 @@ import numpy as np
 
 from segchange_jax import atomic
 from segchange_jax.data import input_pipeline
+from segchange_jax.data import layouts
 from segchange_jax.models import tta as tta_lib
 
 GAP = 4
@@ -102,6 +111,78 @@ class _TTAModel:
     return tta_lib.tta_logits(fn, image_a, image_b, text, self.tta)
 
 
+@dataclasses.dataclass(frozen=True)
+class SemanticPlan:
+  """How the two dates' semantic class maps are rebuilt from directional prompt slots.
+
+  The records of the `second` layout carry, per pair, the masks of the prompts that occur
+  (layouts.semantic_targets): 'any change', 'A -> B' for each (from class, to class) pair,
+  'any change to B', 'any change from A'. Evaluation asks every target prompt of the split
+  (slot k = prompt k of `prompts`); of those, the 'A -> B' slots (`pair_slots`, with class
+  indices `from_class`, `to_class` of `classes`) define the maps:
+  - truth: a pixel inside the 'A -> B' mask has class A on date 1 and B on date 2; inside none
+    (unchanged, or a class in one land-cover map only, which has no directional target) both
+    are 0, 'no change'. The 'A -> B' masks are disjoint, so this is the SECOND label pair
+    wherever both maps have a class.
+  - prediction: a pixel is changed when the 'any change' prompt's probability exceeds the
+    threshold (the binary change decision; `any_slot`), or, when the split has no 'any change'
+    prompt, when the highest 'A -> B' probability does; a changed pixel takes the (A, B) of its
+    highest 'A -> B' logit (argmax over the pair prompts of the split), an unchanged one 0 / 0.
+  Both dates' (true, predicted) counts add into one [C, C] matrix (SECOND's evaluation scores
+  the two maps together), C = len(classes), class 0 'no change'.
+  """
+  prompts: tuple[str, ...]
+  pair_slots: tuple[int, ...]
+  from_class: tuple[int, ...]
+  to_class: tuple[int, ...]
+  any_slot: int | None
+  classes: tuple[str, ...]
+
+  @classmethod
+  def of(cls, prompts, classes=layouts.SECOND_CLASSES) -> 'SemanticPlan | None':
+    """The plan of the evaluated target prompts (slot order), or None when none is 'A -> B'
+    of `classes`' change classes (not semantic change data: no SeK)."""
+    index = {name: i for i, name, _ in classes if i}
+    by_prompt = {layouts.second_prompt(a, b): (index[a], index[b]) for a in index for b in index}
+    prompts = tuple(prompts)
+    slots = [k for k, p in enumerate(prompts) if p in by_prompt]
+    if not slots:
+      return None
+    any_slot = prompts.index(layouts.ANY_CHANGE) if layouts.ANY_CHANGE in prompts else None
+    return cls(prompts, tuple(slots), tuple(by_prompt[prompts[k]][0] for k in slots),
+               tuple(by_prompt[prompts[k]][1] for k in slots), any_slot,
+               tuple(name for _, name, _ in classes))
+
+  def class_maps(self, logits, labels, threshold: float):
+    """(true date 1, true date 2, predicted date 1, predicted date 2) int32 [B, H, W] maps of
+    prompt-slot logits and labels [B, H, W, P] (jax; inside jit)."""
+    import jax  # pylint: disable=g-import-not-at-top
+    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+    slots = jnp.asarray(self.pair_slots, jnp.int32)
+    src = jnp.asarray((0,) + self.from_class, jnp.int32)  # entry 0: no change
+    dst = jnp.asarray((0,) + self.to_class, jnp.int32)
+    inside = jnp.take(labels, slots, axis=-1) > 0
+    true_pair = jnp.where(inside.any(-1), jnp.argmax(inside, axis=-1) + 1, 0)
+    z = jnp.take(logits, slots, axis=-1).astype(jnp.float32)
+    change_logit = z.max(-1) if self.any_slot is None else logits[..., self.any_slot]
+    changed = jax.nn.sigmoid(change_logit.astype(jnp.float32)) > threshold
+    pred_pair = jnp.where(changed, jnp.argmax(z, axis=-1) + 1, 0)
+    return src[true_pair], dst[true_pair], src[pred_pair], dst[pred_pair]
+
+  def confusion(self, logits, labels, mask, threshold: float):
+    """int32 [C, C] (true, predicted) counts of both dates' class maps over the valid
+    examples (mask [B], 0 = padding); metrics.sek scores it."""
+    import jax  # pylint: disable=g-import-not-at-top
+    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+    c = len(self.classes)
+    t1, t2, p1, p2 = self.class_maps(logits, labels, threshold)
+    weight = jnp.broadcast_to((mask > 0).astype(jnp.int32)[:, None, None], t1.shape)
+    index = jnp.concatenate([(t1 * c + p1).reshape(-1), (t2 * c + p2).reshape(-1)])
+    counts = jax.ops.segment_sum(jnp.concatenate([weight.reshape(-1)] * 2), index,
+                                 num_segments=c * c)
+    return counts.reshape(c, c)
+
+
 def check_tta(info: dict, split: str, tta: str) -> None:
   """Refuses a `tta` the split's records cannot take (rotations of non-square records)."""
   tta_lib.resolve(tta)
@@ -164,9 +245,13 @@ def evaluate(config, variables: dict, split: str, out_dir: str, num_images: int 
   rep = sharding.replicated(mesh)
   text_table = jax.device_put(table_np, rep)
   threshold = config.eval.threshold
+  plan = (SemanticPlan.of(input_pipeline.target_prompts(config, info))
+          if config.data.targets == 'prompts' else None)
 
   def step(variables, batch, text_table):
     out, logits = train_step.eval_outputs(model, config, variables, batch, text_table)
+    if plan is not None:  # summed exactly by loop.evaluate_split, scored by metrics.sek
+      out['semantic_cm'] = plan.confusion(logits, batch['label'], batch['mask'], threshold)
     if not single:
       return out
     per_cm = jax.vmap(lambda z, y, m: metrics_lib.confusion_matrix(
@@ -194,6 +279,8 @@ def evaluate(config, variables: dict, split: str, out_dir: str, num_images: int 
                                   mesh, batch_size, on_batch=on_batch if single else None)
   result.update({'checkpoint': checkpoint, 'split': split, 'threshold': float(threshold),
                  'tta': tta})
+  if plan is not None:
+    result['semantic_classes'] = list(plan.classes)
   if jax.process_index() != 0:
     return result
   os.makedirs(out_dir, exist_ok=True)

@@ -50,7 +50,7 @@ class TrainingError(RuntimeError):
 DEVICE_PREFETCH = 2
 LOSS_PARTS = ('ce', 'dice', 'focal', 'bcl')
 # Step outputs that are pixel counts, summed exactly (metrics.add_counts), not as floats.
-COUNT_KEYS = ('cm', 'prompt_cm')
+COUNT_KEYS = ('cm', 'prompt_cm', 'semantic_cm')
 
 
 def _host_batch_to_global(batch: dict, mesh) -> dict:
@@ -156,7 +156,10 @@ def evaluate_split(eval_step, state, config, split: str, prompt_to_index, text_t
   Sums accumulate on device and are fetched once at the end. A step may also return
   'per_example' outputs (kept out of the sums); `on_batch(host_batch, per_example)` then
   receives them with this process's batch (segchange_jax.evaluate uses it), which fetches
-  those per batch.
+  those per batch. A step's 'semantic_cm' (both dates' [C, C] semantic class counts,
+  train/evaluation.SemanticPlan) adds metrics.sek's scores: 'sek', 'sek_kappa_n0',
+  'sek_iou_change', 'sek_iou_no_change', 'sek_miou', 'sek_score' and the matrix
+  'semantic_confusion'.
   """
   it = input_pipeline.create_eval_iterator(config, split, prompt_to_index, batch_size)
   batches = DevicePrefetch(it, mesh, keep_host=on_batch is not None)
@@ -176,11 +179,17 @@ def evaluate_split(eval_step, state, config, split: str, prompt_to_index, text_t
     raise TrainingError(f'split {split!r} has no examples')
   cm = metrics_lib.counts_to_host(sums.pop('cm'))
   prompt_cm = sums.pop('prompt_cm', None)
+  semantic_cm = sums.pop('semantic_cm', None)
   sums = {k: float(v) for k, v in jax.device_get(sums).items()}
   result = dict(metrics_lib.compute_metrics(cm))
   if prompt_cm is not None:   # config.data.targets='prompts': scores per target prompt
     result.update(metrics_lib.prompt_metrics(metrics_lib.counts_to_host(prompt_cm),
                                              input_pipeline.target_prompts(config)))
+  if semantic_cm is not None:  # semantic change data: SeK of both dates' class maps
+    semantic_cm = metrics_lib.counts_to_host(semantic_cm)
+    result.update({k if k == 'sek' else f'sek_{k}': v
+                   for k, v in metrics_lib.sek(semantic_cm).items()})
+    result['semantic_confusion'] = semantic_cm.tolist()
   n = max(sums.get('n', 0.0), 1.0)
   result['loss'] = sums.get('loss_sum', 0.0) / n
   for part in LOSS_PARTS:
