@@ -19,6 +19,7 @@ FPN_TYPES = ('FPN', 'L-FPN')
 DIFF_ATTENTIONS = ('SE', 'CBAM')
 # Rematerialisation (segchange_jax/models/remat.py): what the backward pass recomputes.
 REMAT_POLICIES = ('none', 'dots', 'block')
+PROMPT_CONDITIONINGS = ('none', 'film_head', 'film_neck')   # models/prompt_film.py
 DTYPES = ('float32', 'bfloat16')
 SCHEDULERS = ('step', 'plateau', 'cosine')
 TARGET_MODES = ('label', 'prompts')  # config.data.targets
@@ -261,6 +262,7 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
   _choice(config, 'model.diff_attention', DIFF_ATTENTIONS)
   _choice(config, 'model.dtype', DTYPES)
   _choice(config, 'model.remat', REMAT_POLICIES)
+  _choice(config, 'model.prompt_conditioning', PROMPT_CONDITIONINGS)
   _choice(config, 'text.dtype', DTYPES)
   if config.text.freeze is not True:
     raise ConfigError(f'config.text.freeze={config.text.freeze!r}: the text encoder is always '

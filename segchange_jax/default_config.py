@@ -100,6 +100,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.bev_transformer_layers = 2
   c.model.bev_transformer_ffn = 2048
   c.model.dtype = 'float32'       # compute dtype; params stay float32
+  # How the prompt steers the mask (segchange_jax/models/prompt_film.py): 'none' is upstream's
+  # model (exact upstream logits); 'film_head' / 'film_neck' add a prompt-computed scale and
+  # shift after the head's (and the neck's) GroupNorms, so that a prompt can choose which change.
+  c.model.prompt_conditioning = 'none'
   # Activation memory vs recompute (segchange_jax/models/remat.py): 'none' keeps every
   # activation; 'dots' keeps only matmul outputs inside each block; 'block' keeps only block
   # inputs (least memory, one extra forward of each block in the backward pass), the choice

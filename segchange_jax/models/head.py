@@ -21,6 +21,9 @@ the P text queries join the decoder's queries in the one pass over the pixels, a
 queries' decoder, the gate and the decoder vector are computed once per image. What remains per
 prompt is the per-image kernel of the first output conv and the output convs after it, which
 run as one batch of B * P maps.
+
+Prompt conditioning (`config.model.prompt_conditioning`, models/prompt_film.py): with 'film_head'
+or 'film_neck' a prompt-computed scale and shift acts after each of the two output GroupNorms.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import jax
 import jax.numpy as jnp
 
 from segchange_jax.models import layers
+from segchange_jax.models import prompt_film
 from segchange_jax.models import remat as remat_lib
 from segchange_jax.models import torch_rules as tc
 
@@ -164,6 +168,7 @@ class MaskHead(nn.Module):
   dropout: float = 0.1
   gn_groups: int = 32
   dtype: Any = jnp.float32
+  conditioning: str = 'none'   # prompt_film.CONDITIONINGS
 
   @nn.compact
   def __call__(self, x: jax.Array | layers.DeferredDense, text: jax.Array,
@@ -248,9 +253,14 @@ class MaskHead(nn.Module):
       # layout as a slower, strided product), then the maps moved prompt-major for the batch.
       y = jnp.einsum('bhwc,bpco->bhwpo', xd, k_img) + bias_img[:, None, None]
       y = y.transpose(0, 3, 1, 2, 4).reshape(b * p, h, w, -1)
-    y = nn.relu(layers.group_norm(self.gn_groups, dt, 'out_gn0')(y))
+    film = [None, None]
+    if prompt_film.conditions_head(self.conditioning):  # one (scale, shift) row per map
+      film = [tuple(f.reshape(y.shape[0], -1) for f in pair) for pair in
+              prompt_film.PromptFiLM((c // 2, c // 4), dtype=dt, name='prompt_film')(text)]
+    modulate = prompt_film.modulate
+    y = nn.relu(modulate(layers.group_norm(self.gn_groups, dt, 'out_gn0')(y), film[0]))
     y = layers.ShiftedConv(c // 4, 3, dt, name='out_conv1')(y)  # = conv(), faster backward
-    y = nn.relu(layers.group_norm(self.gn_groups, dt, 'out_gn1')(y))
+    y = nn.relu(modulate(layers.group_norm(self.gn_groups, dt, 'out_gn1')(y), film[1]))
     y = layers.dense(self.num_classes, dt, 'out_conv2')(y).astype(jnp.float32)
     if not multi:
       return y
@@ -262,7 +272,8 @@ def build_head(model_cfg, dtype: Any, name: str = 'mask_head') -> MaskHead:
   head = remat_lib.wrap(MaskHead, remat_lib.policy_of(model_cfg), (3,))
   return head(model_cfg.num_classes, model_cfg.head_heads, model_cfg.num_queries,
                   model_cfg.decoder_layers, model_cfg.decoder_ffn, model_cfg.dropout,
-                  model_cfg.gn_groups, dtype, name=name)
+                  model_cfg.gn_groups, dtype, prompt_film.conditioning_of(model_cfg),
+                  name=name)
 
 
 def _mha_rules(t: str, path) -> list[tc.Rule]:

@@ -22,6 +22,7 @@ import numpy as np
 
 from segchange_jax.models import kernels
 from segchange_jax.models import layers
+from segchange_jax.models import prompt_film
 from segchange_jax.models import remat as remat_lib
 from segchange_jax.models import torch_rules as tc
 
@@ -88,8 +89,14 @@ class Neck(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, feats: Sequence[jax.Array], train: bool = False) -> layers.DeferredDense:
-    """-> the full-resolution map, as a `layers.DeferredDense` (`.materialize()` for the array)."""
+  def __call__(self, feats: Sequence[jax.Array], train: bool = False,
+               film: Sequence[tuple[jax.Array, jax.Array]] | None = None
+               ) -> layers.DeferredDense:
+    """-> the full-resolution map, as a `layers.DeferredDense` (`.materialize()` for the array).
+
+    `film`: per scale a prompt's (scale, shift) [N, dim] applied after that scale's GroupNorm
+    (models/prompt_film.py; one row per map), or None.
+    """
     n = len(feats)
     kernel = self.param('fusion_kernel', nn.initializers.lecun_normal(), (n * self.dim, self.dim))
     bias = self.param('fusion_bias', nn.initializers.zeros, (self.dim,))
@@ -97,7 +104,8 @@ class Neck(nn.Module):
     projected = []
     for i, f in enumerate(feats):
       h = layers.conv(self.dim, 3, self.dtype, f'scale_conv_{i}')(f)
-      h = nn.relu(layers.group_norm(self.gn_groups, self.dtype, f'scale_gn_{i}')(h))
+      h = layers.group_norm(self.gn_groups, self.dtype, f'scale_gn_{i}')(h)
+      h = nn.relu(prompt_film.modulate(h, None if film is None else film[i]))
       # The fusion conv's slice for this scale, applied before upsampling (exact rewrite).
       projected.append(h @ kernel[i * self.dim:(i + 1) * self.dim])
     out = kernels.upsample_bilinear_sum(projected, STRIDES[:n]) + bias.astype(self.dtype)

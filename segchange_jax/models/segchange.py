@@ -12,6 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from segchange_jax.models import backbones
 from segchange_jax.models import bev as bev_lib
@@ -19,6 +20,7 @@ from segchange_jax.models import diff as diff_lib
 from segchange_jax.models import head as head_lib
 from segchange_jax.models import layers
 from segchange_jax.models import neck as neck_lib
+from segchange_jax.models import prompt_film
 from segchange_jax.models import torch_rules as tc
 
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
@@ -73,8 +75,22 @@ class SegChangeModel(nn.Module):
     diffs = diff_lib.FeatureDiff(m.diff_attention, dtype, m.get('remat', 'none'),
                                  name='feature_diff')(
         [f[:b] for f in out], [f[b:] for f in out], train)
-    x = neck_lib.build_neck(m, dtype, 'fpn')(diffs, train)
-    return head_lib.build_head(m, dtype, 'mask_head')(x, text_emb, train)
+    head = head_lib.build_head(m, dtype, 'mask_head')
+    if not prompt_film.conditions_neck(prompt_film.conditioning_of(m)):
+      return head(neck_lib.build_neck(m, dtype, 'fpn')(diffs, train), text_emb, train)
+    # The prompt acts inside the neck: neck and head run once per (pair, prompt), as a batch of
+    # B * P maps (row b * P + p), each with its own prompt.
+    multi = text_emb.ndim == 4
+    p = text_emb.shape[1] if multi else 1
+    text = text_emb.reshape(b * p, *text_emb.shape[-2:])
+    film = prompt_film.PromptFiLM((m.fpn_dim,) * len(diffs), dtype=dtype,
+                                  name='prompt_film_neck')(text)
+    diffs = [jnp.repeat(d, p, axis=0) for d in diffs]
+    y = head(neck_lib.build_neck(m, dtype, 'fpn')(diffs, train, film), text, train)
+    if not multi:
+      return y
+    y = jnp.moveaxis(y.reshape(b, p, *y.shape[1:]), 1, 3)   # [B, H, W, P, K]
+    return y[..., 0] if m.num_classes == 1 else y
 
 
 def build_model(config: ml_collections.ConfigDict) -> SegChangeModel:
@@ -113,15 +129,60 @@ def load_torch_state_dict(config: ml_collections.ConfigDict, state_dict, source:
                           image_size: int = 64) -> dict:
   """Upstream state_dict (numpy values) -> our variables, every problem listed in one error."""
   rules, aliases, ignore = torch_mapping(config)
-  expected = variable_shapes(build_model(config), image_size)
+  model = build_model(config)
+  expected = variable_shapes(model, image_size)
+  film = _film_paths(expected)
+  for path in film:  # no upstream counterpart: converted without, then added at identity start
+    expected = _without(expected, path)
   state_dict = tc.strip_prefixes(state_dict)
-  return tc.convert(state_dict, rules, expected=expected, ignore=ignore, aliases=aliases,
-                    source=source)
+  variables = tc.convert(state_dict, rules, expected=expected, ignore=ignore, aliases=aliases,
+                         source=source)
+  if film:
+    start = init_variables(model, jax.random.PRNGKey(0), image_size)
+    for path in film:
+      node = variables
+      for key in path[:-1]:
+        node = node.setdefault(key, {})
+      node[path[-1]] = jax.tree.map(np.asarray, _get(start, path))
+  return variables
+
+
+def _film_paths(variables) -> list[tuple[str, ...]]:
+  """Paths of the prompt-conditioning parameters (config.model.prompt_conditioning)."""
+  paths = [('params', 'mask_head', 'prompt_film'), ('params', 'prompt_film_neck')]
+  found = []
+  for path in paths:
+    node = variables
+    for key in path:
+      node = node.get(key, {}) if hasattr(node, 'get') else {}
+    if node:
+      found.append(path)
+  return found
+
+
+def _get(tree, path):
+  for key in path:
+    tree = tree[key]
+  return tree
+
+
+def _without(tree, path):
+  """A shallow copy of nested dict `tree` without the leaf/subtree at `path`."""
+  tree = dict(tree)
+  if len(path) == 1:
+    tree.pop(path[0])
+  else:
+    tree[path[0]] = _without(tree[path[0]], path[1:])
+  return tree
 
 
 def export_torch_state_dict(config: ml_collections.ConfigDict, variables) -> dict:
   """Our variables -> upstream state_dict (numpy), aliases duplicated, num_batches_tracked = 0."""
-  import numpy as np  # pylint: disable=g-import-not-at-top
+  if prompt_film.conditioning_of(config.model) != 'none':
+    raise ValueError(f'config.model.prompt_conditioning='
+                     f'{prompt_film.conditioning_of(config.model)!r} has no upstream counterpart: '
+                     'an upstream state_dict would silently drop the prompt conditioning. Export '
+                     'to Orbax / StableHLO / ONNX instead (python -m segchange_jax.export)')
   rules, aliases, _ = torch_mapping(config)
   variables = jax.tree.map(np.asarray, dict(variables))
   sd = tc.export(variables, rules)

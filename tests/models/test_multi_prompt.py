@@ -54,9 +54,10 @@ def _head(deferred: bool, **overrides):
   return head, jax.tree_util.tree_map_with_path(draw, shapes), x
 
 
-@pytest.mark.parametrize('deferred', [True, False])
-def test_head_prompts_give_the_logits_of_one_call_each(deferred):
-  head, variables, x = _head(deferred)
+@pytest.mark.parametrize('deferred,conditioning', [(True, 'none'), (False, 'none'),
+                                                    (True, 'film_head')])
+def test_head_prompts_give_the_logits_of_one_call_each(deferred, conditioning):
+  head, variables, x = _head(deferred, prompt_conditioning=conditioning)
   fwd = jax.jit(lambda v, x, t: head.apply(v, x, t))
   text = np.random.RandomState(4).randn(2, 3, 8, tiny.TEXT_DIM).astype(np.float32)
   multi = np.asarray(fwd(variables, x, text))
@@ -71,9 +72,10 @@ def test_head_prompts_give_the_logits_of_one_call_each(deferred):
                              rtol=0)
 
 
-def test_head_classes_and_train_mode():
+@pytest.mark.parametrize('conditioning', ['none', 'film_head'])
+def test_head_classes_and_train_mode(conditioning):
   # K > 1 gives [B, H, W, P, K]; without dropout train mode is deterministic and equal per prompt.
-  head, variables, x = _head(True, num_classes=3, dropout=0.0)
+  head, variables, x = _head(True, num_classes=3, dropout=0.0, prompt_conditioning=conditioning)
   fwd = jax.jit(lambda v, x, t: head.apply(v, x, t, train=True))
   text = np.random.RandomState(5).randn(2, 2, 8, tiny.TEXT_DIM).astype(np.float32)
   multi = np.asarray(fwd(variables, x, text))
