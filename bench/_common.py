@@ -78,9 +78,10 @@ def variant_config(variant: str):
   return c
 
 
-def random_model(variant: str, dtype: str):
+def random_model(variant: str, dtype: str, conditioning: str = 'none'):
   """(config, model, variables, rng) for a forward benchmark: the variant's model in `dtype`
-  with N(0, 0.02) weights from numpy's seed-0 generator, which is returned for the inputs."""
+  (and config.model.prompt_conditioning) with N(0, 0.02) weights from numpy's seed-0
+  generator, which is returned for the inputs."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
@@ -88,6 +89,7 @@ def random_model(variant: str, dtype: str):
   from segchange_jax.models import segchange  # pylint: disable=g-import-not-at-top
   config = variant_config(variant)
   config.model.dtype = dtype
+  config.model.prompt_conditioning = conditioning
   model = segchange.build_model(config)
   shapes = segchange.variable_shapes(model, 64)
   rng = np.random.default_rng(0)

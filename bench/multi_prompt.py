@@ -23,12 +23,12 @@ from _common import xla_cost
 
 
 def measure(variant: str, size: int, batch: int, prompts: list[int], iters: int,
-            dtype: str) -> list[dict]:
+            dtype: str, conditioning: str = 'none') -> list[dict]:
   """[{'prompts', 'ms', 'gflops', 'compile_s'}] per entry of `prompts`."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
-  config, model, variables, rng = random_model(variant, dtype)
+  config, model, variables, rng = random_model(variant, dtype, conditioning)
   a = jnp.asarray(rng.normal(size=(batch, size, size, 3)), jnp.float32)
   b = jnp.asarray(rng.normal(size=(batch, size, size, 3)), jnp.float32)
   fwd = jax.jit(lambda v, a, b, t: model.apply(v, a, b, t))
@@ -60,12 +60,15 @@ def main():
   p.add_argument('--prompts', type=positive_int, nargs='+', default=[1, 4])
   p.add_argument('--iters', type=positive_int, default=3)
   p.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'])
+  p.add_argument('--conditioning', default='none', choices=['none', 'film_head', 'film_neck'],
+                 help='config.model.prompt_conditioning (models/prompt_film.py)')
   args = p.parse_args()
   import jax  # pylint: disable=g-import-not-at-top
   print(f'device: {jax.devices()[0].device_kind}, {args.size} px, batch {args.batch}, '
-        f'{args.dtype}', flush=True)
+        f'{args.dtype}, prompt_conditioning {args.conditioning}', flush=True)
   for variant in args.variants:
-    results = measure(variant, args.size, args.batch, args.prompts, args.iters, args.dtype)
+    results = measure(variant, args.size, args.batch, args.prompts, args.iters, args.dtype,
+                      args.conditioning)
     base = results[0]
     for r in results:
       print(f"{variant:30s} P={r['prompts']:2d}: {r['ms']:9.1f} ms ({r['ms'] / base['ms']:.2f}x "

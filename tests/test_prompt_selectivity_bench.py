@@ -1,0 +1,58 @@
+"""bench/prompt_selectivity.py and bench/feature_probe.py: the figures' definitions on hand-made
+masks (F1, off-target share, negative / positive area, paraphrase mapping, probe targets)."""
+
+import pathlib
+import sys
+
+import numpy as np
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / 'bench'))
+import feature_probe  # pylint: disable=g-import-not-at-top,wrong-import-position
+import prompt_selectivity as ps  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+KINDS = ['new buildings', 'new roads']
+
+
+def _mask(*cells):
+  m = np.zeros((4, 4), bool)
+  for r, c in cells:
+    m[r, c] = True
+  return m
+
+
+def test_scores_on_hand_made_masks():
+  build, road = _mask((0, 0), (0, 1)), _mask((3, 3))
+  pairs = [dict(targets={'new buildings': build, 'new roads': road, 'any change': build | road}),
+           dict(targets={'any change': _mask()})]          # nothing changed in pair 2
+  masks = [
+      # 'new buildings' marks its two pixels and the road pixel: 1 of 3 off target.
+      {'new buildings': build | road, 'new roads': road, 'any change': build | road,
+       'newly constructed houses': build},
+      # pair 2: both kind prompts are negatives; 'new roads' marks 2 pixels of 16.
+      {'new buildings': _mask(), 'new roads': _mask((1, 1), (2, 2)), 'any change': _mask(),
+       'newly constructed houses': _mask()}]
+  s = ps.score(masks, pairs, KINDS, 'any change')
+  assert s['off_target'] == {'new buildings': 1 / 3, 'new roads': 0.0}
+  assert s['off_target_all'] == 1 / 6   # of 3 + 1 + 2 marked pixels
+  assert np.isclose(s['f1']['new buildings'], 2 * 2 / (2 * 2 + 1))
+  assert np.isclose(s['f1']['new roads'], 2 * 1 / (2 * 1 + 2))   # 2 false positives in pair 2
+  assert s['f1']['any change'] == 1.0
+  # The paraphrase is scored against the target of the prompt it stands for.
+  assert s['f1']['newly constructed houses'] == 1.0
+  assert s['counts'] == {'positive': 2, 'negative': 2}
+  assert np.isclose(s['positive_area'], (3 / 16 + 1 / 16) / 2)
+  assert np.isclose(s['negative_area'], (0 + 2 / 16) / 2)
+  assert np.isclose(s['negative_over_positive'], (1 / 16) / (2 / 16))
+
+
+def test_probe_targets_and_balanced_accuracy():
+  build, road = _mask((0, 0), (0, 1)), _mask((0, 1), (3, 3))
+  pairs = [dict(targets={'new buildings': build, 'new roads': road, 'any change': build | road})]
+  y = feature_probe.pixel_targets(pairs, KINDS)[0]
+  assert y[0, 0] == 1 and y[3, 3] == 2 and y[0, 1] == -1 and y[2, 2] == 0
+  truth, pred = np.array([0, 0, 0, 1]), np.array([0, 0, 0, 0])
+  assert feature_probe.balanced_accuracy(truth, pred) == 0.5   # the majority class scores chance
+  x = np.array([[0.0], [0.1], [1.0], [1.1]], np.float32)
+  predict = feature_probe.fit_softmax(x, np.array([0, 0, 1, 1]), 2, steps=200)
+  assert list(predict(x)) == [0, 0, 1, 1]
