@@ -345,6 +345,7 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
                       f'be <= {MAX_PROMPTS_PER_EXAMPLE} (the masks of one example are augmented '
                       'as the bits of a 16-bit map); lower it')
   _range(config, 'data.negative_rate', 0.0, 1.0)
+  _range(config, 'data.hard_negative_share', 0.0, 1.0)
   if config.data.targets == 'prompts' and m.num_classes != 1:
     raise ConfigError(f"config.data.targets='prompts' trains one binary mask per prompt, but "
                       f'config.model.num_classes={m.num_classes}; set num_classes=1 or '

@@ -52,6 +52,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.targets = 'label'
   c.data.prompts_per_example = 2
   c.data.negative_rate = 0.25
+  # Share of the negatives that share a word with a prompt the example carries ("demolished
+  # buildings" for "new buildings"): rejecting those needs the whole prompt read.
+  c.data.hard_negative_share = 0.0
   # Synthetic scenes (data_prep.synthetic) generated into source_root when n > 0 and missing.
   c.data.synthetic = ml_collections.ConfigDict()
   c.data.synthetic.n = 0

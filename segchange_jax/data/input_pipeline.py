@@ -14,7 +14,8 @@ example asks several prompts, laid out like the model's logits [b, H, W, K]:
   prompt_index: int32 [b, K].
 Training: K = config.data.prompts_per_example slots drawn from (seed, global position) alone
 (`sample_prompts`): each slot is negative with probability config.data.negative_rate (a prompt
-of the dataset's target_prompts the record does not carry, all-zero mask), else one of the
+of the dataset's target_prompts the record does not carry, all-zero mask; a share
+config.data.hard_negative_share of them sharing a word with a carried prompt), else one of the
 record's own targets; the K masks share the example's crop and augmentation. Evaluation: K = P,
 every prompt of dataset_info.json's target_prompts (sorted) on every example, so per-prompt
 metrics are defined. A record without targets carries one: (its prompt, its label).
@@ -142,14 +143,27 @@ def prompt_table_info(config, info: dict) -> dict:
   return {**info, 'prompts': names}
 
 
+def _words(prompt: str) -> set[str]:
+  return set(prompt.lower().replace('->', ' ').split())
+
+
 def sample_prompts(rng: np.random.Generator, carried: list[str], vocabulary: list[str], k: int,
-                   negative_rate: float) -> list[str]:
+                   negative_rate: float, hard_share: float = 0.0) -> list[str]:
   """K prompts for one training example, in random slot order.
 
   The number of negatives (prompts of `vocabulary` not in `carried`) is Binomial(k,
-  negative_rate); the rest are drawn from `carried` (the record's own targets), without
-  replacement while there are enough. With no negatives available every slot is a carried
-  prompt; with nothing carried every slot is a negative.
+  negative_rate); the rest are drawn from `carried` (the record's own targets) without
+  replacement. A record carrying fewer targets than its positive slots gets negatives in the
+  slots left over rather than a repeated target (a repeat teaches nothing new, a negative
+  teaches the prompt to switch off); prompts repeat only when the vocabulary has fewer than K.
+  With no negatives available every slot is a carried prompt; with nothing carried every slot
+  is a negative.
+
+  `hard_share`: the share of negative slots drawn from the hard negatives, those that share a
+  word with a carried prompt ("demolished buildings" or "new roads" for a record carrying "new
+  buildings"): the same kind in the other direction or the same direction of another kind,
+  which the model can only reject by reading the whole prompt (Binomial draw; the rest, and any
+  shortfall, from all negatives).
   """
   carried_set = set(carried)
   negatives = [p for p in vocabulary if p not in carried_set]
@@ -161,11 +175,21 @@ def sample_prompts(rng: np.random.Generator, carried: list[str], vocabulary: lis
     n_neg = k
   if not negatives:
     n_neg = 0
+  if negatives and k - n_neg > len(carried):
+    n_neg = k - len(carried)
   n_pos = k - n_neg
   pos = [carried[i] for i in rng.choice(len(carried), n_pos, replace=n_pos > len(carried))
          ] if n_pos else []
-  neg = [negatives[i] for i in rng.choice(len(negatives), n_neg, replace=n_neg > len(negatives))
-         ] if n_neg else []
+  neg = []
+  if n_neg and hard_share > 0:
+    words = set().union(*(_words(p) for p in carried)) if carried else set()
+    hard = [p for p in negatives if _words(p) & words]
+    n_hard = min(int(rng.binomial(n_neg, hard_share)), len(hard))
+    neg = [hard[i] for i in rng.choice(len(hard), n_hard, replace=False)] if n_hard else []
+    negatives = [p for p in negatives if p not in set(neg)] or negatives
+    n_neg -= n_hard
+  neg += [negatives[i] for i in rng.choice(len(negatives), n_neg, replace=n_neg > len(negatives))
+          ] if n_neg else []
   slots = pos + neg
   return [slots[i] for i in rng.permutation(k)]
 
@@ -300,24 +324,25 @@ class _GlobalOrder:
 class _SlotDraw:
   """A record's targets -> its K prompts, drawn from (seed, global position); picklable."""
 
-  def __init__(self, seed: int, position: int, vocabulary: list[str], k: int, rate: float):
+  def __init__(self, seed: int, position: int, vocabulary: list[str], k: int, rate: float,
+               hard_share: float = 0.0):
     self._rng = np.random.default_rng([seed, _TARGET_STREAM, position])
-    self._vocabulary, self._k, self._rate = vocabulary, k, rate
+    self._vocabulary, self._k, self._rate, self._hard = vocabulary, k, rate, hard_share
 
   def __call__(self, carried: list[str]) -> list[str]:
-    return sample_prompts(self._rng, carried, self._vocabulary, self._k, self._rate)
+    return sample_prompts(self._rng, carried, self._vocabulary, self._k, self._rate, self._hard)
 
 
 class _TrainLoad:
   """Global stream position -> training example; picklable for grain's worker processes.
 
-  `prompts`: None (train on the label), or (vocabulary, K, negative_rate) for
+  `prompts`: None (train on the label), or (vocabulary, K, negative_rate, hard_share) for
   config.data.targets='prompts'. The slot draw has its own random stream, so the crop and
   augmentation of a position are the same in both modes.
   """
 
   def __init__(self, source, order: _GlobalOrder, seed: int, kwargs: dict,
-               prompts: tuple[list[str], int, float] | None = None):
+               prompts: tuple[list[str], int, float, float] | None = None):
     self._source, self._order, self._seed, self._kwargs = source, order, seed, kwargs
     self._prompts = prompts
 
@@ -478,7 +503,8 @@ def create_train_iterator(config, prompt_to_index: dict[str, int], process_index
   prompts = None
   if config.data.targets == 'prompts':
     prompts = (target_prompts(config), int(config.data.prompts_per_example),
-               float(config.data.negative_rate))
+               float(config.data.negative_rate),
+               float(config.data.get('hard_negative_share', 0.0)))
   load = _TrainLoad(source, order, seed, kwargs, prompts)
   it = TrainIterator(load, batch, process_index, process_count, _read_threads(config),
                      max(1, int(config.data.prefetch_buffer)), _worker_processes(config))

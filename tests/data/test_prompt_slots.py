@@ -39,21 +39,29 @@ def _record_targets(it, position):
 
 
 def test_sampling_rate_determinism_and_fallbacks():
-  carried = ['new buildings', 'any change']
-  draws = [ip.sample_prompts(np.random.default_rng([7, i]), carried, VOCAB, 4, 0.25)
+  four = list(VOCAB[:3]) + ['any change']
+  draws = [ip.sample_prompts(np.random.default_rng([7, i]), four, VOCAB, 4, 0.25)
            for i in range(3000)]
-  assert draws[:50] == [ip.sample_prompts(np.random.default_rng([7, i]), carried, VOCAB, 4, 0.25)
+  assert draws[:50] == [ip.sample_prompts(np.random.default_rng([7, i]), four, VOCAB, 4, 0.25)
                         for i in range(50)]   # a function of the generator's seed alone
   slots = [p for d in draws for p in d]
-  share = np.mean([p not in carried for p in slots])
+  share = np.mean([p not in four for p in slots])
   assert abs(share - 0.25) < 0.02, share
   assert set(slots) == set(VOCAB)              # every negative gets drawn
-  # Positives without replacement while there are enough: 2 carried, at most 2 positive slots.
+  carried = ['new buildings', 'any change']
+  draws = [ip.sample_prompts(np.random.default_rng([7, i]), carried, VOCAB, 4, 0.25)
+           for i in range(300)]
+  # Positives without replacement: 2 carried, at most 2 positive slots.
   two = [d for d in draws if sum(p in carried for p in d) == 2]
   assert two and all(len({p for p in d if p in carried}) == 2 for d in two)
+  # A draw never repeats a prompt while the vocabulary has K: slots the carried targets cannot
+  # fill are negatives.
+  assert all(len(set(d)) == 4 for d in draws)
   rng = np.random.default_rng(0)
   assert all(p in carried for _ in range(20)
-             for p in ip.sample_prompts(rng, carried, VOCAB, 3, 0.0))
+             for p in ip.sample_prompts(rng, carried, VOCAB, 2, 0.0))
+  three = [ip.sample_prompts(rng, carried, VOCAB, 3, 0.0) for _ in range(20)]
+  assert all(sum(p in carried for p in d) == 2 and len(set(d)) == 3 for d in three)
   assert all(p not in carried for _ in range(20)
              for p in ip.sample_prompts(rng, carried, VOCAB, 3, 1.0))
   # Nothing to negate: all carried; nothing carried: all negatives.
@@ -61,6 +69,22 @@ def test_sampling_rate_determinism_and_fallbacks():
   assert all(p in VOCAB for p in ip.sample_prompts(rng, [], VOCAB, 3, 0.0))
   with pytest.raises(ip.InputError, match='targets=label'):
     ip.sample_prompts(rng, [], [], 2, 0.5)
+
+
+def test_hard_negatives_share_a_word_with_a_carried_prompt():
+  carried = ['new buildings', 'any change']
+  hard = {'demolished buildings', 'new roads', 'new mounds'}
+  draws = [ip.sample_prompts(np.random.default_rng([3, i]), carried, VOCAB, 4, 0.5, 1.0)
+           for i in range(400)]
+  negatives = [p for d in draws for p in d if p not in carried]
+  assert negatives and set(negatives) == set(VOCAB) - set(carried)   # the rest still drawn
+  # Every draw with at most 3 negatives has only hard ones; never a repeat.
+  few = [d for d in draws if sum(p not in carried for p in d) <= 3]
+  assert few and all(p in hard for d in few for p in d if p not in carried)
+  assert all(len(set(d)) == 4 for d in draws)
+  # share 0 is the plain draw (same generator state, same prompts).
+  assert (ip.sample_prompts(np.random.default_rng(5), carried, VOCAB, 4, 0.5, 0.0)
+          == ip.sample_prompts(np.random.default_rng(5), carried, VOCAB, 4, 0.5))
 
 
 def test_packed_masks_follow_the_augmentation():
@@ -188,6 +212,7 @@ def test_shards_without_targets_are_one_error(tmp_path, helpers):
     ('data.prompts_per_example', 17, r'prompts_per_example=17 must be <= 16'),
     ('data.negative_rate', 1.5, r'config\.data\.negative_rate=1\.5 must be <= 1'),
     ('data.negative_rate', -0.1, r'config\.data\.negative_rate=-0\.1 must be >= 0'),
+    ('data.hard_negative_share', 1.5, r'config\.data\.hard_negative_share=1\.5 must be <= 1'),
     ('model.num_classes', 3, r"targets='prompts' trains one binary mask.*num_classes=3"),
 ])
 def test_config_errors(field, value, match):
