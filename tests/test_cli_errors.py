@@ -13,12 +13,10 @@ import subprocess
 import sys
 
 from absl import flags
-from absl.testing import flagsaver
 import numpy as np
 import pytest
 
 from segchange_jax import atomic
-from segchange_jax import cli
 from segchange_jax import infer
 from segchange_jax.inference import pipeline
 from segchange_jax.inference import raster_io
@@ -55,14 +53,7 @@ def rasters(tmp_path):
   return h.write_tif(tmp_path / 'a.tif', a), h.write_tif(tmp_path / 'b.tif', b)
 
 
-def _run_infer(capsys, *args: str) -> str:
-  """infer's main through cli.guard, as `python -m segchange_jax.infer` runs it; its stderr."""
-  with flagsaver.flagsaver():
-    flags.FLAGS(['infer', '--checkpoint', 'unused-ckpt', '--noprogress', *args])
-    with pytest.raises(SystemExit) as e:
-      cli.guard(infer.main)(['infer'])
-  assert e.value.code == 2
-  return capsys.readouterr().err
+_run_infer = h.run_infer_cli
 
 
 @pytest.mark.parametrize('extra, words', [

@@ -34,3 +34,20 @@ def pair_arrays(h: int, w: int, seed: int = 0, dtype=np.uint8, bands: int = 3):
   b = a.copy()
   b[:, h // 4:h // 4 + h // 5, w // 3:w // 3 + w // 5] = hi
   return a, b
+
+
+def run_infer_cli(capsys, *args: str) -> str:
+  """infer's main through cli.guard, as `python -m segchange_jax.infer` runs it, expecting the
+  one-line error exit (2); returns its stderr."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from absl.testing import flagsaver  # pylint: disable=g-import-not-at-top
+  import pytest  # pylint: disable=g-import-not-at-top
+
+  from segchange_jax import cli  # pylint: disable=g-import-not-at-top
+  from segchange_jax import infer  # pylint: disable=g-import-not-at-top
+  with flagsaver.flagsaver():
+    flags.FLAGS(['infer', '--checkpoint', 'unused-ckpt', '--noprogress', *args])
+    with pytest.raises(SystemExit) as e:
+      cli.guard(infer.main)(['infer'])
+  assert e.value.code == 2
+  return capsys.readouterr().err

@@ -10,7 +10,6 @@ import subprocess
 import sys
 
 from absl import flags
-from absl.testing import flagsaver
 import numpy as np
 from PIL import Image
 import pyogrio
@@ -18,11 +17,9 @@ import pyogrio.raw
 import pytest
 import rasterio
 
-from segchange_jax import cli
 from segchange_jax import infer
 from segchange_jax.inference import formats
 from segchange_jax.inference import pipeline
-from segchange_jax.inference import predictor
 from tests.eval import tiny
 from tests.infer import scene_helpers as h
 
@@ -53,12 +50,7 @@ def _read(path):
 @pytest.fixture(scope='module')
 def model(tmp_path_factory):
   root = tmp_path_factory.mktemp('multi_prompt_infer')
-  npz = tiny.write_embeddings(root / 'p.npz', PROMPTS)
-  config = tiny.tiny_config(embeddings=npz)
-  # 32 px windows: the model compiles in about half the time of 64 px ones.
-  config.infer.window, config.infer.overlap = 32, 8
-  tiny.save_checkpoint(root / 'ckpt', config)
-  return root, npz, predictor.ChangeDetector.from_checkpoint(str(root / 'ckpt'))
+  return (root, *tiny.prompt_detector(root, PROMPTS))
 
 
 @pytest.fixture
@@ -181,14 +173,7 @@ def test_several_prompts_of_a_multi_class_model(pair, tmp_path):
   assert {(q['prompt'], q['value']) for q in props} == {(PROMPTS[0], 1), (PROMPTS[1], 2)}
 
 
-def _run_infer(capsys, *args: str) -> str:
-  """infer's main through cli.guard, as `python -m segchange_jax.infer` runs it; its stderr."""
-  with flagsaver.flagsaver():
-    flags.FLAGS(['infer', '--checkpoint', 'unused-ckpt', '--noprogress', *args])
-    with pytest.raises(SystemExit) as e:
-      cli.guard(infer.main)(['infer'])
-  assert e.value.code == 2
-  return capsys.readouterr().err
+_run_infer = h.run_infer_cli
 
 
 @pytest.mark.parametrize('extra, words', [

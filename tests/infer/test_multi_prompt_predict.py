@@ -17,13 +17,7 @@ PROMPTS = ['new buildings', 'demolished buildings', 'new roads']
 
 @pytest.fixture(scope='module')
 def detector(tmp_path_factory):
-  root = tmp_path_factory.mktemp('multi_prompt')
-  npz = tiny.write_embeddings(root / 'p.npz', PROMPTS)
-  config = tiny.tiny_config(embeddings=npz)
-  # 32 px windows: the model compiles in about half the time of 64 px ones.
-  config.infer.window, config.infer.overlap = 32, 8
-  tiny.save_checkpoint(root / 'ckpt', config)
-  return predictor.ChangeDetector.from_checkpoint(str(root / 'ckpt'))
+  return tiny.prompt_detector(tmp_path_factory.mktemp('multi_prompt'), PROMPTS)[1]
 
 
 def _counting(det, monkeypatch):
