@@ -131,20 +131,28 @@ def load_torch_state_dict(config: ml_collections.ConfigDict, state_dict, source:
   rules, aliases, ignore = torch_mapping(config)
   model = build_model(config)
   expected = variable_shapes(model, image_size)
+  expected_all = expected
   film = _film_paths(expected)
   for path in film:  # no upstream counterpart: converted without, then added at identity start
     expected = _without(expected, path)
   state_dict = tc.strip_prefixes(state_dict)
   variables = tc.convert(state_dict, rules, expected=expected, ignore=ignore, aliases=aliases,
                          source=source)
-  if film:
-    start = init_variables(model, jax.random.PRNGKey(0), image_size)
-    for path in film:
-      node = variables
-      for key in path[:-1]:
-        node = node.setdefault(key, {})
-      node[path[-1]] = jax.tree.map(np.asarray, _get(start, path))
+  for path in film:
+    node = variables
+    for key in path[:-1]:
+      node = node.setdefault(key, {})
+    node[path[-1]] = _film_start(_get(expected_all, path))
   return variables
+
+
+def _film_start(shapes) -> dict:
+  """A PromptFiLM's parameters at their start (fc2 zero: scale 1, shift 0), for its shapes."""
+  text_dim = shapes['fc1']['kernel'].shape[0]
+  width = shapes['fc2']['kernel'].shape[1] // 2   # one block of that width: same shapes
+  module = prompt_film.PromptFiLM((width,), hidden=shapes['fc1']['kernel'].shape[1])
+  params = module.init(jax.random.PRNGKey(0), np.zeros((1, 1, text_dim), np.float32))['params']
+  return jax.tree.map(np.asarray, params)
 
 
 def _film_paths(variables) -> list[tuple[str, ...]]:
