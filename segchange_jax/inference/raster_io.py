@@ -333,7 +333,9 @@ class GeoTiffSink:
         profile.pop('transform')
         warnings.simplefilter('ignore', rasterio.errors.NotGeoreferencedWarning)
       self.ds = rasterio.open(path, 'w', **profile)
-    if not probabilities:  # GeoTIFF keeps a colour table for the first band only
+    if not probabilities and self.groups <= 2:
+      # GeoTIFF keeps a colour table for the first band only, and GDAL writes none for files
+      # of 3+ samples: masks of 3+ prompts have none (their bands are named by prompt).
       self.ds.write_colormap(1, MASK_COLORS)
     if tags:
       self.ds.update_tags(**{k: str(v) for k, v in tags.items()})

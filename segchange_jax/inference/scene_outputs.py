@@ -40,13 +40,18 @@ def rewrite_mask(path: str, mask: np.ndarray) -> None:
   import rasterio  # pylint: disable=g-import-not-at-top
   bands = mask[None] if mask.ndim == 2 else mask
   with _scratch(path) as ds:
-    profile, tags, cmap = ds.profile, ds.tags(), ds.colormap(1)
+    profile, tags = ds.profile, ds.tags()
+    try:
+      cmap = ds.colormap(1)
+    except ValueError:  # none written (masks of 3+ prompts, raster_io.GeoTiffSink)
+      cmap = None
     described = [(i, ds.descriptions[i - 1], ds.tags(i)) for i in ds.indexes]
   os.remove(path)
   with rasterio.open(path, 'w', **profile) as ds:
     ds.write(bands)
     ds.update_tags(**tags)
-    ds.write_colormap(1, cmap)
+    if cmap is not None:
+      ds.write_colormap(1, cmap)
     for i, description, band_tags in described:
       if description:
         ds.set_band_description(i, description)

@@ -117,6 +117,21 @@ def _two_channel(x, y):
   return np.stack([p, 1.0 - p], axis=-1)
 
 
+def test_three_prompts_with_postprocess_have_no_colour_table(pair, tmp_path):
+  # GDAL keeps no colour table in a GeoTIFF of 3+ samples: the mask is written without one
+  # (and the postprocess rewrite does not fail reading it).
+  three = lambda x, y: np.concatenate([_two_channel(x, y), _two_channel(x, y)[..., :1]], -1)
+  out = tmp_path / 'o3.tif'
+  pipeline.run_inference(pair[0], pair[1], str(out), three, channels=3,
+                         prompts=[*PROMPTS[:2], 'new mounds'], do_postprocess=True, min_area=30,
+                         **KW)
+  with rasterio.open(out) as ds:
+    assert ds.count == 3 and ds.descriptions == (*PROMPTS[:2], 'new mounds')
+    with pytest.raises(ValueError):
+      ds.colormap(1)
+    assert ds.read(1).sum() > 0
+
+
 def test_postprocess_preview_and_single_prompt_layout(pair, tmp_path):
   a_path, b_path = pair
   out, prev, gj = tmp_path / 'o.tif', tmp_path / 'p.png', tmp_path / 'v.geojson'
