@@ -235,15 +235,16 @@ def _profile(one, hlo: str) -> dict:
 
   import profile_step  # pylint: disable=g-import-not-at-top
   index = profile_step.hlo_index(hlo)
-  trace_dir = tempfile.mkdtemp(prefix='segchange_multihost_')
-  jax.profiler.start_trace(trace_dir)
-  start = time.perf_counter()
-  one()
-  wall = time.perf_counter() - start
-  jax.profiler.stop_trace()
-  path = sorted(glob.glob(os.path.join(trace_dir, '**', '*.trace.json.gz'), recursive=True))[-1]
-  with gzip.open(path) as f:
-    data = json.load(f)
+  with tempfile.TemporaryDirectory(prefix='segchange_multihost_') as trace_dir:
+    jax.profiler.start_trace(trace_dir)
+    start = time.perf_counter()
+    one()
+    wall = time.perf_counter() - start
+    jax.profiler.stop_trace()
+    path = sorted(glob.glob(os.path.join(trace_dir, '**', '*.trace.json.gz'),
+                            recursive=True))[-1]
+    with gzip.open(path) as f:
+      data = json.load(f)
   events = data['traceEvents'] if isinstance(data, dict) else data
   by_kind = collections.Counter()
   for e in events:
