@@ -3,6 +3,7 @@ r"""Multi-host cost on CPU: the demo train step on P local processes x D devices
   python bench/multihost.py                                # 1x8 and 2x4, 3 timed steps each
   python bench/multihost.py --layouts 1x8 2x4 4x2 --iters 2 --cache_dir /tmp/jax_cache
   python bench/multihost.py --layouts 2x4 --xla_flags=--xla_cpu_multi_thread_eigen=false
+  python bench/multihost.py --layouts 1x8 2x4 --grad_reductions per_param flat --profile
 
 Times the bare jitted train step (the one bench/train_step.py builds: configs/demo.py, random
 weights and inputs, --batch global examples at --size px, data-parallel over all devices) on 1
@@ -149,7 +150,7 @@ def _latency(mesh, iters: int) -> dict:
   return out
 
 
-def _build(batch: int, size: int):
+def _build(batch: int, size: int, grad_reduction: str):
   """bench/train_step.build_ours for a cluster: (compiled step, state, batch, table, compile s).
 
   Same config, model and step; the global batch and the text table are assembled from each
@@ -169,6 +170,7 @@ def _build(batch: int, size: int):
   from segchange_jax.train import train_step as ts  # pylint: disable=g-import-not-at-top
   import train_step  # pylint: disable=g-import-not-at-top
   config = train_step._config('demo', 'float32', jax.device_count(), 1)  # pylint: disable=protected-access
+  config.train.grad_reduction = grad_reduction
   model = segchange.build_model(config)
   mesh = sharding.create_mesh(config)
   shapes = {k: jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32)
@@ -203,7 +205,7 @@ def child(args) -> None:
     distributed.maybe_initialize(args.coordinator, args.num_processes, args.process_id)
   import jax  # pylint: disable=g-import-not-at-top
 
-  compiled, state, arrays, table, compile_s = _build(args.batch, args.size)
+  compiled, state, arrays, table, compile_s = _build(args.batch, args.size, args.grad_reduction)
   counts = collective_counts(compiled.as_text())
   holder = {'state': state}
 
@@ -275,7 +277,8 @@ def run_layout(processes: int, devices: int, args) -> tuple[dict | None, str]:
   base = [sys.executable, os.path.abspath(__file__), '--child', '--batch', str(args.batch),
           '--size', str(args.size), '--iters', str(args.iters), '--latency_iters',
           str(args.latency_iters), '--coordinator', coordinator, '--num_processes',
-          str(processes)] + (['--profile'] if args.profile else [])
+          str(processes), '--grad_reduction', args.grad_reduction] + (
+              ['--profile'] if args.profile else [])
   with tempfile.TemporaryDirectory() as logdir:
     logs = [open(os.path.join(logdir, f'p{i}.txt'), 'w+') for i in range(processes)]
     procs = [subprocess.Popen(base + ['--process_id', str(i)], cwd=REPO, env=env, stdout=f,
@@ -359,6 +362,11 @@ def main():
                  help='also run one step under jax.profiler: op time by kind (collectives, '
                  'loops, compute) per local device of process 0')
   p.add_argument('--timeout', type=positive_int, default=1800, help='seconds per layout')
+  p.add_argument('--grad_reductions', nargs='+', default=['per_param'],
+                 choices=['per_param', 'flat'],
+                 help="config.train.grad_reduction of the step; each is timed on every layout "
+                      "and compared with its first layout")
+  p.add_argument('--grad_reduction', default='per_param', help=argparse.SUPPRESS)
   p.add_argument('--child', action='store_true', help=argparse.SUPPRESS)
   p.add_argument('--coordinator', default='', help=argparse.SUPPRESS)
   p.add_argument('--num_processes', type=int, default=1, help=argparse.SUPPRESS)
@@ -371,17 +379,21 @@ def main():
     if args.batch % (procs * devices):
       p.error(f'--batch {args.batch} must be a multiple of the {procs * devices} devices of '
               f'layout {procs}x{devices}')
-  first = None
-  for procs, devices in args.layouts:
-    name = f'{procs} process{"es" if procs > 1 else ""} x {devices} devices'
-    print(f'== {name}', flush=True)
-    r, logs = run_layout(procs, devices, args)
-    if r is None:
-      print(f'{name} failed:\n{logs}', flush=True)
-      continue
-    first = first or r
-    _print(name, r, first)
-    print('RESULT ' + json.dumps({'layout': f'{procs}x{devices}', **r}), flush=True)
+  for reduction in args.grad_reductions:
+    first = None
+    for procs, devices in args.layouts:
+      name = (f'{procs} process{"es" if procs > 1 else ""} x {devices} devices, '
+              f'grad_reduction={reduction}')
+      print(f'== {name}', flush=True)
+      r, logs = run_layout(procs, devices, argparse.Namespace(**{**vars(args),
+                                                                 'grad_reduction': reduction}))
+      if r is None:
+        print(f'{name} failed:\n{logs}', flush=True)
+        continue
+      first = first or r
+      _print(name, r, first)
+      print('RESULT ' + json.dumps({'layout': f'{procs}x{devices}', 'grad_reduction': reduction,
+                                    **r}), flush=True)
 
 
 if __name__ == '__main__':

@@ -20,6 +20,7 @@ DIFF_ATTENTIONS = ('SE', 'CBAM')
 # Rematerialisation (segchange_jax/models/remat.py): what the backward pass recomputes.
 REMAT_POLICIES = ('none', 'dots', 'block')
 PROMPT_CONDITIONINGS = ('none', 'film_head', 'film_neck')   # models/prompt_film.py
+GRAD_REDUCTIONS = ('per_param', 'flat')   # train/train_step.py
 DTYPES = ('float32', 'bfloat16')
 SCHEDULERS = ('step', 'plateau', 'cosine')
 TARGET_MODES = ('label', 'prompts')  # config.data.targets
@@ -372,6 +373,7 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
   _range(config, 'train.plateau_factor', 0.0, 1.0, lo_open=True)
   _range(config, 'train.grad_clip_norm', 0.0)
   _range(config, 'train.grad_accum_steps', 1, integer=True)
+  _choice(config, 'train.grad_reduction', GRAD_REDUCTIONS)
   if t.batch_size % t.grad_accum_steps:
     raise ConfigError(f'config.train.grad_accum_steps={t.grad_accum_steps} must divide '
                       f'train.batch_size={t.batch_size}')

@@ -166,6 +166,12 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.plateau_factor = 0.1
   c.train.grad_clip_norm = 0.0     # 0 = off
   c.train.grad_accum_steps = 1
+  # How gradients are summed over devices: 'per_param' (jit's automatic partitioning: one
+  # all-reduce per parameter, combined by XLA into one instruction) or 'flat' (per-device
+  # forward/backward, one all-reduce of all gradients as one vector: for CPU clusters, whose
+  # gloo collectives move each array of an instruction in its own round trip; data-parallel
+  # meshes only, mesh.fsdp = 1).
+  c.train.grad_reduction = 'per_param'
   c.train.eval_every_epochs = 1
   c.train.start_eval = 1           # first epoch to evaluate
   c.train.threshold = 0.5

@@ -66,6 +66,8 @@ NOT_THE_EXPERIMENT = {
     'train.stop_check_every': 'how often processes agree on a requested stop',
     'train.profile_steps': 'which steps a profiler traces',
     'train.compilation_cache_dir': 'where compiled steps are cached',
+    'train.grad_reduction': 'how gradients are summed over devices (same sums, other dropout '
+                            'draws)',
     'checkpoint.keep': 'how many latest checkpoints stay on disk',
     'checkpoint.every_steps': 'when checkpoints are written (resuming continues exactly)',
     'checkpoint.async_save': 'how checkpoints are written',

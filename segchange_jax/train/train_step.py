@@ -15,20 +15,26 @@ confusion matrix pools them and evaluation also counts per prompt ('prompt_cm').
 
 Under jit with the batch split over ('data', 'fsdp'), BatchNorm's batch mean/var are means over
 the global batch (XLA inserts the all-reduce), i.e. synchronised BatchNorm, not per-device stats.
+config.train.grad_reduction='flat' runs the forward and backward pass per device and sums the
+gradients as one flat vector (`_apply_per_device`); the default 'per_param' leaves it to jit.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Mapping
 
 import flax
 from flax import struct
 import jax
+from jax.flatten_util import ravel_pytree
 import jax.numpy as jnp
 from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 import optax
 
 from segchange_jax import jax_compat
+from segchange_jax.models import norms
 from segchange_jax.models import remat as remat_lib
 from segchange_jax.train import losses
 from segchange_jax.train import metrics
@@ -101,17 +107,49 @@ def create_train_state(model, config, rng: jax.Array, sample_batch_shapes: Mappi
   return state, state_shardings
 
 
-def _forward_loss(model, config, params, model_state, batch, text_table, dropout_rng):
+def _apply(model, params, model_state, image_a, image_b, emb, dropout_rng):
+  """The model in training mode: (logits, batch_stats updates)."""
+  logits, updates = model.apply({'params': params, **model_state}, image_a, image_b, emb,
+                                train=True, rngs={'dropout': dropout_rng},
+                                mutable=['batch_stats'])
+  return logits, dict(updates)
+
+
+def _apply_per_device(model, mesh: Mesh, unravel: Callable[[jax.Array], Any]):
+  """`_apply` run on each device's rows under `jax.shard_map`, parameters as one flat vector.
+
+  For config.train.grad_reduction='flat'. Differentiated, the per-device gradient of the flat
+  vector is summed over the devices in ONE all-reduce (shard_map's transpose of a replicated
+  input), where jit's automatic partitioning all-reduces each parameter's gradient at the
+  operation that produces it. XLA combines those into one tuple instruction, which NCCL and
+  TPUs run as one collective but XLA:CPU's gloo collectives run one array at a time (one TCP
+  round trip per parameter: bench/README.md "Multi-host on CPU"). BatchNorm averages its
+  statistics over the devices (norms.batch_axis), so they stay global; each device draws its
+  own dropout masks (the step's key folded with the device index), so the masks differ from
+  the automatic partitioning's while the arithmetic is the same.
+  """
+  axes = (sharding.DATA, sharding.FSDP)
+
+  def local(flat, model_state, image_a, image_b, emb, dropout_rng):
+    dropout_rng = jax.random.fold_in(dropout_rng, jax.lax.axis_index(axes))
+    with norms.batch_axis(axes):
+      return _apply(model, unravel(flat), model_state, image_a, image_b, emb, dropout_rng)
+
+  rows = P(axes)
+  return jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), rows, rows, rows, P()),
+                       out_specs=(rows, P()), check_vma=False)
+
+
+def _forward_loss(apply_fn, config, params, model_state, batch, text_table, dropout_rng):
   """Loss of one (micro)batch and what the step needs from the forward pass."""
   emb = jnp.take(text_table, batch['prompt_index'], axis=0)
-  logits, updates = model.apply({'params': params, **model_state}, batch['image_a'],
-                                batch['image_b'], emb, train=True, rngs={'dropout': dropout_rng},
-                                mutable=['batch_stats'])
+  logits, updates = apply_fn(params, model_state, batch['image_a'], batch['image_b'], emb,
+                             dropout_rng)
   total, parts = losses.total_loss(logits, batch['label'], batch['mask'], config.loss)
-  return total, (parts, dict(updates), logits)
+  return total, (parts, updates, logits)
 
 
-def _grads(model, config, state: TrainState, batch: Batch, text_table: jax.Array):
+def _grads(model, config, mesh: Mesh, state: TrainState, batch: Batch, text_table: jax.Array):
   """Gradients (microbatched when config.train.grad_accum_steps > 1), loss, parts, new stats, cm.
 
   Microbatch i holds examples i, i+accum, ... (a reshape that keeps each device's rows local).
@@ -123,11 +161,22 @@ def _grads(model, config, state: TrainState, batch: Batch, text_table: jax.Array
   accum = config.train.grad_accum_steps
   threshold = config.train.threshold
   rng = jax.random.fold_in(state.rng, state.step)
-  grad_fn = jax.value_and_grad(
-      lambda p, ms, mb, r: _forward_loss(model, config, p, ms, mb, text_table, r), has_aux=True)
+  if config.train.grad_reduction == 'flat':
+    params, unravel = ravel_pytree(state.params)
+    apply_fn = _apply_per_device(model, mesh, unravel)
+  else:
+    params, unravel = state.params, lambda g: g
+    apply_fn = functools.partial(_apply, model)
+  value_and_grad = jax.value_and_grad(
+      lambda p, ms, mb, r: _forward_loss(apply_fn, config, p, ms, mb, text_table, r),
+      has_aux=True)
+
+  def grad_fn(*args):
+    out, grads = value_and_grad(params, *args)
+    return out, unravel(grads)
 
   if accum == 1:
-    (total, (parts, updates, logits)), grads = grad_fn(state.params, state.model_state, batch, rng)
+    (total, (parts, updates, logits)), grads = grad_fn(state.model_state, batch, rng)
     model_state = {**state.model_state, **updates}
     cm = metrics.confusion_matrix(logits, batch['label'], batch['mask'], threshold=threshold)
     return grads, total, parts, model_state, cm
@@ -142,8 +191,7 @@ def _grads(model, config, state: TrainState, batch: Batch, text_table: jax.Array
   def body(carry, xs):
     grads_acc, loss_acc, parts_acc, model_state, cm_acc = carry
     i, mb = xs
-    (total, (parts, updates, logits)), grads = grad_fn(state.params, model_state, mb,
-                                                       jax.random.fold_in(rng, i))
+    (total, (parts, updates, logits)), grads = grad_fn(model_state, mb, jax.random.fold_in(rng, i))
     w = jnp.sum(mb['mask']) / n_total
     grads_acc = jax.tree.map(lambda g, a: a + w * g, grads, grads_acc)
     parts_acc = jax.tree.map(lambda p, a: a + w * p, parts, parts_acc)
@@ -172,8 +220,20 @@ def make_train_step(model, config, mesh: Mesh, state_shardings: Any):
   # the step several times slower. Process-wide once set.
   if remat_lib.policy_of(config.model) == 'none':
     jax_compat.unroll_cpu_threefry()
+  if config.train.grad_reduction == 'flat' and mesh.shape[sharding.FSDP] > 1:
+    raise ValueError(
+        f"config.train.grad_reduction='flat' runs a data-parallel step (parameters replicated), "
+        f'but the mesh splits parameters over fsdp={mesh.shape[sharding.FSDP]} devices; set '
+        "config.mesh.fsdp=1 or config.train.grad_reduction='per_param'")
+  micro = config.train.batch_size // config.train.grad_accum_steps
+  if config.train.grad_reduction == 'flat' and micro % mesh.size:
+    raise ValueError(
+        f"config.train.grad_reduction='flat' runs each (micro)batch as equal rows per device, "
+        f'but train.batch_size={config.train.batch_size} / train.grad_accum_steps='
+        f'{config.train.grad_accum_steps} = {micro} rows do not split over {mesh.size} devices; '
+        "make it a multiple of the device count or use grad_reduction='per_param'")
   def train_step(state: TrainState, batch: Batch, text_table: jax.Array):
-    grads, total, parts, model_state, cm = _grads(model, config, state, batch, text_table)
+    grads, total, parts, model_state, cm = _grads(model, config, mesh, state, batch, text_table)
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
     scale = state.plateau['scale']
     updates = jax.tree.map(lambda u: (u * scale).astype(u.dtype), updates)

@@ -82,14 +82,15 @@ def _max_diff(a, b) -> float:
   return max(jax.tree.leaves(jax.tree.map(lambda x, y: float(np.max(np.abs(x - y))), a, b)))
 
 
-def _compare(dataset, tmp_path, cache_dir, steps, num_processes=2):
+def _compare(dataset, tmp_path, cache_dir, steps, num_processes=2, **overrides):
   # The 2-process gradient all-reduce sums in another order than the in-process one (float32
   # noise ~1e-7). Adam with eps=1e-8 turns noise on parameters whose true gradient is ~0 into
   # full +-lr steps (measured: 2.7e-3 after 2 steps on biases feeding a normalisation, while
   # the losses agreed to 2.4e-7); eps=1 keeps updates proportional to the gradient, so the
   # comparison is tight.
-  one = _run(dataset, tmp_path / 'one', steps, cache_dir, 1, **{'train.eps': 1.0})
-  two = _run(dataset, tmp_path / 'two', steps, cache_dir, num_processes, **{'train.eps': 1.0})
+  overrides = {'train.eps': 1.0, **overrides}
+  one = _run(dataset, tmp_path / 'one', steps, cache_dir, 1, **overrides)
+  two = _run(dataset, tmp_path / 'two', steps, cache_dir, num_processes, **overrides)
   assert one.returncodes == [0], one.tail()
   assert two.returncodes == [0] * num_processes, two.tail()
   # Only process 0 writes logs; both processes join the checkpoint.
@@ -215,6 +216,14 @@ def test_killed_process_fails_the_others_then_resume_is_exact(dataset, tmp_path,
   print(f'\nSIGKILL to process 1: process 0 exited with {first.returncodes[0]} after '
         f'{first.seconds:.0f} s; last checkpoint step {last}')
   _resume_and_check(dataset, workdir, cache_dir, uninterrupted, last)
+
+
+@pytest.mark.slow
+def test_two_processes_train_like_one_with_flat_grad_reduction(dataset, tmp_path, cache_dir):
+  """config.train.grad_reduction='flat' (one gloo all-reduce of the raveled gradients): 2 x 4
+  == 1 x 8 too, dropout included (each device's draw depends on its place in the mesh, which
+  the process count does not change)."""
+  _compare(dataset, tmp_path, cache_dir, 2, **{'train.grad_reduction': 'flat'})
 
 
 @pytest.mark.slow

@@ -92,3 +92,22 @@ def test_bfloat16_compute_trains_like_float32(repo_root, one_device):
   np.testing.assert_allclose(l16, l32, rtol=5e-2)
   # Parameters and optimizer state stay float32 (mixed precision, not bf16 training).
   assert {x.dtype for x in jax.tree.leaves(s16.params)} == {jnp.dtype('float32')}
+
+
+@pytest.mark.slow  # two real-model trainings, ~2 min on 2 cores
+def test_flat_grad_reduction_trains_the_real_model_like_one_device(repo_root):
+  # config.train.grad_reduction='flat' runs Swin / BEV / diff / neck / head per device under
+  # shard_map (the written-out kernel VJPs, BatchNorm averaged over devices) and sums the raveled
+  # gradients once. Without dropout (its per-device draws differ) it follows one device.
+  def config(data, reduction):
+    c = _config(repo_root, data=data)
+    with c.unlocked():
+      c.model.dropout = c.model.swin.drop_path_rate = 0.0
+      c.train.grad_reduction = reduction
+    return c
+  _, l1, stats1 = _train(config(-1, 'per_param'), devices=jax.devices()[:1])
+  _, l8, stats8 = _train(config(8, 'flat'))
+  assert l1[-1] < l1[0], l1
+  np.testing.assert_allclose(l8, l1, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(stats1), jax.tree.leaves(stats8)):
+    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)

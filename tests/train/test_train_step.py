@@ -1,5 +1,7 @@
 """Train/eval steps on the toy model: 1 device vs 8-device meshes, grad accumulation."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -127,3 +129,66 @@ def test_shard_batch_names_missing_keys():
   del b['mask']
   with pytest.raises(KeyError, match='mask'):
     train_step.shard_batch(b, mesh)
+
+
+def _flat_cfg(data=8, fsdp=1, **train):
+  c = _mesh_cfg(data, fsdp, **train)
+  with c.unlocked():
+    c.train.grad_reduction = 'flat'
+  return c
+
+
+@pytest.mark.parametrize('accum', [1, 2])
+def test_flat_grad_reduction_is_the_same_step(accum):
+  # Per-device forward/backward under shard_map, one all-reduce of the raveled gradients,
+  # BatchNorm statistics averaged over the devices: the same losses, parameters and running
+  # statistics as jit's partitioning on one device (no dropout: its per-device draws differ).
+  model = ToyModel(use_bn=True)
+  batches = make_batches(3)
+  s1, l1 = run(_mesh_cfg(-1, 1, grad_accum_steps=accum), model, batches,
+               devices=jax.devices()[:1])
+  devices = 8 // accum   # each microbatch splits evenly over the devices
+  s8, l8 = run(_flat_cfg(devices, grad_accum_steps=accum), model, batches,
+               devices=jax.devices()[:devices])
+  assert l1[-1] < l1[0]
+  np.testing.assert_allclose(l8, l1, rtol=2e-5)
+  flat1 = dict(jax.tree_util.tree_leaves_with_path((s1.params, s1.model_state)))
+  flat8 = dict(jax.tree_util.tree_leaves_with_path((s8.params, s8.model_state)))
+  assert flat1.keys() == flat8.keys()
+  for path, a in flat1.items():
+    np.testing.assert_allclose(np.asarray(flat8[path]), np.asarray(a), atol=2e-5, rtol=1e-4,
+                               err_msg=jax.tree_util.keystr(path))
+
+
+def _all_reduced_arrays(config, model) -> list[str]:
+  """The array types (e.g. 'f32[2113]') the compiled step's all-reduce instructions move."""
+  mesh, state, _, step = setup(config, model)
+  (b,) = make_batches(1)
+  hlo = step.lower(state, train_step.shard_batch(b, mesh),
+                   jnp.asarray(text_table())).compile().as_text()
+  out = []
+  for line in hlo.splitlines():
+    m = re.search(r'=\s*(.*?)\s*all-reduce(?:-start)?\(', line)
+    if m:
+      out += re.findall(r'[a-z]+\d*\[[\d,]*\]', m.group(1))
+  return out
+
+
+def test_flat_grad_reduction_all_reduces_the_gradients_as_one_array():
+  model = ToyModel(use_bn=True)
+  mesh, state, _, _ = setup(_mesh_cfg(8, 1), model)
+  shapes = [x.shape for x in jax.tree.leaves(state.params)]
+  n = sum(int(np.prod(s)) for s in shapes)
+  per_param = _all_reduced_arrays(_mesh_cfg(8, 1), model)
+  flat = _all_reduced_arrays(_flat_cfg(), model)
+  kernels = [f'f32[{",".join(map(str, s))}]' for s in shapes if len(s) == 4]
+  assert kernels and all(k in per_param for k in kernels), per_param  # one array per parameter
+  assert f'f32[{n}]' in flat and not any(k in flat for k in kernels), flat
+  assert len(flat) <= len(per_param) - len(shapes) + 1, (flat, per_param)
+
+
+def test_flat_grad_reduction_needs_a_data_parallel_mesh_and_whole_rows_per_device():
+  with pytest.raises(ValueError, match=r"mesh splits parameters over fsdp=4 .*config.mesh.fsdp=1"):
+    setup(_flat_cfg(2, 4), ToyModel())
+  with pytest.raises(ValueError, match=r'grad_accum_steps=2 = 4 rows do not split over 8 devices'):
+    setup(_flat_cfg(grad_accum_steps=2), ToyModel())
