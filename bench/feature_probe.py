@@ -1,6 +1,7 @@
 r"""Does the trunk's full-resolution map know WHICH change? A linear probe on a trained model.
 
   python bench/feature_probe.py --run runs/demo_prompts
+  python bench/feature_probe.py --run runs/demo_prompts --tap dates   # where is direction lost?
 
 The mask head reads one prompt-independent map (the neck's output, before any prompt enters;
 models/segchange.py). A prompt can only select a kind of change if that map separates the
@@ -22,9 +23,15 @@ import numpy as np
 from _common import REPO  # noqa: F401  (puts the repository on sys.path)
 import prompt_selectivity
 
+TAPS = {
+    'neck': "the neck's output, the map the head reads (full resolution)",
+    'diff': "the feature-difference block's finest scale (stride 4), the neck's input",
+    'dates': "the two dates' features going into that block, side by side (stride 4)",
+}
 
-def neck_maps(run: str, pairs: list[dict]) -> np.ndarray:
-  """[N, H, W, C] neck output (the value the head reads) of every pair."""
+
+def tap_maps(run: str, pairs: list[dict], tap: str = 'neck') -> np.ndarray:
+  """[N, h, w, C] features at `tap` (TAPS) of every pair."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
@@ -35,13 +42,19 @@ def neck_maps(run: str, pairs: list[dict]) -> np.ndarray:
     raise SystemExit(f'{run}: prompt_conditioning=film_neck has one neck map per prompt')
   emb = det.embed()
 
+  module = {'neck': 'fpn', 'diff': 'feature_diff', 'dates': 'bev_0'}[tap]
+
   @jax.jit
   def maps(a, b):
     _, inter = det.model.apply(det.variables, a, b, jnp.broadcast_to(emb, (a.shape[0],
                                                                            *emb.shape[1:])),
-                               capture_intermediates=lambda m, _: m.name == 'fpn',
+                               capture_intermediates=lambda m, _: m.name == module,
                                mutable=['intermediates'])
-    v = inter['intermediates']['fpn']['__call__'][0]
+    v = inter['intermediates'][module]['__call__'][0]
+    if tap == 'diff':
+      return v[0]
+    if tap == 'dates':   # rows [A; B] -> channels [A, B]
+      return jnp.concatenate([v[:a.shape[0]], v[a.shape[0]:]], -1)
     return v.x if v.kernel is None else v.x @ v.kernel + v.bias
 
   out = []
@@ -49,6 +62,12 @@ def neck_maps(run: str, pairs: list[dict]) -> np.ndarray:
     a, b = (imagery.normalize(pair[k])[None] for k in ('a', 'b'))
     out.append(np.asarray(maps(a, b))[0])
   return np.stack(out)
+
+
+def at_resolution(targets: np.ndarray, size: int) -> np.ndarray:
+  """[N, H, W] targets sampled at the centres of a `size` x `size` grid of cells."""
+  stride = targets.shape[1] // size
+  return targets[:, stride // 2::stride, stride // 2::stride]
 
 
 def pixel_targets(pairs: list[dict], kinds: list[str]) -> np.ndarray:
@@ -104,23 +123,26 @@ def main():
   p.add_argument('--data', default='data/demo_prompts')
   p.add_argument('--background', type=int, default=20000,
                  help='no-change pixels sampled per split for the change probe')
+  p.add_argument('--tap', default='neck', choices=list(TAPS),
+                 help='which features: ' + '; '.join(f'{k}: {v}' for k, v in TAPS.items()))
   args = p.parse_args()
   kinds = list(synthetic.TARGET_NAMES.values())
   splits = {s: prompt_selectivity.load_split(os.path.join(args.data, s)) for s in ('train', 'test')}
   targets = {s: pixel_targets(v, kinds) for s, v in splits.items()}
   rng = np.random.default_rng(0)
   for run in args.run:
-    feats = {s: neck_maps(run, v) for s, v in splits.items()}
+    feats = {s: tap_maps(run, v, args.tap) for s, v in splits.items()}
     res = {}
     for s in splits:
-      f, y = feats[s].reshape(-1, feats[s].shape[-1]), targets[s].reshape(-1)
+      y = at_resolution(targets[s], feats[s].shape[1]).reshape(-1)
+      f = feats[s].reshape(-1, feats[s].shape[-1])
       changed = y > 0
       bg = rng.choice(np.flatnonzero(y == 0), args.background, replace=False)
       res[s] = dict(kind=(f[changed], y[changed] - 1),
                     change=(np.concatenate([f[changed], f[bg]]),
                             np.concatenate([np.ones(changed.sum(), int), np.zeros(len(bg), int)])))
-    print(f'\n== {run}: linear probe on the neck map ({feats["train"].shape[-1]} channels), '
-          'balanced accuracy on the test split (chance in brackets)')
+    print(f'\n== {run}: linear probe on {TAPS[args.tap]} ({feats["train"].shape[-1]} '
+          'channels), balanced accuracy on the test split (chance in brackets)')
     for name, classes in (('kind', len(kinds)), ('change', 2)):
       x_tr, y_tr = res['train'][name]
       x_te, y_te = res['test'][name]
