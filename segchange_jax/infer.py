@@ -169,6 +169,9 @@ def main(argv: list[str]) -> None:
   bands = ('' if prompt_list is None else
            ' (bands: ' + ', '.join(f'{i + 1} {p!r}' for i, p in enumerate(prompt_list)) + ')')
   print(f'wrote {f.out}{bands}: {stats.windows} windows in {stats.seconds:.1f} s')
+  for name, c in stats.changed.items():
+    area = '' if c['hectares'] is None else f', {c["hectares"]:.2f} ha'
+    print(f'  {name!r}: {c["share"]:.2%} of the valid pixels changed ({c["pixels"]} px{area})')
 
 
 def _prompts(values: list[str] | None) -> list[str] | None:

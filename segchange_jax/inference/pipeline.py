@@ -289,7 +289,7 @@ def _run_inference(a, b, out, predict_probs, *, channels, settings, probabilitie
     bar.set_description('writing outputs')
     with atomic.Outputs() as outs:
       mask, nodata_value = None, None
-      if do_postprocess or polygons or preview_path:
+      if do_postprocess or polygons or preview_path or prompts:
         mask, nodata_value = scene_outputs.whole_mask(mask_sink, probabilities, threshold,
                                                       groups)
         if do_postprocess:  # each prompt's mask on its own
@@ -314,6 +314,9 @@ def _run_inference(a, b, out, predict_probs, *, channels, settings, probabilitie
           fmt.write(outs.path(p), features, source.crs, prompt_field=True)
       if preview_path:
         scene_outputs.write_preview(outs.path(preview_path), source, mask, nodata_value)
+      if prompts:
+        stats.changed = dict(zip(prompts, scene_outputs.changed_shares(
+            mask, nodata_value, source.transform, source.crs)))
     return stats
   finally:
     if bar is not None:

@@ -34,6 +34,23 @@ def whole_mask(sink, probabilities: bool, threshold: float, groups: int = 1
   return (mask[0] if groups == 1 else mask), raster_io.MASK_NODATA
 
 
+def changed_shares(mask: np.ndarray, nodata: int | None, transform, crs) -> list[dict]:
+  """Per mask band ([H, W] or [P, H, W]): changed pixels, their share of the valid (not nodata)
+  pixels and, in a projected CRS measured in metres, their area in hectares (else None)."""
+  bands = mask[None] if mask.ndim == 2 else mask
+  valid = bands[0] != nodata if nodata is not None else np.ones(bands.shape[1:], bool)
+  n_valid = int(valid.sum())
+  hectares = None
+  if crs is not None and crs.is_projected and crs.linear_units in ('metre', 'meter'):
+    hectares = abs(transform.a * transform.e - transform.b * transform.d) / 1e4
+  out = []
+  for band in bands:
+    changed = int(np.count_nonzero((band > 0) & valid))
+    out.append({'pixels': changed, 'share': changed / max(n_valid, 1),
+                'hectares': None if hectares is None else changed * hectares})
+  return out
+
+
 def rewrite_mask(path: str, mask: np.ndarray) -> None:
   """Replaces the scratch mask's pixels (tiles of a compressed file are best written once);
   `mask` [H, W] or [P, H, W] (one band per prompt, descriptions and band tags kept)."""

@@ -116,6 +116,9 @@ class SceneStats:
   max_buffer_rows: int = 0
   buffer_bytes: int = 0
   seconds: float = 0.0
+  # Several prompts: per prompt, the final mask's changed pixels ('pixels'), their share of the
+  # valid pixels ('share') and hectares (None outside a metric projected CRS).
+  changed: dict[str, dict] = dataclasses.field(default_factory=dict)
 
 
 class StripAccumulator:

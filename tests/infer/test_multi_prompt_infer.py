@@ -68,8 +68,8 @@ def test_two_prompts_are_two_bands_equal_to_single_prompt_runs(model, pair, tmp_
   try:
     out, probs = tmp_path / 'multi.tif', tmp_path / 'multi_p.tif'
     gpkg, gj = tmp_path / 'v.gpkg', tmp_path / 'v.geojson'
-    det.predict_scene(a_path, b_path, out, prompts=PROMPTS, probs_path=str(probs),
-                      polygons_path=[str(gpkg), str(gj)], do_postprocess=False)
+    stats = det.predict_scene(a_path, b_path, out, prompts=PROMPTS, probs_path=str(probs),
+                              polygons_path=[str(gpkg), str(gj)], do_postprocess=False)
     multi_calls = len(calls)
     singles = {}
     for i, p in enumerate(PROMPTS):
@@ -99,6 +99,13 @@ def test_two_prompts_are_two_bands_equal_to_single_prompt_runs(model, pair, tmp_
     clear = np.abs(want_p - 0.5) > 1e-4
     np.testing.assert_array_equal(mask[i][clear], want_mask[clear], err_msg=prompt)
   assert not np.array_equal(mask[0], mask[1])  # the prompts steer this random model
+  # The run's summary: per prompt, changed pixels, share and hectares (a metric projected CRS).
+  pixel_ha = abs(ds.transform.a * ds.transform.e) / 1e4
+  assert list(stats.changed) == PROMPTS
+  for i, prompt in enumerate(PROMPTS):
+    changed = int((mask[i] == 1).sum())
+    assert stats.changed[prompt] == pytest.approx(
+        {'pixels': changed, 'share': changed / mask[i].size, 'hectares': changed * pixel_ha})
   # Polygons: one layer, every feature tagged with its prompt; areas add up to each band.
   _, _, _, fields = pyogrio.raw.read(gpkg)
   assert list(pyogrio.read_info(gpkg)['fields']) == ['value', 'area', 'area_px', 'prompt']
@@ -253,6 +260,10 @@ def test_cli_two_prompts(model, pair, tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "(bands: 1 'new buildings', 2 'new roads')" in proc.stdout
   mask, ds = _read(out)
+  for i, prompt in enumerate(PROMPTS):
+    changed = int((mask[i] == 1).sum())
+    assert (f'{prompt!r}: {changed / mask[i].size:.2%} of the valid pixels changed ({changed} px, '
+            in proc.stdout), proc.stdout
   assert ds.count == 2 and ds.descriptions == tuple(PROMPTS)
   assert json.loads(ds.file_tags['PROMPTS']) == PROMPTS and ds.file_tags['TTA'] == 'flips'
   _, _, _, fields = pyogrio.raw.read(gpkg)
