@@ -1,6 +1,12 @@
 """Feature difference per scale (upstream models/neck/feature_diff.py).
 
 concat[f1, f2, |f1 - f2|, f1 * f2] -> 1x1 conv -> BatchNorm -> ReLU -> CBAM or SE.
+
+`SignedDifference` (opt-in, config.model.signed_difference) is not upstream's: a linear map of
+B - A at the finest scale, for the neck's output map. The block above keeps WHAT changed but,
+trained as upstream trains it, not WHICH date holds the object: a linear probe reads "new" vs
+"demolished" from the two dates' features entering the block and at chance from its output
+(bench/README.md, "Prompts that choose the change"). B - A carries the direction in its sign.
 """
 
 from __future__ import annotations
@@ -65,6 +71,18 @@ class DiffBlock(nn.Module):
     x = nn.relu(layers.batch_norm(train, self.dtype, 'diff_bn')(x))
     att = CBAM if self.attention == 'CBAM' else SE
     return att(self.dtype, name='attention')(x, train)
+
+
+class SignedDifference(nn.Module):
+  """(f1, f2) [B, h, w, C] -> (f2 - f1) @ W [B, h, w, features]; W starts at zero, so a model
+  with it starts as one without (an upstream checkpoint keeps its logits)."""
+  features: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, f1: jax.Array, f2: jax.Array) -> jax.Array:
+    return nn.Dense(self.features, use_bias=False, dtype=self.dtype,
+                    kernel_init=nn.initializers.zeros_init(), name='proj')(f2 - f1)
 
 
 class FeatureDiff(nn.Module):

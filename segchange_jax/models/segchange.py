@@ -18,6 +18,7 @@ from segchange_jax.models import backbones
 from segchange_jax.models import bev as bev_lib
 from segchange_jax.models import diff as diff_lib
 from segchange_jax.models import head as head_lib
+from segchange_jax.models import kernels
 from segchange_jax.models import layers
 from segchange_jax.models import neck as neck_lib
 from segchange_jax.models import prompt_film
@@ -76,8 +77,13 @@ class SegChangeModel(nn.Module):
                                  name='feature_diff')(
         [f[:b] for f in out], [f[b:] for f in out], train)
     head = head_lib.build_head(m, dtype, 'mask_head')
+    signed = None
+    if m.get('signed_difference', False):
+      signed = diff_lib.SignedDifference(m.token_dim if m.use_token_connector else m.fpn_dim,
+                                         dtype, name='signed_difference')(out[0][:b], out[0][b:])
     if not prompt_film.conditions_neck(prompt_film.conditioning_of(m)):
-      return head(neck_lib.build_neck(m, dtype, 'fpn')(diffs, train), text_emb, train)
+      neck_map = _with_direction(neck_lib.build_neck(m, dtype, 'fpn')(diffs, train), signed, 1)
+      return head(neck_map, text_emb, train)
     # The prompt acts inside the neck: neck and head run once per (pair, prompt), as a batch of
     # B * P maps (row b * P + p), each with its own prompt.
     multi = text_emb.ndim == 4
@@ -86,11 +92,24 @@ class SegChangeModel(nn.Module):
     film = prompt_film.PromptFiLM((m.fpn_dim,) * len(diffs), dtype=dtype,
                                   name='prompt_film_neck')(text)
     diffs = [jnp.repeat(d, p, axis=0) for d in diffs]
-    y = head(neck_lib.build_neck(m, dtype, 'fpn')(diffs, train, film), text, train)
+    neck_map = _with_direction(neck_lib.build_neck(m, dtype, 'fpn')(diffs, train, film), signed, p)
+    y = head(neck_map, text, train)
     if not multi:
       return y
     y = jnp.moveaxis(y.reshape(b, p, *y.shape[1:]), 1, 3)   # [B, H, W, P, K]
     return y[..., 0] if m.num_classes == 1 else y
+
+
+def _with_direction(neck_map: layers.DeferredDense, signed: jax.Array | None,
+                    repeats: int) -> layers.DeferredDense:
+  """The neck's map plus the upsampled signed difference (config.model.signed_difference),
+  added before the map's deferred 1x1 conv; rows repeated for a neck run per prompt."""
+  if signed is None:
+    return neck_map
+  if repeats > 1:
+    signed = jnp.repeat(signed, repeats, axis=0)
+  up = kernels.upsample_bilinear_sum([signed], [neck_map.x.shape[1] // signed.shape[1]])
+  return neck_map._replace(x=neck_map.x + up.astype(neck_map.x.dtype))
 
 
 def build_model(config: ml_collections.ConfigDict) -> SegChangeModel:
@@ -132,17 +151,19 @@ def load_torch_state_dict(config: ml_collections.ConfigDict, state_dict, source:
   model = build_model(config)
   expected = variable_shapes(model, image_size)
   expected_all = expected
-  film = _film_paths(expected)
-  for path in film:  # no upstream counterpart: converted without, then added at identity start
+  added = _added_paths(expected)
+  for path in added:  # no upstream counterpart: converted without, then added at their start
     expected = _without(expected, path)
   state_dict = tc.strip_prefixes(state_dict)
   variables = tc.convert(state_dict, rules, expected=expected, ignore=ignore, aliases=aliases,
                          source=source)
-  for path in film:
+  for path in added:
     node = variables
     for key in path[:-1]:
       node = node.setdefault(key, {})
-    node[path[-1]] = _film_start(_get(expected_all, path))
+    shapes = _get(expected_all, path)
+    node[path[-1]] = (_film_start(shapes) if 'film' in path[-1] else   # W = 0: see diff.py
+                      jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), shapes))
   return variables
 
 
@@ -155,9 +176,11 @@ def _film_start(shapes) -> dict:
   return jax.tree.map(np.asarray, params)
 
 
-def _film_paths(variables) -> list[tuple[str, ...]]:
-  """Paths of the prompt-conditioning parameters (config.model.prompt_conditioning)."""
-  paths = [('params', 'mask_head', 'prompt_film'), ('params', 'prompt_film_neck')]
+def _added_paths(variables) -> list[tuple[str, ...]]:
+  """Paths of the parameters upstream has no counterpart for: the prompt conditioning
+  (config.model.prompt_conditioning) and the signed difference (config.model.signed_difference)."""
+  paths = [('params', 'mask_head', 'prompt_film'), ('params', 'prompt_film_neck'),
+           ('params', 'signed_difference')]
   found = []
   for path in paths:
     node = variables
@@ -191,6 +214,10 @@ def export_torch_state_dict(config: ml_collections.ConfigDict, variables) -> dic
                      f'{prompt_film.conditioning_of(config.model)!r} has no upstream counterpart: '
                      'an upstream state_dict would silently drop the prompt conditioning. Export '
                      'to Orbax / StableHLO / ONNX instead (python -m segchange_jax.export)')
+  if config.model.get('signed_difference', False):
+    raise ValueError('config.model.signed_difference=True has no upstream counterpart: an '
+                     'upstream state_dict would silently drop it. Export to Orbax / StableHLO / '
+                     'ONNX instead (python -m segchange_jax.export)')
   rules, aliases, _ = torch_mapping(config)
   variables = jax.tree.map(np.asarray, dict(variables))
   sd = tc.export(variables, rules)

@@ -144,3 +144,34 @@ def test_film_cost():
   print(f'HLO flops, 4 prompts: none {plain:.4g}, film_head {head:.4g}, film_neck {neck:.4g}')
   assert plain < head < 1.02 * plain, (plain, head)
   assert head < neck < 4 * flops('film_neck', prompts=1), (head, neck)
+
+
+
+def test_signed_difference_starts_as_upstream_and_then_adds_the_signed_map():
+  # config.model.signed_difference: a converted upstream checkpoint starts with the map's
+  # weights at zero (upstream's logits), their gradient is not zero, and once moved they change
+  # the logits; an upstream state_dict cannot hold them.
+  a, b, text = _inputs()
+  plain = tiny.random_variables(_config('none'))
+  sd = segchange.export_torch_state_dict(_config('none'), plain)
+  config = _config('film_head', signed_difference=True)
+  params = segchange.load_torch_state_dict(config, sd, image_size=SIZE)
+  kernel = params['params']['signed_difference']['proj']['kernel']
+  assert kernel.shape == (config.model.out_dims[0], config.model.fpn_dim) and not np.any(kernel)
+  out_plain = np.asarray(jax.jit(segchange.build_model(_config('none')).apply)(plain, a, b, text))
+  fwd = jax.jit(segchange.build_model(config).apply)
+  np.testing.assert_allclose(np.asarray(fwd(params, a, b, text)), out_plain, atol=5e-5, rtol=0)
+  grad = jax.grad(lambda k: fwd(_with_signed(params, k), a, b, text).sum())(kernel)
+  assert np.abs(grad).max() > 0
+  moved = _with_signed(params, np.random.RandomState(2).randn(*kernel.shape) / 3)
+  assert np.abs(np.asarray(fwd(moved, a, b, text)) - out_plain).max() > 1e-2
+  with pytest.raises(ValueError, match='signed_difference=True has no upstream counterpart'):
+    segchange.export_torch_state_dict(_config('none', signed_difference=True), plain)
+
+
+def _with_signed(params, kernel):
+  """`params` with the signed difference's weights replaced."""
+  params = dict(params, params=dict(params['params']))
+  params['params']['signed_difference'] = {'proj': {'kernel': jax.numpy.asarray(kernel,
+                                                                                jax.numpy.float32)}}
+  return params
