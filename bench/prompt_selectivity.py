@@ -13,6 +13,8 @@ Reported per run (pixels pooled over the split, the model's threshold):
   direction's change and outside its own target (target <= 10 %);
 - negative / positive area: the mean marked area for (pair, prompt) where the prompt's kind did
   not change, over the mean where it did (target <= 2 %);
+- where each kind prompt marks: the share of its marked pixels inside each target and in no
+  change (new vs demolished buildings side by side shows whether the DIRECTION is selected);
 - paraphrases: F1 of prompts worded unlike any training prompt, against the target of the
   trained prompt they paraphrase, next to that prompt's F1.
 `--baseline` runs (models trained on the union label) are scored on "any change" (their own
@@ -67,6 +69,7 @@ def score(masks: list[dict], pairs: list[dict], kinds: list[str], union: str) ->
   """Figures of one model's masks [{prompt: bool [H, W]}] (one dict per pair)."""
   counts = {p: np.zeros(3) for p in masks[0]}   # tp, fp, fn per asked prompt
   off, marked = {p: 0 for p in kinds}, {p: 0 for p in kinds}
+  where = {p: np.zeros(len(kinds) + 1) for p in kinds}   # marked pixels in each target, none
   neg_area, pos_area = [], []
   for pair, pred in zip(pairs, masks):
     empty = np.zeros_like(pair['targets'][union])
@@ -82,11 +85,15 @@ def score(masks: list[dict], pairs: list[dict], kinds: list[str], union: str) ->
           others |= pair['targets'][q]
       off[p] += int(np.sum(m & others & ~t))
       marked[p] += int(np.sum(m))
+      where[p] += [np.sum(m & pair['targets'][q]) if q in pair['targets'] else 0
+                   for q in kinds] + [np.sum(m & ~pair['targets'][union])]
       (pos_area if p in pair['targets'] else neg_area).append(float(m.mean()))
   f1 = {p: _f1(*c) for p, c in counts.items()}
   out = {'f1': f1, 'macro_f1_kinds': float(np.mean([f1[p] for p in kinds])),
          'off_target': {p: off[p] / max(marked[p], 1) for p in kinds},
          'off_target_all': sum(off.values()) / max(sum(marked.values()), 1),
+         # where[p][q]: share of p's marked pixels inside target q (kinds order), then none
+         'where': {p: (where[p] / max(marked[p], 1)).tolist() for p in kinds},
          'positive_area': float(np.mean(pos_area)), 'negative_area': float(np.mean(neg_area)),
          'counts': {'positive': len(pos_area), 'negative': len(neg_area)}}
   out['negative_over_positive'] = out['negative_area'] / max(out['positive_area'], 1e-12)
@@ -180,6 +187,14 @@ def main():
           f'{100 * s["off_target_all"]:.1f}%; marked area negative / positive '
           f'{s["negative_area"]:.4f} / {s["positive_area"]:.4f} = '
           f'{s["negative_over_positive"]:.3f}')
+    print('where each kind prompt marks (share of its marked pixels in each target; a pixel '
+          'in two targets counts in both):')
+    short = [k.replace('buildings', 'bldg').replace('demolished', 'demol.').replace(
+        'removed', 'rem.') for k in kinds]
+    print(f'  {"prompt":<22}' + ''.join(f'{k:>12}' for k in short) + f'{"no change":>11}')
+    for q in kinds:
+      print(f'  {q:<22}' + ''.join(f'{v:>12.2f}' for v in s['where'][q][:-1]) +
+            f'{s["where"][q][-1]:>11.2f}')
     print('paraphrase                                  F1   (trained prompt F1)')
     for q, words in PARAPHRASES.items():
       for x in words:

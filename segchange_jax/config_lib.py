@@ -21,6 +21,7 @@ DIFF_ATTENTIONS = ('SE', 'CBAM')
 REMAT_POLICIES = ('none', 'dots', 'block')
 PROMPT_CONDITIONINGS = ('none', 'film_head', 'film_neck')   # models/prompt_film.py
 GRAD_REDUCTIONS = ('per_param', 'flat')   # train/train_step.py
+SIGNED_DIFFERENCES = ('none', 'map', 'scales')   # models/diff.py
 DTYPES = ('float32', 'bfloat16')
 SCHEDULERS = ('step', 'plateau', 'cosine')
 TARGET_MODES = ('label', 'prompts')  # config.data.targets
@@ -264,6 +265,7 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
   _choice(config, 'model.dtype', DTYPES)
   _choice(config, 'model.remat', REMAT_POLICIES)
   _choice(config, 'model.prompt_conditioning', PROMPT_CONDITIONINGS)
+  _choice(config, 'model.signed_difference', SIGNED_DIFFERENCES)
   _choice(config, 'text.dtype', DTYPES)
   if config.text.freeze is not True:
     raise ConfigError(f'config.text.freeze={config.text.freeze!r}: the text encoder is always '

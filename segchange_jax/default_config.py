@@ -107,9 +107,10 @@ def get_config() -> ml_collections.ConfigDict:
   # model (exact upstream logits); 'film_head' / 'film_neck' add a prompt-computed scale and
   # shift after the head's (and the neck's) GroupNorms, so that a prompt can choose which change.
   c.model.prompt_conditioning = 'none'
-  # Add a linear map of B - A (finest scale, zero at the start) to the neck's output map, so
-  # that the time direction ("new" vs "demolished") reaches the head (models/diff.py).
-  c.model.signed_difference = False
+  # Linear maps of B - A (zero at the start), so that the time direction ("new" vs
+  # "demolished") reaches the head (models/diff.py): 'none' (upstream), 'map' (the finest
+  # scale's, added to the neck's output map) or 'scales' (each scale's, added to its difference).
+  c.model.signed_difference = 'none'
   # Activation memory vs recompute (segchange_jax/models/remat.py): 'none' keeps every
   # activation; 'dots' keeps only matmul outputs inside each block; 'block' keeps only block
   # inputs (least memory, one extra forward of each block in the backward pass), the choice

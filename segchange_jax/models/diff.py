@@ -2,8 +2,9 @@
 
 concat[f1, f2, |f1 - f2|, f1 * f2] -> 1x1 conv -> BatchNorm -> ReLU -> CBAM or SE.
 
-`SignedDifference` (opt-in, config.model.signed_difference) is not upstream's: a linear map of
-B - A at the finest scale, for the neck's output map. The block above keeps WHAT changed but,
+`SignedDifference` (opt-in, config.model.signed_difference) is not upstream's: linear maps of
+B - A, added to the neck's output map ('map', from the finest scale) or to every scale's
+difference ('scales', the neck's input). The block above keeps WHAT changed but,
 trained as upstream trains it, not WHICH date holds the object: a linear probe reads "new" vs
 "demolished" from the two dates' features entering the block and at chance from its output
 (bench/README.md, "Prompts that choose the change"). B - A carries the direction in its sign.
@@ -74,15 +75,17 @@ class DiffBlock(nn.Module):
 
 
 class SignedDifference(nn.Module):
-  """(f1, f2) [B, h, w, C] -> (f2 - f1) @ W [B, h, w, features]; W starts at zero, so a model
-  with it starts as one without (an upstream checkpoint keeps its logits)."""
-  features: int
+  """Per scale (f1, f2) [B, h, w, C_i] -> (f2 - f1) @ W_i [B, h, w, features[i]]. Every W_i
+  starts at zero, so a model with it starts as one without (an upstream checkpoint keeps its
+  logits)."""
+  features: tuple[int, ...]
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, f1: jax.Array, f2: jax.Array) -> jax.Array:
-    return nn.Dense(self.features, use_bias=False, dtype=self.dtype,
-                    kernel_init=nn.initializers.zeros_init(), name='proj')(f2 - f1)
+  def __call__(self, feats1: Sequence[jax.Array], feats2: Sequence[jax.Array]) -> list[jax.Array]:
+    return [nn.Dense(n, use_bias=False, dtype=self.dtype, kernel_init=nn.initializers.zeros_init(),
+                     name=f'proj_{i}')(b - a)
+            for i, (n, a, b) in enumerate(zip(self.features, feats1, feats2))]
 
 
 class FeatureDiff(nn.Module):

@@ -77,10 +77,15 @@ class SegChangeModel(nn.Module):
                                  name='feature_diff')(
         [f[:b] for f in out], [f[b:] for f in out], train)
     head = head_lib.build_head(m, dtype, 'mask_head')
-    signed = None
-    if m.get('signed_difference', False):
-      signed = diff_lib.SignedDifference(m.token_dim if m.use_token_connector else m.fpn_dim,
-                                         dtype, name='signed_difference')(out[0][:b], out[0][b:])
+    signed, where = None, m.get('signed_difference', 'none')
+    if where == 'map':
+      (signed,) = diff_lib.SignedDifference(
+          (m.token_dim if m.use_token_connector else m.fpn_dim,), dtype,
+          name='signed_difference')([out[0][:b]], [out[0][b:]])
+    elif where == 'scales':
+      signed_diffs = diff_lib.SignedDifference(tuple(m.out_dims), dtype, name='signed_difference')(
+          [f[:b] for f in out], [f[b:] for f in out])
+      diffs = [d + s.astype(d.dtype) for d, s in zip(diffs, signed_diffs)]
     if not prompt_film.conditions_neck(prompt_film.conditioning_of(m)):
       neck_map = _with_direction(neck_lib.build_neck(m, dtype, 'fpn')(diffs, train), signed, 1)
       return head(neck_map, text_emb, train)
@@ -214,10 +219,10 @@ def export_torch_state_dict(config: ml_collections.ConfigDict, variables) -> dic
                      f'{prompt_film.conditioning_of(config.model)!r} has no upstream counterpart: '
                      'an upstream state_dict would silently drop the prompt conditioning. Export '
                      'to Orbax / StableHLO / ONNX instead (python -m segchange_jax.export)')
-  if config.model.get('signed_difference', False):
-    raise ValueError('config.model.signed_difference=True has no upstream counterpart: an '
-                     'upstream state_dict would silently drop it. Export to Orbax / StableHLO / '
-                     'ONNX instead (python -m segchange_jax.export)')
+  if config.model.get('signed_difference', 'none') != 'none':
+    raise ValueError(f'config.model.signed_difference={config.model.signed_difference!r} has no '
+                     'upstream counterpart: an upstream state_dict would silently drop it. Export '
+                     'to Orbax / StableHLO / ONNX instead (python -m segchange_jax.export)')
   rules, aliases, _ = torch_mapping(config)
   variables = jax.tree.map(np.asarray, dict(variables))
   sd = tc.export(variables, rules)

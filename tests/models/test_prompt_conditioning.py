@@ -147,17 +147,19 @@ def test_film_cost():
 
 
 
-def test_signed_difference_starts_as_upstream_and_then_adds_the_signed_map():
+@pytest.mark.parametrize('where', ['map', pytest.param('scales', marks=pytest.mark.slow)])
+def test_signed_difference_starts_as_upstream_and_then_adds_the_signed_map(where):
   # config.model.signed_difference: a converted upstream checkpoint starts with the map's
   # weights at zero (upstream's logits), their gradient is not zero, and once moved they change
   # the logits; an upstream state_dict cannot hold them.
   a, b, text = _inputs()
   plain = tiny.random_variables(_config('none'))
   sd = segchange.export_torch_state_dict(_config('none'), plain)
-  config = _config('film_head', signed_difference=True)
+  config = _config('film_head', signed_difference=where)
   params = segchange.load_torch_state_dict(config, sd, image_size=SIZE)
-  kernel = params['params']['signed_difference']['proj']['kernel']
-  assert kernel.shape == (config.model.out_dims[0], config.model.fpn_dim) and not np.any(kernel)
+  kernel = params['params']['signed_difference']['proj_0']['kernel']
+  width = config.model.fpn_dim if where == 'map' else config.model.out_dims[0]
+  assert kernel.shape == (config.model.out_dims[0], width) and not np.any(kernel)
   out_plain = np.asarray(jax.jit(segchange.build_model(_config('none')).apply)(plain, a, b, text))
   fwd = jax.jit(segchange.build_model(config).apply)
   np.testing.assert_allclose(np.asarray(fwd(params, a, b, text)), out_plain, atol=5e-5, rtol=0)
@@ -165,13 +167,14 @@ def test_signed_difference_starts_as_upstream_and_then_adds_the_signed_map():
   assert np.abs(grad).max() > 0
   moved = _with_signed(params, np.random.RandomState(2).randn(*kernel.shape) / 3)
   assert np.abs(np.asarray(fwd(moved, a, b, text)) - out_plain).max() > 1e-2
-  with pytest.raises(ValueError, match='signed_difference=True has no upstream counterpart'):
-    segchange.export_torch_state_dict(_config('none', signed_difference=True), plain)
+  with pytest.raises(ValueError, match=f"signed_difference='{where}' has no upstream counterpart"):
+    segchange.export_torch_state_dict(_config('none', signed_difference=where), plain)
 
 
 def _with_signed(params, kernel):
   """`params` with the signed difference's weights replaced."""
   params = dict(params, params=dict(params['params']))
-  params['params']['signed_difference'] = {'proj': {'kernel': jax.numpy.asarray(kernel,
-                                                                                jax.numpy.float32)}}
+  params['params']['signed_difference'] = dict(params['params']['signed_difference'])
+  params['params']['signed_difference']['proj_0'] = {'kernel': jax.numpy.asarray(
+      kernel, jax.numpy.float32)}
   return params
