@@ -44,6 +44,16 @@ def test_scores_on_hand_made_masks():
   assert np.isclose(s['positive_area'], (3 / 16 + 1 / 16) / 2)
   assert np.isclose(s['negative_area'], (0 + 2 / 16) / 2)
   assert np.isclose(s['negative_over_positive'], (1 / 16) / (2 / 16))
+  # Where each kind prompt marks: 'new buildings' 2 of 3 on its target, 1 on the road's, none
+  # in no change; 'new roads' 1 of 3 on its own and 2 (pair 2) in no change.
+  np.testing.assert_allclose(s['where']['new buildings'], [2 / 3, 1 / 3, 0])
+  np.testing.assert_allclose(s['where']['new roads'], [0, 1 / 3, 2 / 3])
+
+
+def test_probe_targets_at_a_coarser_map():
+  targets = np.arange(2 * 8 * 8).reshape(2, 8, 8)
+  coarse = feature_probe.at_resolution(targets, 2)   # stride 4: the cells' centres (2, 2) ...
+  assert coarse.shape == (2, 2, 2) and coarse[1, 1, 0] == targets[1, 6, 2]
 
 
 def test_probe_targets_and_balanced_accuracy():
