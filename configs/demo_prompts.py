@@ -8,15 +8,21 @@ kind did not change there, with an empty mask, so the model has to read the prom
 asks every target prompt of every pair and reports F1 / IoU per prompt ('f1/new buildings',
 ...) and their macro mean next to the pooled figures.
 
-The model is configs/demo.py's with config.model.prompt_conditioning='film_head' (a
-prompt-computed scale and shift after the mask head's GroupNorms, segchange_jax/models/
-prompt_film.py; upstream's head cannot select, its prompt gain is normalised away), four
-prompts per example and three times the demo's epochs (about 12 minutes on 2 cores). Measured
-(bench/README.md, "Prompts that choose the change"; one run, 36 test pairs): it selects the
-kind of change (building / road / mound prompts put 0.60-0.70 of their pixels on their kind,
-macro F1 0.44 over the six kind prompts, "any change" F1 0.80 vs 0.58 for configs/demo.py) but
-not the direction (new and demolished buildings give the same mask): 48 % of a kind prompt's
-pixels are off target and negative prompts still mark 0.39 of the area of positive ones.
+The model is configs/demo.py's with two opt-in additions that upstream's model does not have
+(both start at identity, so an upstream checkpoint keeps its logits):
+config.model.prompt_conditioning='film_head', a prompt-computed scale and shift after the mask
+head's GroupNorms (segchange_jax/models/prompt_film.py; upstream's head cannot select, its
+prompt gain is normalised away), and config.model.signed_difference='scales', a linear map of
+B - A added to every scale's feature difference (segchange_jax/models/diff.py; upstream's
+difference block loses which date holds the change). Four prompts per example, negatives drawn
+as hard negatives (a prompt sharing a word with one the example carries), three times the
+demo's epochs (about 12 minutes on 2 cores). Measured (bench/README.md, "Prompts that choose
+the change"; one run, 36 test pairs): the prompt selects the direction (a prompt puts 0.01-0.06
+of its pixels on the opposite direction of its kind) and mostly the kind, macro F1 0.57 over
+the six kind prompts, "any change" F1 0.76 vs 0.58 for configs/demo.py; kinds of the same
+direction still mix (removed roads and removed mounds mark some demolished buildings): 26 % of
+a kind prompt's pixels are off target and negative prompts mark 0.22 of the area of positive
+ones.
 
 The scenes are the demo's (same seed, count and size, so bit-identical images), generated with
 their target masks into their own folders: data/demo_shards may predate the targets.
@@ -33,7 +39,9 @@ def get_config():
   c.data.targets = 'prompts'
   c.data.prompts_per_example = 4
   c.data.negative_rate = 0.25
+  c.data.hard_negative_share = 1.0
   c.model.prompt_conditioning = 'film_head'
+  c.model.signed_difference = 'scales'
   c.train.epochs = 24
   c.data.prompt = 'any change'   # what a record without targets would be asked
   # Comparison images draw one mask per pair; the per-prompt scores are in eval_test.json.
