@@ -149,19 +149,20 @@ def _forward_loss(apply_fn, config, params, model_state, batch, text_table, drop
   return total, (parts, updates, logits)
 
 
-def _grads(model, config, mesh: Mesh, state: TrainState, batch: Batch, text_table: jax.Array):
+def _grads(model, config, state: TrainState, batch: Batch, text_table: jax.Array,
+           mesh: Mesh | None = None):
   """Gradients (microbatched when config.train.grad_accum_steps > 1), loss, parts, new stats, cm.
 
   Microbatch i holds examples i, i+accum, ... (a reshape that keeps each device's rows local).
   Microbatch gradients are combined weighted by their share of valid examples, which equals the
   full-batch gradient for per-pixel-mean losses (BCE/CE, focal); Dice and BCL are normalised
   over the whole (micro)batch and BatchNorm uses microbatch statistics, as in torch gradient
-  accumulation.
+  accumulation. `mesh`: the step's mesh, needed by config.train.grad_reduction='flat'.
   """
   accum = config.train.grad_accum_steps
   threshold = config.train.threshold
   rng = jax.random.fold_in(state.rng, state.step)
-  if config.train.grad_reduction == 'flat':
+  if config.train.grad_reduction == 'flat':   # make_train_step checked the mesh
     params, unravel = ravel_pytree(state.params)
     apply_fn = _apply_per_device(model, mesh, unravel)
   else:
@@ -233,7 +234,7 @@ def make_train_step(model, config, mesh: Mesh, state_shardings: Any):
         f'{config.train.grad_accum_steps} = {micro} rows do not split over {mesh.size} devices; '
         "make it a multiple of the device count or use grad_reduction='per_param'")
   def train_step(state: TrainState, batch: Batch, text_table: jax.Array):
-    grads, total, parts, model_state, cm = _grads(model, config, mesh, state, batch, text_table)
+    grads, total, parts, model_state, cm = _grads(model, config, state, batch, text_table, mesh)
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
     scale = state.plateau['scale']
     updates = jax.tree.map(lambda u: (u * scale).astype(u.dtype), updates)

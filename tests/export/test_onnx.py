@@ -346,3 +346,37 @@ def test_trained_demo_model_onnxruntime_equals_jax_within_1e4(tmp_path):
                                       prob_bound(want, 0.0))
     print(f'trained demo model: onnxruntime vs jax, batch {n}: logits {err:.2e}, '
           f'probabilities {err_p:.2e}')
+
+
+@pytest.mark.slow   # 20-40 s; the default run exports the same ops in the tiny model's bundle
+def test_prompt_film_and_signed_difference_export_and_match_jax(tmp_path):
+  """configs/demo_prompts.py's additions (film_head, signed_difference='scales'), with their
+  zero-started weights moved so that they act: the ONNX graph equals JAX."""
+  import jax  # pylint: disable=g-import-not-at-top
+  config = tiny.tiny_config()
+  config.model.prompt_conditioning = 'film_head'
+  config.model.signed_difference = 'scales'
+  variables = jax.tree.map(np.array, tiny.save_checkpoint(tmp_path / 'ckpt', config))
+  rs = np.random.RandomState(0)
+  moved = [variables['params']['mask_head']['prompt_film']['fc2'],
+           *variables['params']['signed_difference'].values()]
+  for block in moved:
+    for name, value in block.items():
+      block[name] = (rs.randn(*value.shape) / 3).astype(np.float32)
+  npz = tiny.write_embeddings(tmp_path / 'p.npz', ['roads', config.data.prompt])
+  onnx_export.write_bundle(str(tmp_path / 'bundle'), config, variables, embeddings=npz,
+                           raw_inputs=True)
+  a, b = (imagery.normalize(rs.randint(0, 256, (2, tiny.SIZE, tiny.SIZE, 3)).astype(np.uint8))
+          for _ in range(2))
+  with np.load(npz) as z:
+    text = z['embeddings'][[0, 1]]
+  det = predictor.ChangeDetector(config, variables)
+  want = np.asarray(det.predict_logits(a, b, text))
+  zeroed = jax.tree.map(np.array, variables)
+  for block in zeroed['params']['signed_difference'].values():
+    block['kernel'][:] = 0
+  assert np.abs(np.asarray(predictor.ChangeDetector(config, zeroed).predict_logits(
+      a, b, text)) - want).max() > 1e-2   # the moved weights act
+  got = onnx_runtime.OnnxDetector(str(tmp_path / 'bundle' / 'model.onnx')).predict_logits(
+      a, b, text)
+  check_close(got, want, self_sensitivity(det, variables, a, b, text, want))

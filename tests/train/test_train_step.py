@@ -138,7 +138,7 @@ def _flat_cfg(data=8, fsdp=1, **train):
   return c
 
 
-@pytest.mark.parametrize('accum', [1, 2])
+@pytest.mark.parametrize('accum', [1, pytest.param(2, marks=pytest.mark.slow)])
 def test_flat_grad_reduction_is_the_same_step(accum):
   # Per-device forward/backward under shard_map, one all-reduce of the raveled gradients,
   # BatchNorm statistics averaged over the devices: the same losses, parameters and running
