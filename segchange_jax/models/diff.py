@@ -23,6 +23,16 @@ from segchange_jax.models import remat as remat_lib
 from segchange_jax.models import torch_rules as tc
 
 REDUCTION = 16
+SIGNED_DIFFERENCES = ('none', 'map', 'scales')   # config.model.signed_difference
+
+
+def signed_difference_of(model_cfg) -> str:
+  """config.model.signed_difference, 'none' for configs saved before the field existed."""
+  value = model_cfg.get('signed_difference', 'none') if hasattr(model_cfg, 'get') else 'none'
+  if value not in SIGNED_DIFFERENCES:
+    raise ValueError(f'config.model.signed_difference={value!r} is not one of '
+                     f'{list(SIGNED_DIFFERENCES)}')
+  return value
 
 
 class CBAM(nn.Module):

@@ -8,6 +8,7 @@ mask head runs once per pair, the head once for all P prompts (models/head.py).
 
 from __future__ import annotations
 
+from flax import traverse_util
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -77,7 +78,7 @@ class SegChangeModel(nn.Module):
                                  name='feature_diff')(
         [f[:b] for f in out], [f[b:] for f in out], train)
     head = head_lib.build_head(m, dtype, 'mask_head')
-    signed, where = None, m.get('signed_difference', 'none')
+    signed, where = None, diff_lib.signed_difference_of(m)
     if where == 'map':
       (signed,) = diff_lib.SignedDifference(
           (m.token_dim if m.use_token_connector else m.fpn_dim,), dtype,
@@ -151,25 +152,27 @@ def torch_mapping(config: ml_collections.ConfigDict):
 
 def load_torch_state_dict(config: ml_collections.ConfigDict, state_dict, source: str = 'checkpoint',
                           image_size: int = 64) -> dict:
-  """Upstream state_dict (numpy values) -> our variables, every problem listed in one error."""
+  """Upstream state_dict (numpy values) -> our variables, every problem listed in one error.
+
+  Modules upstream has no counterpart for (_ADDED: the prompt conditioning and the signed
+  difference) are converted without, then added at their start, where they leave upstream's
+  logits unchanged.
+  """
   rules, aliases, ignore = torch_mapping(config)
-  model = build_model(config)
-  expected = variable_shapes(model, image_size)
-  expected_all = expected
-  added = _added_paths(expected)
-  for path in added:  # no upstream counterpart: converted without, then added at their start
-    expected = _without(expected, path)
-  state_dict = tc.strip_prefixes(state_dict)
-  variables = tc.convert(state_dict, rules, expected=expected, ignore=ignore, aliases=aliases,
-                         source=source)
-  for path in added:
-    node = variables
-    for key in path[:-1]:
-      node = node.setdefault(key, {})
-    shapes = _get(expected_all, path)
-    node[path[-1]] = (_film_start(shapes) if 'film' in path[-1] else   # W = 0: see diff.py
-                      jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), shapes))
-  return variables
+  expected = traverse_util.flatten_dict(variable_shapes(build_model(config), image_size))
+  added = {path: {k[len(path):]: v for k, v in expected.items() if k[:len(path)] == path}
+           for path in _ADDED}
+  upstream = {k: v for k, v in expected.items()
+              if not any(k[:len(path)] == path for path in _ADDED)}
+  variables = tc.convert(tc.strip_prefixes(state_dict), rules,
+                         expected=traverse_util.unflatten_dict(upstream), ignore=ignore,
+                         aliases=aliases, source=source)
+  flat = traverse_util.flatten_dict(variables, keep_empty_nodes=True)
+  for path, shapes in added.items():
+    if shapes:
+      start = _ADDED[path](traverse_util.unflatten_dict(shapes))
+      flat.update({path + k: v for k, v in traverse_util.flatten_dict(start).items()})
+  return traverse_util.unflatten_dict(flat)
 
 
 def _film_start(shapes) -> dict:
@@ -181,35 +184,15 @@ def _film_start(shapes) -> dict:
   return jax.tree.map(np.asarray, params)
 
 
-def _added_paths(variables) -> list[tuple[str, ...]]:
-  """Paths of the parameters upstream has no counterpart for: the prompt conditioning
-  (config.model.prompt_conditioning) and the signed difference (config.model.signed_difference)."""
-  paths = [('params', 'mask_head', 'prompt_film'), ('params', 'prompt_film_neck'),
-           ('params', 'signed_difference')]
-  found = []
-  for path in paths:
-    node = variables
-    for key in path:
-      node = node.get(key, {}) if hasattr(node, 'get') else {}
-    if node:
-      found.append(path)
-  return found
+def _zeros_start(shapes) -> dict:
+  """SignedDifference's parameters at their start (every map zero), for its shapes."""
+  return jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), shapes)
 
 
-def _get(tree, path):
-  for key in path:
-    tree = tree[key]
-  return tree
-
-
-def _without(tree, path):
-  """A shallow copy of nested dict `tree` without the leaf/subtree at `path`."""
-  tree = dict(tree)
-  if len(path) == 1:
-    tree.pop(path[0])
-  else:
-    tree[path[0]] = _without(tree[path[0]], path[1:])
-  return tree
+# Variable paths upstream has no counterpart for -> their parameters at the start, from shapes.
+_ADDED = {('params', 'mask_head', 'prompt_film'): _film_start,
+          ('params', 'prompt_film_neck'): _film_start,
+          ('params', 'signed_difference'): _zeros_start}
 
 
 def export_torch_state_dict(config: ml_collections.ConfigDict, variables) -> dict:
@@ -219,7 +202,7 @@ def export_torch_state_dict(config: ml_collections.ConfigDict, variables) -> dic
                      f'{prompt_film.conditioning_of(config.model)!r} has no upstream counterpart: '
                      'an upstream state_dict would silently drop the prompt conditioning. Export '
                      'to Orbax / StableHLO / ONNX instead (python -m segchange_jax.export)')
-  if config.model.get('signed_difference', 'none') != 'none':
+  if diff_lib.signed_difference_of(config.model) != 'none':
     raise ValueError(f'config.model.signed_difference={config.model.signed_difference!r} has no '
                      'upstream counterpart: an upstream state_dict would silently drop it. Export '
                      'to Orbax / StableHLO / ONNX instead (python -m segchange_jax.export)')

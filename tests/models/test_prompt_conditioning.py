@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from segchange_jax import config_lib
+from segchange_jax.models import diff
 from segchange_jax.models import prompt_film
 from segchange_jax.models import segchange
 from tests.eval import tiny
@@ -137,6 +138,13 @@ def test_config_choice_is_checked():
   with pytest.raises(config_lib.ConfigError, match='prompt_conditioning'):
     config_lib.validate_config(_config('film'))
   assert config_lib.PROMPT_CONDITIONINGS == prompt_film.CONDITIONINGS
+  with pytest.raises(config_lib.ConfigError, match='signed_difference'):
+    config_lib.validate_config(_config('none', signed_difference='both'))
+  assert config_lib.SIGNED_DIFFERENCES == diff.SIGNED_DIFFERENCES
+  # A saved config the validation never saw (e.g. an older run's config.json) fails in the model.
+  with pytest.raises(ValueError, match=r"signed_difference=True is not one of \['none'"):
+    diff.signed_difference_of({'signed_difference': True})
+  assert diff.signed_difference_of({}) == 'none'
 
 
 def test_film_cost():
