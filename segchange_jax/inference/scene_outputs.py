@@ -36,13 +36,19 @@ def whole_mask(sink, probabilities: bool, threshold: float, groups: int = 1
 
 def changed_shares(mask: np.ndarray, nodata: int | None, transform, crs) -> list[dict]:
   """Per mask band ([H, W] or [P, H, W]): changed pixels, their share of the valid (not nodata)
-  pixels and, in a projected CRS measured in metres, their area in hectares (else None)."""
+  pixels and, in a projected CRS with a linear unit (metres, feet, ...), their area in hectares
+  (else None: no CRS, degrees, or no usable unit; the app's area line follows the same rule)."""
   bands = mask[None] if mask.ndim == 2 else mask
   valid = bands[0] != nodata if nodata is not None else np.ones(bands.shape[1:], bool)
   n_valid = int(valid.sum())
   hectares = None
-  if crs is not None and crs.is_projected and crs.linear_units in ('metre', 'meter'):
-    hectares = abs(transform.a * transform.e - transform.b * transform.d) / 1e4
+  if crs is not None and crs.is_projected:
+    try:
+      _, metres = crs.linear_units_factor
+    except Exception:  # pylint: disable=broad-except  # CRS without a usable unit definition
+      metres = None
+    if metres:
+      hectares = abs(transform.a * transform.e - transform.b * transform.d) * metres ** 2 / 1e4
   out = []
   for band in bands:
     changed = int(np.count_nonzero((band > 0) & valid))

@@ -269,3 +269,22 @@ def test_cli_two_prompts(model, pair, tmp_path):
   _, _, _, fields = pyogrio.raw.read(gpkg)
   for i, prompt in enumerate(PROMPTS):
     assert fields[2][fields[3] == prompt].sum() == (mask[i] == 1).sum()
+
+
+def test_changed_shares_in_metres_feet_degrees_and_without_a_crs():
+  from affine import Affine  # pylint: disable=g-import-not-at-top
+  from rasterio.crs import CRS  # pylint: disable=g-import-not-at-top
+
+  from segchange_jax.inference import scene_outputs  # pylint: disable=g-import-not-at-top
+  mask = np.zeros((2, 4, 4), np.uint8)
+  mask[0, 0, :2] = 1
+  mask[:, 3] = 255                     # nodata: 12 valid pixels
+  ten = Affine(10, 0, 0, 0, -10, 0)
+  hectares = {crs: [c['hectares'] for c in scene_outputs.changed_shares(
+      mask, 255, ten, CRS.from_string(crs) if crs else None)] for crs in
+      ('EPSG:32618', 'EPSG:2263', 'EPSG:4326', None)}
+  assert hectares['EPSG:32618'] == pytest.approx([0.02, 0.0])               # 2 px of 100 m²
+  assert hectares['EPSG:2263'] == pytest.approx([200 * (1200 / 3937) ** 2 / 1e4, 0.0])  # US ft
+  assert hectares['EPSG:4326'] == hectares[None] == [None, None]
+  first = scene_outputs.changed_shares(mask, 255, ten, None)[0]
+  assert (first['pixels'], first['share']) == (2, 2 / 12)
