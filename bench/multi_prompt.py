@@ -2,13 +2,16 @@ r"""Cost of several prompts in one pass vs one prompt: forward time and XLA FLOP
 
   python bench/multi_prompt.py                          # Swin-B default and demo, 512 px, 1 vs 4
   python bench/multi_prompt.py --variants demo --size 256 --prompts 1 2 4 8 --iters 5
+  python bench/multi_prompt.py --conditionings none film_head dynamic_head
 
 text [B, P, T, L] runs the backbone, BEV, difference and neck once per pair and the mask head's
 per-prompt tail as one batch of B * P maps (models/segchange.py). Per variant, one process
 compiles the model for every P, then times them interleaved (round robin, `iters` rounds after
 one warm-up call each) so that load on a shared machine hits all of them alike; the minimum
 of each is reported, with the time ratio and the FLOP ratio (XLA cost analysis of the compiled
-call) against the first P. Eval mode, jitted, random weights, batch `--batch`.
+call) against the first P. Eval mode, jitted, random weights, batch `--batch`. Several
+`--conditionings` (config.model.prompt_conditioning) are measured one after the other, each in
+its own interleaved rounds.
 """
 
 from __future__ import annotations
@@ -60,20 +63,22 @@ def main():
   p.add_argument('--prompts', type=positive_int, nargs='+', default=[1, 4])
   p.add_argument('--iters', type=positive_int, default=3)
   p.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'])
-  p.add_argument('--conditioning', default='none', choices=['none', 'film_head', 'film_neck'],
+  p.add_argument('--conditionings', nargs='+', default=['none'],
+                 choices=['none', 'film_head', 'film_neck', 'dynamic_head'],
                  help='config.model.prompt_conditioning (models/prompt_film.py)')
   args = p.parse_args()
   import jax  # pylint: disable=g-import-not-at-top
   print(f'device: {jax.devices()[0].device_kind}, {args.size} px, batch {args.batch}, '
-        f'{args.dtype}, prompt_conditioning {args.conditioning}', flush=True)
+        f'{args.dtype}', flush=True)
   for variant in args.variants:
-    results = measure(variant, args.size, args.batch, args.prompts, args.iters, args.dtype,
-                      args.conditioning)
-    base = results[0]
-    for r in results:
-      print(f"{variant:30s} P={r['prompts']:2d}: {r['ms']:9.1f} ms ({r['ms'] / base['ms']:.2f}x "
-            f"P={base['prompts']}), {r['gflops']:8.1f} GFLOP ({r['gflops'] / base['gflops']:.2f}x"
-            f"), compile {r['compile_s']:.1f} s", flush=True)
+    for conditioning in args.conditionings:
+      results = measure(variant, args.size, args.batch, args.prompts, args.iters, args.dtype,
+                        conditioning)
+      base = results[0]
+      for r in results:
+        print(f"{variant:30s} {conditioning:9s} P={r['prompts']:2d}: {r['ms']:9.1f} ms "
+              f"({r['ms'] / base['ms']:.2f}x P={base['prompts']}), {r['gflops']:8.1f} GFLOP "
+              f"({r['gflops'] / base['gflops']:.2f}x), compile {r['compile_s']:.1f} s", flush=True)
 
 
 if __name__ == '__main__':

@@ -19,7 +19,7 @@ FPN_TYPES = ('FPN', 'L-FPN')
 DIFF_ATTENTIONS = ('SE', 'CBAM')
 # Rematerialisation (segchange_jax/models/remat.py): what the backward pass recomputes.
 REMAT_POLICIES = ('none', 'dots', 'block')
-PROMPT_CONDITIONINGS = ('none', 'film_head', 'film_neck')   # models/prompt_film.py
+PROMPT_CONDITIONINGS = ('none', 'film_head', 'film_neck', 'dynamic_head')   # models/prompt_film.py
 GRAD_REDUCTIONS = ('per_param', 'flat')   # train/train_step.py
 SIGNED_DIFFERENCES = ('none', 'map', 'scales')   # models/diff.py
 DTYPES = ('float32', 'bfloat16')

@@ -24,6 +24,9 @@ run as one batch of B * P maps.
 
 Prompt conditioning (`config.model.prompt_conditioning`, models/prompt_film.py): with 'film_head'
 or 'film_neck' a prompt-computed scale and shift acts after each of the two output GroupNorms.
+With 'dynamic_head' the output convs run once per image without the prompt (the gate alone scales
+the first one's kernel), and a small per-prompt network with generated weights reads their maps
+(models/prompt_readout.py).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ import jax.numpy as jnp
 
 from segchange_jax.models import layers
 from segchange_jax.models import prompt_film
+from segchange_jax.models import prompt_readout
 from segchange_jax.models import remat as remat_lib
 from segchange_jax.models import torch_rules as tc
 
@@ -230,23 +234,18 @@ class MaskHead(nn.Module):
       tgt = layers.layer_norm(dt, f'dec{i}_norm3')(tgt + drop(f))
     d = jnp.mean(tgt, axis=1)  # [B, C]
     query_vec = layers.dense(c, dt, 'dproj_lin')(pooled_dp + t)  # [B, P, C]
-    query_vec = query_vec if multi else query_vec[:, 0]  # [B, C] for one prompt
 
     g = m.combine(jnp.mean(m.x.astype(jnp.float32), axis=(1, 2)).astype(dt))
     g = nn.relu(layers.dense(c // 8, dt, 'gate_fc1')(g))
     g = nn.sigmoid(layers.dense(c, dt, 'gate_fc2')(g))
-    # feat = x * scale: scale [B, C], or [B, P, C] for P prompts.
-    scale = g[:, None] + query_vec if multi else g + query_vec
-
-    # conv1x1(concat[x * scale, d]) = x @ (scale[:, None] * W_top) + (d @ W_bottom + bias).
+    readout = prompt_film.reads_per_prompt(self.conditioning)
     w0, b0 = layers.Linear(c // 2, dt, name='out_conv0')(in_features=2 * c)
-    if not multi:
-      k_img = scale[:, None, :] * w0[:c].T  # [B, C/2, C]
-      bias_img = d @ w0[c:] + b0 + m.offset(k_img)  # [B, C/2]
-      k_img = m.fold(k_img).transpose(0, 2, 1)  # [B, Cx, C/2]
-      y = jnp.einsum('bhwc,bco->bhwo', xd, k_img) + bias_img[:, None, None]
+    if readout or not multi:
+      # feat = x * scale, scale [B, C]: with 'dynamic_head' the gate alone (the maps below are
+      # the same for every prompt of a pair, which reads them afterwards).
+      y = _first_conv(m, xd, g if readout else g + query_vec[:, 0], d, w0, b0)
     else:  # the same per (image, prompt); the maps below are a batch of B * P
-      k_img = scale[:, :, None, :] * w0[:c].T  # [B, P, C/2, C]
+      k_img = (g[:, None] + query_vec)[:, :, None, :] * w0[:c].T  # [B, P, C/2, C]
       bias_img = (d @ w0[c:] + b0)[:, None] + m.offset(k_img)  # [B, P, C/2]
       k_img = m.fold(k_img).transpose(0, 1, 3, 2)  # [B, P, Cx, C/2]
       # One [N, Cx] x [Cx, P * C/2] product per image (XLA:CPU ran the prompt-major output
@@ -258,14 +257,31 @@ class MaskHead(nn.Module):
       film = [tuple(f.reshape(y.shape[0], -1) for f in pair) for pair in
               prompt_film.PromptFiLM((c // 2, c // 4), dtype=dt, name='prompt_film')(text)]
     modulate = prompt_film.modulate
-    y = nn.relu(modulate(layers.group_norm(self.gn_groups, dt, 'out_gn0')(y), film[0]))
-    y = layers.ShiftedConv(c // 4, 3, dt, name='out_conv1')(y)  # = conv(), faster backward
-    y = nn.relu(modulate(layers.group_norm(self.gn_groups, dt, 'out_gn1')(y), film[1]))
-    y = layers.dense(self.num_classes, dt, 'out_conv2')(y).astype(jnp.float32)
-    if not multi:
+    y0 = nn.relu(modulate(layers.group_norm(self.gn_groups, dt, 'out_gn0')(y), film[0]))
+    y = layers.ShiftedConv(c // 4, 3, dt, name='out_conv1')(y0)  # = conv(), faster backward
+    z = nn.relu(modulate(layers.group_norm(self.gn_groups, dt, 'out_gn1')(y), film[1]))
+    y = layers.dense(self.num_classes, dt, 'out_conv2')(z).astype(jnp.float32)
+    if readout:  # [B, H, W, K] + a per-prompt network on both maps -> [B, H, W, P, K]
+      y = y[:, :, :, None] + prompt_readout.PromptReadout(
+          num_classes=self.num_classes, dtype=dt, name='prompt_readout')(
+              jnp.concatenate([y0, z], -1), text if multi else text[:, None], query_vec)
+      if not multi:
+        return y[:, :, :, 0]
+    elif not multi:
       return y
-    y = y.reshape(b, p, h, w, -1).transpose(0, 2, 3, 1, 4)  # [B, H, W, P, K]
+    else:
+      y = y.reshape(b, p, h, w, -1).transpose(0, 2, 3, 1, 4)  # [B, H, W, P, K]
     return y[..., 0] if self.num_classes == 1 else y
+
+
+def _first_conv(m: layers.DeferredDense, xd, scale, d, w0, b0):
+  """conv1x1(concat[x * scale, d]) = x @ (scale[:, None] * W_top) + (d @ W_bottom + bias), for a
+  per-image scale [B, C] and decoder vector d [B, C]: [B, H, W, C/2]."""
+  c = scale.shape[-1]
+  k_img = scale[:, None, :] * w0[:c].T  # [B, C/2, C]
+  bias_img = d @ w0[c:] + b0 + m.offset(k_img)  # [B, C/2]
+  k_img = m.fold(k_img).transpose(0, 2, 1)  # [B, Cx, C/2]
+  return jnp.einsum('bhwc,bco->bhwo', xd, k_img) + bias_img[:, None, None]
 
 
 def build_head(model_cfg, dtype: Any, name: str = 'mask_head') -> MaskHead:

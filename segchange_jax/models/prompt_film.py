@@ -14,7 +14,10 @@ normalisation, FiLM: Perez et al. 2018), where normalisation no longer undoes it
   rest of the model runs once per pair);
 - 'film_neck': also after the neck's per-scale GroupNorms, so the fused full-resolution map is
   computed per prompt (the neck and head run once per (pair, prompt); backbone, BEV and
-  difference once per pair).
+  difference once per pair);
+- 'dynamic_head': not a FiLM; the head's output convs run once per pair WITHOUT the prompt and
+  a small per-prompt 1x1 conv network, its weights generated from the prompt, reads their maps
+  (models/prompt_readout.py), so several prompts cost little more than one.
 Every FiLM projection starts at zero (scale 1, shift 0): an initialised model, or an upstream
 checkpoint converted into one, gives exactly the 'none' logits until training moves it.
 """
@@ -29,7 +32,7 @@ import jax.numpy as jnp
 
 from segchange_jax.models import layers
 
-CONDITIONINGS = ('none', 'film_head', 'film_neck')
+CONDITIONINGS = ('none', 'film_head', 'film_neck', 'dynamic_head')
 
 
 def conditioning_of(model_cfg) -> str:
@@ -47,6 +50,11 @@ def conditions_head(conditioning: str) -> bool:
 
 def conditions_neck(conditioning: str) -> bool:
   return conditioning == 'film_neck'
+
+
+def reads_per_prompt(conditioning: str) -> bool:
+  """The head's output convs run without the prompt; a per-prompt readout follows them."""
+  return conditioning == 'dynamic_head'
 
 
 class PromptFiLM(nn.Module):

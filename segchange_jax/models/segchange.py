@@ -23,6 +23,7 @@ from segchange_jax.models import kernels
 from segchange_jax.models import layers
 from segchange_jax.models import neck as neck_lib
 from segchange_jax.models import prompt_film
+from segchange_jax.models import prompt_readout
 from segchange_jax.models import torch_rules as tc
 
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
@@ -155,8 +156,10 @@ def load_torch_state_dict(config: ml_collections.ConfigDict, state_dict, source:
   """Upstream state_dict (numpy values) -> our variables, every problem listed in one error.
 
   Modules upstream has no counterpart for (_ADDED: the prompt conditioning and the signed
-  difference) are converted without, then added at their start, where they leave upstream's
-  logits unchanged.
+  difference) are converted without, then added at their start. FiLM after the GroupNorms
+  ('film_head', 'film_neck') and the signed difference then leave upstream's logits unchanged;
+  'dynamic_head' does not (the head's maps lose the prompt's gain): such a conversion is a start
+  for fine-tuning.
   """
   rules, aliases, ignore = torch_mapping(config)
   expected = traverse_util.flatten_dict(variable_shapes(build_model(config), image_size))
@@ -184,6 +187,18 @@ def _film_start(shapes) -> dict:
   return jax.tree.map(np.asarray, params)
 
 
+def _readout_start(shapes) -> dict:
+  """A PromptReadout's parameters at their start (output layer zero), for its shapes."""
+  text_dim, generator = shapes['fc1']['kernel'].shape
+  hidden = shapes['b1']['kernel'].shape[1]
+  width = shapes['w1']['kernel'].shape[1] // hidden
+  module = prompt_readout.PromptReadout(hidden, shapes['b2']['kernel'].shape[1], generator)
+  params = module.init(jax.random.PRNGKey(0), np.zeros((1, 1, 1, width), np.float32),
+                       np.zeros((1, 1, 1, text_dim), np.float32),
+                       np.zeros((1, 1, shapes['fc_query']['kernel'].shape[0]), np.float32))
+  return jax.tree.map(np.asarray, params['params'])
+
+
 def _zeros_start(shapes) -> dict:
   """SignedDifference's parameters at their start (every map zero), for its shapes."""
   return jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), shapes)
@@ -192,7 +207,8 @@ def _zeros_start(shapes) -> dict:
 # Variable paths upstream has no counterpart for -> their parameters at the start, from shapes.
 _ADDED = {('params', 'mask_head', 'prompt_film'): _film_start,
           ('params', 'prompt_film_neck'): _film_start,
-          ('params', 'signed_difference'): _zeros_start}
+          ('params', 'signed_difference'): _zeros_start,
+          ('params', 'mask_head', 'prompt_readout'): _readout_start}
 
 
 def export_torch_state_dict(config: ml_collections.ConfigDict, variables) -> dict:

@@ -37,6 +37,7 @@ from segchange_jax.text import prompts  # pylint: disable=g-import-not-at-top
 from tests.eval import tiny  # pylint: disable=g-import-not-at-top
 from tests.export import test_export  # pylint: disable=g-import-not-at-top
 from tests.infer import scene_helpers as h  # pylint: disable=g-import-not-at-top
+from tests.models import test_prompt_readout  # pylint: disable=g-import-not-at-top
 
 ENV = {**os.environ, 'PYTHONPATH': str(tiny.REPO), 'JAX_PLATFORMS': 'cpu'}
 
@@ -348,18 +349,21 @@ def test_trained_demo_model_onnxruntime_equals_jax_within_1e4(tmp_path):
           f'probabilities {err_p:.2e}')
 
 
-@pytest.mark.slow   # 20-40 s; the default run exports the same ops in the tiny model's bundle
-def test_prompt_film_and_signed_difference_export_and_match_jax(tmp_path):
-  """configs/demo_prompts.py's additions (film_head, signed_difference='scales'), with their
-  zero-started weights moved so that they act: the ONNX graph equals JAX."""
+@pytest.mark.slow   # 20-40 s each; the default run exports the same ops in the tiny model's bundle
+@pytest.mark.parametrize('conditioning', ['film_head', 'dynamic_head'])
+def test_prompt_film_and_signed_difference_export_and_match_jax(tmp_path, conditioning):
+  """configs/demo_prompts.py's additions (film_head or dynamic_head, signed_difference='scales'),
+  with their zero-started weights moved so that they act: the ONNX graph equals JAX."""
   import jax  # pylint: disable=g-import-not-at-top
   config = tiny.tiny_config()
-  config.model.prompt_conditioning = 'film_head'
+  config.model.prompt_conditioning = conditioning
   config.model.signed_difference = 'scales'
   variables = jax.tree.map(np.array, tiny.save_checkpoint(tmp_path / 'ckpt', config))
   rs = np.random.RandomState(0)
-  moved = [variables['params']['mask_head']['prompt_film']['fc2'],
-           *variables['params']['signed_difference'].values()]
+  head = variables['params']['mask_head']
+  moved = [head[module][layer] for module, layers in test_prompt_readout.ZERO_STARTED.items()
+           if module in head for layer in layers]
+  moved += variables['params']['signed_difference'].values()
   for block in moved:
     for name, value in block.items():
       block[name] = (rs.randn(*value.shape) / 3).astype(np.float32)
