@@ -19,6 +19,8 @@ Reported per run (pixels pooled over the split, the model's threshold):
   trained prompt they paraphrase, next to that prompt's F1.
 `--baseline` runs (models trained on the union label) are scored on "any change" (their own
 config prompt), the figure the prompt-trained model must not lose by more than 0.03.
+Several `--run`s (e.g. `--config.seed` 1, 2, 3 of one config) also get the mean, min and max of
+the headline figures over the runs: at the demo's budget the seed moves them a lot.
 `--picture`: one test scene, A / B and four prompts' masks (green: marked and in the target,
 red: marked outside it, blue: target missed), written as a PNG.
 """
@@ -97,6 +99,25 @@ def score(masks: list[dict], pairs: list[dict], kinds: list[str], union: str) ->
          'positive_area': float(np.mean(pos_area)), 'negative_area': float(np.mean(neg_area)),
          'counts': {'positive': len(pos_area), 'negative': len(neg_area)}}
   out['negative_over_positive'] = out['negative_area'] / max(out['positive_area'], 1e-12)
+  return out
+
+
+HEADLINE = (('f1_any_change', '"any change" F1'), ('macro_f1_kinds', 'macro F1, 6 kinds'),
+            ('off_target_all', 'off-target share'),
+            ('negative_over_positive', 'negative / positive area'))
+
+
+def spread(scores: list[dict], union: str) -> dict:
+  """Mean, min and max of the headline figures over several runs (e.g. seeds of one config).
+
+  At the demo's budget a seed moves these figures more than most design changes
+  (bench/README.md), so a config is reported over its seeds.
+  """
+  out = {}
+  for key, _ in HEADLINE:
+    values = [s['f1'][union] if key == 'f1_any_change' else s[key] for s in scores]
+    out[key] = {'mean': float(np.mean(values)), 'min': float(np.min(values)),
+                'max': float(np.max(values)), 'runs': len(values)}
   return out
 
 
@@ -209,6 +230,12 @@ def main():
       tp, fp, fn = tp + np.sum(m & t), fp + np.sum(m & ~t), fn + np.sum(~m & t)
     report['baselines'][run] = {'prompt': prompt, 'f1_any_change': _f1(tp, fp, fn)}
     print(f'\n== baseline {run}: "{prompt}" vs the union label: F1 {_f1(tp, fp, fn):.3f}')
+  if len(args.run) > 1:   # e.g. the seeds of one config
+    report['spread'] = spread(list(report['runs'].values()), union)
+    print(f'\n== over the {len(args.run)} runs: mean [min, max]')
+    for key, label in HEADLINE:
+      f = report['spread'][key]
+      print(f'  {label:<26}{f["mean"]:.3f} [{f["min"]:.3f}, {f["max"]:.3f}]')
   if args.picture:
     i = args.picture_pair
     if i < 0:

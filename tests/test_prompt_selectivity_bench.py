@@ -66,3 +66,13 @@ def test_probe_targets_and_balanced_accuracy():
   x = np.array([[0.0], [0.1], [1.0], [1.1]], np.float32)
   predict = feature_probe.fit_softmax(x, np.array([0, 0, 1, 1]), 2, steps=200)
   assert list(predict(x)) == [0, 0, 1, 1]
+
+
+def test_spread_over_runs():
+  runs = [{'f1': {'any change': a}, 'macro_f1_kinds': m, 'off_target_all': o,
+           'negative_over_positive': n}
+          for a, m, o, n in ((0.8, 0.6, 0.2, 0.1), (0.7, 0.4, 0.5, 0.7))]
+  s = ps.spread(runs, 'any change')
+  assert s['macro_f1_kinds'] == {'mean': 0.5, 'min': 0.4, 'max': 0.6, 'runs': 2}
+  assert np.isclose(s['f1_any_change']['mean'], 0.75)
+  assert s['negative_over_positive']['max'] == 0.7 and s['off_target_all']['min'] == 0.2
