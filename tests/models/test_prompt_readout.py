@@ -53,10 +53,13 @@ def test_several_prompts_are_the_single_prompt_calls():
 def test_dynamic_head_runs_the_output_convs_once_per_pair():
   # At the start (the readout's output layer zero) every prompt gets the same map: the head's
   # convs do not see the prompt. Once the readout acts the prompts differ. The FLOPs of 4
-  # prompts stay close to 1 (film_head: its output convs run per prompt).
+  # prompts stay close to 1.
   config = _config()
   model = segchange.build_model(config)
-  params = segchange.init_variables(model, jax.random.PRNGKey(0), SIZE)
+  params = jax.tree.map(np.array, tiny.random_variables(config))
+  readout = params['params']['mask_head']['prompt_readout']
+  for layer in ZERO_STARTED['prompt_readout']:   # as they start (init and upstream conversion)
+    readout[layer] = jax.tree.map(np.zeros_like, readout[layer])
   a, b, text = film_tests._inputs(prompts=3)
   fwd = jax.jit(model.apply)
   start = np.asarray(fwd(params, a, b, text))
@@ -64,17 +67,18 @@ def test_dynamic_head_runs_the_output_convs_once_per_pair():
   acting = np.asarray(fwd(_acting(params), a, b, text))
   assert np.abs(acting[..., 0] - acting[..., 2]).max() > 1e-2
 
-  def flops(conditioning, prompts):
-    mdl = segchange.build_model(_config(conditioning))
-    shapes = segchange.variable_shapes(mdl, SIZE)
+  def flops(prompts):
     t = film_tests._inputs(prompts=prompts)[2]
-    cost = jax.jit(lambda v, a, b, t: mdl.apply(v, a, b, t)).lower(shapes, a, b, t).cost_analysis()
+    shapes = segchange.variable_shapes(model, SIZE)
+    lowered = jax.jit(lambda v, a, b, t: model.apply(v, a, b, t)).lower(shapes, a, b, t)
+    cost = lowered.cost_analysis()
     return float((cost[0] if isinstance(cost, (list, tuple)) else cost)['flops'])
-  late = flops('dynamic_head', 4) / flops('dynamic_head', 1)
-  head = flops('film_head', 4) / flops('film_head', 1)
-  print(f'HLO flops, 4 prompts over 1: dynamic_head {late:.3f}, film_head {head:.3f}')
-  # (tiny widths at 64 px: the trunk is a small share here; Swin-B at 512 px in bench/README.md)
-  assert late < 1.12 and head - 1 > 2 * (late - 1), (late, head)
+  ratio = flops(4) / flops(1)
+  print(f'HLO flops, 4 prompts over 1: dynamic_head {ratio:.3f}')
+  # Tiny widths at 64 px, where the head is a large share: film_head, whose output convs run per
+  # prompt, is 1.24x here (test_film_cost compares it with 'none'); Swin-B at 512 px in
+  # bench/README.md.
+  assert ratio < 1.12, ratio
 
 
 def test_conversion_starts_the_readout_and_export_refuses_it():
