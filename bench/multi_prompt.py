@@ -76,7 +76,7 @@ def main():
                         conditioning)
       base = results[0]
       for r in results:
-        print(f"{variant:30s} {conditioning:9s} P={r['prompts']:2d}: {r['ms']:9.1f} ms "
+        print(f"{variant:30s} {conditioning:12s} P={r['prompts']:2d}: {r['ms']:9.1f} ms "
               f"({r['ms'] / base['ms']:.2f}x P={base['prompts']}), {r['gflops']:8.1f} GFLOP "
               f"({r['gflops'] / base['gflops']:.2f}x), compile {r['compile_s']:.1f} s", flush=True)
 

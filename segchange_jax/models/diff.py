@@ -18,6 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from segchange_jax.models import fields
 from segchange_jax.models import layers
 from segchange_jax.models import remat as remat_lib
 from segchange_jax.models import torch_rules as tc
@@ -28,11 +29,7 @@ SIGNED_DIFFERENCES = ('none', 'map', 'scales')   # config.model.signed_differenc
 
 def signed_difference_of(model_cfg) -> str:
   """config.model.signed_difference, 'none' for configs saved before the field existed."""
-  value = model_cfg.get('signed_difference', 'none') if hasattr(model_cfg, 'get') else 'none'
-  if value not in SIGNED_DIFFERENCES:
-    raise ValueError(f'config.model.signed_difference={value!r} is not one of '
-                     f'{list(SIGNED_DIFFERENCES)}')
-  return value
+  return fields.model_field(model_cfg, 'signed_difference', 'none', SIGNED_DIFFERENCES)
 
 
 class CBAM(nn.Module):

@@ -30,6 +30,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from segchange_jax.models import fields
 from segchange_jax.models import layers
 
 CONDITIONINGS = ('none', 'film_head', 'film_neck', 'dynamic_head')
@@ -37,11 +38,7 @@ CONDITIONINGS = ('none', 'film_head', 'film_neck', 'dynamic_head')
 
 def conditioning_of(model_cfg) -> str:
   """config.model.prompt_conditioning, 'none' for configs saved before the field existed."""
-  value = model_cfg.get('prompt_conditioning', 'none') if hasattr(model_cfg, 'get') else 'none'
-  if value not in CONDITIONINGS:
-    raise ValueError(f'config.model.prompt_conditioning={value!r} is not one of '
-                     f'{list(CONDITIONINGS)}')
-  return value
+  return fields.model_field(model_cfg, 'prompt_conditioning', 'none', CONDITIONINGS)
 
 
 def conditions_head(conditioning: str) -> bool:

@@ -1,8 +1,8 @@
 """Per-prompt dynamic readout (`config.model.prompt_conditioning='dynamic_head'`).
 
 With 'film_head' the prompt acts before the mask head's 3x3 output conv, so that conv and the
-1x1 before it run at full resolution once per prompt: four prompts cost 1.35x the FLOPs of one
-for Swin-B at 512 px, and 2.4x the time on CPU (bench/README.md, "Several prompts in one pass").
+1x1 before it run at full resolution once per prompt: four prompts cost 1.36x the FLOPs of one
+for Swin-B at 512 px, and 2.07x the time on CPU (bench/README.md, "Several prompts in one pass").
 'dynamic_head' runs the head's output convs once per pair without the prompt and reads their
 maps with a small network per prompt: two 1x1 convs whose weights are generated from the prompt
 and its attended image vector (the head's text query pooled over the pixels), as CondInst

@@ -26,6 +26,8 @@ from typing import Sequence
 import flax.linen as nn
 import jax
 
+from segchange_jax.models import fields
+
 _POLICIES = {'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
              'block': jax.checkpoint_policies.nothing_saveable}
 
@@ -53,4 +55,4 @@ def compiler_options(model_cfg, platform: str) -> dict[str, str]:
 
 def policy_of(model_cfg) -> str:
   """config.model.remat, 'none' for configs saved before the field existed."""
-  return model_cfg.get('remat', 'none') if hasattr(model_cfg, 'get') else 'none'
+  return fields.model_field(model_cfg, 'remat', 'none')
