@@ -49,6 +49,9 @@ PARAPHRASES = {
 def load_split(data: str) -> list[dict]:
   """[{'name', 'a', 'b', 'targets': {prompt: bool mask}}] of a synthetic split folder."""
   import cv2  # pylint: disable=g-import-not-at-top
+  if not os.path.isfile(os.path.join(data, 'targets.json')):
+    raise SystemExit(f'{data} has no targets.json: generate the split with targets '
+                     '(python -m data_prep.synthetic) or pass --data')
   with open(os.path.join(data, 'targets.json'), encoding='utf-8') as f:
     listing = json.load(f)
   if not listing:
@@ -185,6 +188,9 @@ def main():
                  help='index of the scene to draw (default: the first with >= 2 kinds changed)')
   p.add_argument('--json', default='', help='also write every figure here')
   args = p.parse_args()
+  for run in (*args.run, *args.baseline):
+    if not os.path.exists(run):
+      raise SystemExit(f'{run} does not exist: pass a training workdir or a checkpoint path')
 
   pairs = load_split(args.data)
   kinds = list(synthetic.TARGET_NAMES.values())
