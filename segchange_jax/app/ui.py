@@ -262,9 +262,9 @@ def area_text(changed_px: int, valid_px: int, crs_wkt: str | None,
   text = f'**Changed area: {changed_px:,} px** ({share:.2f} % of {valid_px:,} valid px)'
   if crs_wkt is None or transform is None:
     return text + '; no georeferencing, so no map area'
+  from affine import Affine  # pylint: disable=g-import-not-at-top
   from rasterio.crs import CRS  # pylint: disable=g-import-not-at-top
-  a, b, _, d, e, _ = transform
-  area = changed_px * abs(a * e - b * d)  # CRS units^2
+  area = changed_px * abs(Affine(*transform[:6]).determinant)  # CRS units^2
   crs = CRS.from_wkt(crs_wkt)
   if crs.is_geographic:
     return text + f' = {area:.6g} degree² (geographic CRS: degrees² are not an equal-area unit)'

@@ -74,7 +74,7 @@ def polygons(mask: np.ndarray, transform: Affine | None, crs: Any,
   Properties: value (class id), area (map units^2; px^2 without georeferencing), area_px.
   """
   transform = transform or Affine.identity()
-  px_area = abs(transform.a * transform.e - transform.b * transform.d)
+  px_area = abs(transform.determinant)
   fg = (mask > 0) if nodata is None else (mask > 0) & (mask != nodata)
   features = []
   for geom, value in rasterio.features.shapes(mask, mask=fg, transform=transform, connectivity=8):

@@ -48,7 +48,7 @@ def changed_shares(mask: np.ndarray, nodata: int | None, transform, crs) -> list
     except Exception:  # pylint: disable=broad-except  # CRS without a usable unit definition
       metres = None
     if metres:
-      hectares = abs(transform.a * transform.e - transform.b * transform.d) * metres ** 2 / 1e4
+      hectares = abs(transform.determinant) * metres ** 2 / 1e4
   out = []
   for band in bands:
     changed = int(np.count_nonzero((band > 0) & valid))

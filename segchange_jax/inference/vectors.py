@@ -31,7 +31,7 @@ def iter_features(mask: np.ndarray, transform: Affine | None, nodata: int | None
   """(native shapely polygon, value, area in map units^2, area in px) per change region, with
   `prompt` appended as a fifth item when given (the writers' prompt_field=True)."""
   transform = transform or Affine.identity()
-  px_area = abs(transform.a * transform.e - transform.b * transform.d)
+  px_area = abs(transform.determinant)
   fg = (mask > 0) if nodata is None else (mask > 0) & (mask != nodata)
   for geom, value in rasterio.features.shapes(mask, mask=fg, transform=transform, connectivity=8):
     shape = shapely.geometry.shape(geom)
