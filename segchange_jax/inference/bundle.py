@@ -346,12 +346,13 @@ def _raw_code(fmt: BundleFormat, sig: dict[str, Any]) -> str:
   per = '' if pb is None else f', {pb}'
   if k == 1 and pb is None:
     decide = ('THRESHOLD = {thr!r}  # the config\'s infer.threshold\n'
-              'change = 1 / (1 + np.exp(-logits[..., 0])) > THRESHOLD  # [1, S, S] bool\n'
+              'change = 0.5 + 0.5 * np.tanh(0.5 * logits[..., 0]) > THRESHOLD  # sigmoid; '
+              '[1, S, S] bool\n'
               ).format(thr=thr)
   elif k == 1:
     decide = ('THRESHOLD = {thr!r}  # the config\'s infer.threshold\n'
-              'change = 1 / (1 + np.exp(-logits)) > THRESHOLD  # [1, S, S, {pb}] bool, one '
-              'map per prompt\n').format(thr=thr, pb=pb)
+              'change = 0.5 + 0.5 * np.tanh(0.5 * logits) > THRESHOLD  # sigmoid; [1, S, S, {pb}] '
+              'bool, one map per prompt\n').format(thr=thr, pb=pb)
   else:
     decide = f'classes = logits.argmax(-1)  # [1, S, S{per}] class id, 0 = no change\n'
   if pb is None:

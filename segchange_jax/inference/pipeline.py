@@ -53,11 +53,17 @@ class Model:
   tags: dict = dataclasses.field(default_factory=dict)
 
 
+def sigmoid(logits: np.ndarray) -> np.ndarray:
+  """1 / (1 + exp(-x)) written with tanh, which does not overflow: a trained model's logits
+  reach -100 and beyond on pixels it is sure of, where exp(-x) overflows float32."""
+  return 0.5 + 0.5 * np.tanh(0.5 * logits)
+
+
 def logits_to_probs(logits: np.ndarray) -> np.ndarray:
   """[B, H, W, K] logits -> [B, H, W] sigmoid (K = 1) or [B, H, W, K] softmax."""
   logits = np.asarray(logits, np.float32)
   if logits.shape[-1] == 1:
-    return 1.0 / (1.0 + np.exp(-logits[..., 0]))
+    return sigmoid(logits[..., 0])
   z = np.exp(logits - logits.max(-1, keepdims=True))
   return z / z.sum(-1, keepdims=True)
 
@@ -67,7 +73,7 @@ def prompt_logits_to_probs(logits: np.ndarray) -> np.ndarray:
   [B, H, W, P] (sigmoid) or [B, H, W, P * K] (softmax over K; channel p * K + k)."""
   logits = np.asarray(logits, np.float32)
   if logits.ndim == 4:
-    return 1.0 / (1.0 + np.exp(-logits))
+    return sigmoid(logits)
   probs = logits_to_probs(logits.reshape(-1, *logits.shape[-2:]))
   return probs.reshape(*logits.shape[:3], -1)
 

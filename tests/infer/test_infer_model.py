@@ -125,3 +125,11 @@ def test_prompt_embedding_errors(model):
     prompts.embed_one(config, PROMPT, npz=bad)
   with pytest.raises(prompts.PromptError, match='does not exist'):
     prompts.embed_one(config, PROMPT, npz=str(bad) + '.missing')
+
+
+def test_sigmoid_of_confident_logits_does_not_overflow():
+  # A trained model's logits reach -100 and beyond; 1 / (1 + exp(-x)) overflows there.
+  x = np.array([-1000.0, -100.0, 0.0, 3.0, 1000.0], np.float32)
+  with np.errstate(over='raise'):
+    p = pipeline.sigmoid(x)
+  np.testing.assert_allclose(p, [0.0, 0.0, 0.5, 1 / (1 + np.exp(-3.0)), 1.0], atol=1e-7)
