@@ -76,6 +76,7 @@ def score(masks: list[dict], pairs: list[dict], kinds: list[str], union: str) ->
   off, marked = {p: 0 for p in kinds}, {p: 0 for p in kinds}
   where = {p: np.zeros(len(kinds) + 1) for p in kinds}   # marked pixels in each target, none
   neg_area, pos_area = [], []
+  neg_marked = neg_on_change = neg_marking = 0   # negatives: pixels, on a change, any pixel
   for pair, pred in zip(pairs, masks):
     empty = np.zeros_like(pair['targets'][union])
     for prompt, m in pred.items():
@@ -93,6 +94,10 @@ def score(masks: list[dict], pairs: list[dict], kinds: list[str], union: str) ->
       where[p] += [np.sum(m & pair['targets'][q]) if q in pair['targets'] else 0
                    for q in kinds] + [np.sum(m & ~pair['targets'][union])]
       (pos_area if p in pair['targets'] else neg_area).append(float(m.mean()))
+      if p not in pair['targets']:
+        neg_marked += int(np.sum(m))
+        neg_on_change += int(np.sum(m & pair['targets'][union]))
+        neg_marking += int(np.any(m))
   f1 = {p: _f1(*c) for p, c in counts.items()}
   out = {'f1': f1, 'macro_f1_kinds': float(np.mean([f1[p] for p in kinds])),
          'off_target': {p: off[p] / max(marked[p], 1) for p in kinds},
@@ -100,7 +105,10 @@ def score(masks: list[dict], pairs: list[dict], kinds: list[str], union: str) ->
          # where[p][q]: share of p's marked pixels inside target q (kinds order), then none
          'where': {p: (where[p] / max(marked[p], 1)).tolist() for p in kinds},
          'positive_area': float(np.mean(pos_area)), 'negative_area': float(np.mean(neg_area)),
-         'counts': {'positive': len(pos_area), 'negative': len(neg_area)}}
+         'counts': {'positive': len(pos_area), 'negative': len(neg_area)},
+         # negatives that mark any pixel, and the share of their pixels on another change
+         'negatives_marking': neg_marking,
+         'negative_pixels_on_change': neg_on_change / max(neg_marked, 1)}
   out['negative_over_positive'] = out['negative_area'] / max(out['positive_area'], 1e-12)
   return out
 
@@ -137,6 +145,26 @@ def detector(run: str):
   from segchange_jax.inference import predictor  # pylint: disable=g-import-not-at-top
   ckpt = os.path.join(run, 'checkpoints')
   return predictor.ChangeDetector.from_checkpoint(ckpt if os.path.isdir(ckpt) else run)
+
+
+def nearest(vectors: dict[str, np.ndarray], trained: list[str]) -> dict[str, tuple]:
+  """{paraphrase: (nearest trained prompt, its cosine, the cosine to the prompt it stands for)}.
+
+  `vectors`: a [T, L] (or [L]) text embedding per prompt; compared as the mean token vector,
+  which is what the mask head reads of a prompt.
+  """
+  unit = {}
+  for p, v in vectors.items():
+    v = np.asarray(v, np.float64).reshape(-1, np.shape(v)[-1]).mean(0)
+    unit[p] = v / max(np.linalg.norm(v), 1e-12)
+  out = {}
+  for p in vectors:
+    if p in trained:
+      continue
+    cos = {q: float(unit[p] @ unit[q]) for q in trained}
+    best = max(cos, key=cos.get)
+    out[p] = (best, cos[best], cos[_trained(p)])
+  return out
 
 
 def predict_all(run: str, pairs: list[dict], prompts: list[str]) -> list[dict]:
@@ -199,6 +227,10 @@ def main():
   asked = trained + [x for words in PARAPHRASES.values() for x in words]
   report = {'pairs': len(pairs), 'runs': {}, 'baselines': {}}
   first_masks = None
+  det = detector(args.run[0])
+  neighbours = nearest({p: det.embed(p)[0] for p in asked}, trained)
+  report['text_neighbours'] = {p: dict(nearest=n, cosine=c, cosine_own=o)
+                               for p, (n, c, o) in neighbours.items()}
   for run in args.run:
     masks = predict_all(run, pairs, asked)
     first_masks = first_masks or masks
@@ -214,6 +246,9 @@ def main():
           f'{100 * s["off_target_all"]:.1f}%; marked area negative / positive '
           f'{s["negative_area"]:.4f} / {s["positive_area"]:.4f} = '
           f'{s["negative_over_positive"]:.3f}')
+    print(f'negative prompts: {s["negatives_marking"]} of {s["counts"]["negative"]} mark any '
+          f'pixel; {100 * s["negative_pixels_on_change"]:.0f}% of their marked pixels lie on '
+          'another change')
     print('where each kind prompt marks (share of its marked pixels in each target; a pixel '
           'in two targets counts in both):')
     short = [k.replace('buildings', 'bldg').replace('demolished', 'demol.').replace(
@@ -222,10 +257,13 @@ def main():
     for q in kinds:
       print(f'  {q:<22}' + ''.join(f'{v:>12.2f}' for v in s['where'][q][:-1]) +
             f'{s["where"][q][-1]:>11.2f}')
-    print('paraphrase                                  F1   (trained prompt F1)')
+    print('paraphrase                                  F1   (trained prompt F1)   nearest '
+          'trained prompt in the text encoder (cosine; to its own)')
     for q, words in PARAPHRASES.items():
       for x in words:
-        print(f'  {x:<40}{s["f1"][x]:>6.3f}   ({q}: {s["f1"][q]:.3f})')
+        near, cos, own = neighbours[x]
+        print(f'  {x:<40}{s["f1"][x]:>6.3f}   ({q}: {s["f1"][q]:.3f})   {near} ({cos:.2f}; '
+              f'{own:.2f})')
   for run in args.baseline:
     prompt = detector(run).config.data.prompt
     masks = predict_all(run, pairs, [prompt])

@@ -44,10 +44,17 @@ def test_scores_on_hand_made_masks():
   assert np.isclose(s['positive_area'], (3 / 16 + 1 / 16) / 2)
   assert np.isclose(s['negative_area'], (0 + 2 / 16) / 2)
   assert np.isclose(s['negative_over_positive'], (1 / 16) / (2 / 16))
+  # One negative marks pixels, both in no change (pair 2 has no change to mark).
+  assert s['negatives_marking'] == 1 and s['negative_pixels_on_change'] == 0.0
   # Where each kind prompt marks: 'new buildings' 2 of 3 on its target, 1 on the road's, none
   # in no change; 'new roads' 1 of 3 on its own and 2 (pair 2) in no change.
   np.testing.assert_allclose(s['where']['new buildings'], [2 / 3, 1 / 3, 0])
   np.testing.assert_allclose(s['where']['new roads'], [0, 1 / 3, 2 / 3])
+  # Only a road changed; 'new buildings' (a negative) marks it and one unchanged pixel.
+  road_only = [dict(targets={'new roads': road, 'any change': road})]
+  s = ps.score([{'new buildings': road | _mask((1, 1)), 'new roads': road, 'any change': road}],
+               road_only, KINDS, 'any change')
+  assert s['negatives_marking'] == 1 and s['negative_pixels_on_change'] == 0.5
 
 
 def test_probe_targets_at_a_coarser_map():
@@ -76,3 +83,14 @@ def test_spread_over_runs():
   assert s['macro_f1_kinds'] == {'mean': 0.5, 'min': 0.4, 'max': 0.6, 'runs': 2}
   assert np.isclose(s['f1_any_change']['mean'], 0.75)
   assert s['negative_over_positive']['max'] == 0.7 and s['off_target_all']['min'] == 0.2
+
+
+def test_nearest_trained_prompt_of_a_paraphrase():
+  # 'piles of earth that appeared' stands for 'new mounds' but points nearer 'removed mounds'.
+  vectors = {'new mounds': np.array([[1.0, 0.0], [1.0, 0.0]]),
+             'removed mounds': np.array([[0.0, 2.0], [0.0, 2.0]]),
+             'piles of earth that appeared': np.array([[1.0, 3.0], [1.0, 1.0]])}   # mean (1, 2)
+  out = ps.nearest(vectors, ['new mounds', 'removed mounds'])
+  near, cos, own = out['piles of earth that appeared']
+  assert list(out) == ['piles of earth that appeared'] and near == 'removed mounds'
+  assert np.isclose(cos, 2 / np.sqrt(5)) and np.isclose(own, 1 / np.sqrt(5))
