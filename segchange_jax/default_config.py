@@ -106,8 +106,9 @@ def get_config() -> ml_collections.ConfigDict:
   # How the prompt steers the mask (segchange_jax/models/prompt_film.py): 'none' is upstream's
   # model (exact upstream logits); 'film_head' / 'film_neck' add a prompt-computed scale and
   # shift after the head's (and the neck's) GroupNorms, so that a prompt can choose which change;
-  # 'dynamic_head' runs the head's convs once per pair and reads them with a small per-prompt
-  # network whose weights the prompt generates, so that several prompts cost little more than one.
+  # 'dynamic_head' runs the head's convs once per pair and reads their maps and the neck's with a
+  # small per-prompt network whose weights the prompt generates, so that several prompts cost
+  # little more than one.
   c.model.prompt_conditioning = 'none'
   # Linear maps of B - A (zero at the start), so that the time direction ("new" vs
   # "demolished") reaches the head (models/diff.py): 'none' (upstream), 'map' (the finest

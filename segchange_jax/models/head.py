@@ -26,7 +26,7 @@ Prompt conditioning (`config.model.prompt_conditioning`, models/prompt_film.py):
 or 'film_neck' a prompt-computed scale and shift acts after each of the two output GroupNorms.
 With 'dynamic_head' the output convs run once per image without the prompt (the gate alone scales
 the first one's kernel), and a small per-prompt network with generated weights reads their maps
-(models/prompt_readout.py).
+and the map the head was given (models/prompt_readout.py).
 """
 
 from __future__ import annotations
@@ -263,8 +263,8 @@ class MaskHead(nn.Module):
     y = layers.dense(self.num_classes, dt, 'out_conv2')(z).astype(jnp.float32)
     if readout:  # [B, H, W, K] + a per-prompt network on both maps -> [B, H, W, P, K]
       y = y[:, :, :, None] + prompt_readout.PromptReadout(
-          num_classes=self.num_classes, dtype=dt, name='prompt_readout')(
-              jnp.concatenate([y0, z], -1), text if multi else text[:, None], query_vec)
+          num_classes=self.num_classes, groups=self.gn_groups, dtype=dt, name='prompt_readout')(
+              jnp.concatenate([y0, z], -1), xd, text if multi else text[:, None], query_vec)
       if not multi:
         return y[:, :, :, 0]
     elif not multi:

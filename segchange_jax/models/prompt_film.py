@@ -17,7 +17,7 @@ normalisation, FiLM: Perez et al. 2018), where normalisation no longer undoes it
   difference once per pair);
 - 'dynamic_head': not a FiLM; the head's output convs run once per pair WITHOUT the prompt and
   a small per-prompt 1x1 conv network, its weights generated from the prompt, reads their maps
-  (models/prompt_readout.py), so several prompts cost little more than one.
+  and the neck's (models/prompt_readout.py), so several prompts cost little more than one.
 Every FiLM projection starts at zero (scale 1, shift 0): an initialised model, or an upstream
 checkpoint converted into one, gives exactly the 'none' logits until training moves it.
 """

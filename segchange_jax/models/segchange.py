@@ -191,9 +191,13 @@ def _readout_start(shapes) -> dict:
   """A PromptReadout's parameters at their start (output layer zero), for its shapes."""
   text_dim, generator = shapes['fc1']['kernel'].shape
   hidden = shapes['b1']['kernel'].shape[1]
-  width = shapes['w1']['kernel'].shape[1] // hidden
-  module = prompt_readout.PromptReadout(hidden, shapes['b2']['kernel'].shape[1], generator)
+  neck = shapes['neck_gn']['scale'].shape[0]
+  width = shapes['w1']['kernel'].shape[1] // hidden - neck
+  # A GroupNorm's parameters do not depend on its number of groups.
+  module = prompt_readout.PromptReadout(hidden, shapes['b2']['kernel'].shape[1], generator,
+                                        groups=1)
   params = module.init(jax.random.PRNGKey(0), np.zeros((1, 1, 1, width), np.float32),
+                       np.zeros((1, 1, 1, neck), np.float32),
                        np.zeros((1, 1, 1, text_dim), np.float32),
                        np.zeros((1, 1, shapes['fc_query']['kernel'].shape[0]), np.float32))
   return jax.tree.map(np.asarray, params['params'])

@@ -75,10 +75,11 @@ def test_dynamic_head_runs_the_output_convs_once_per_pair():
     return float((cost[0] if isinstance(cost, (list, tuple)) else cost)['flops'])
   ratio = flops(4) / flops(1)
   print(f'HLO flops, 4 prompts over 1: dynamic_head {ratio:.3f}')
-  # Tiny widths at 64 px, where the head is a large share: film_head, whose output convs run per
-  # prompt, is 1.24x here (test_film_cost compares it with 'none'); Swin-B at 512 px in
+  # Tiny widths at 64 px, where the head is a large share: 1.13x here (the readout's first
+  # layer reads the neck map's 32 channels besides the head's 24), film_head, whose output
+  # convs run per prompt, 1.24x (test_film_cost compares it with 'none'); Swin-B at 512 px in
   # bench/README.md.
-  assert ratio < 1.12, ratio
+  assert ratio < 1.17, ratio
 
 
 def test_conversion_starts_the_readout_and_export_refuses_it():
