@@ -93,8 +93,10 @@ def score(masks: list[dict], pairs: list[dict], kinds: list[str], union: str) ->
       marked[p] += int(np.sum(m))
       where[p] += [np.sum(m & pair['targets'][q]) if q in pair['targets'] else 0
                    for q in kinds] + [np.sum(m & ~pair['targets'][union])]
-      (pos_area if p in pair['targets'] else neg_area).append(float(m.mean()))
-      if p not in pair['targets']:
+      if p in pair['targets']:
+        pos_area.append(float(m.mean()))
+      else:
+        neg_area.append(float(m.mean()))
         neg_marked += int(np.sum(m))
         neg_on_change += int(np.sum(m & pair['targets'][union]))
         neg_marking += int(np.any(m))
@@ -167,9 +169,8 @@ def nearest(vectors: dict[str, np.ndarray], trained: list[str]) -> dict[str, tup
   return out
 
 
-def predict_all(run: str, pairs: list[dict], prompts: list[str]) -> list[dict]:
-  """Masks {prompt: bool [H, W]} per pair from `run`'s checkpoint, all prompts in one pass."""
-  det = detector(run)
+def predict_all(det, pairs: list[dict], prompts: list[str]) -> list[dict]:
+  """Masks {prompt: bool [H, W]} per pair from ChangeDetector `det`, all prompts in one pass."""
   out = []
   for pair in pairs:
     pred = det.predict(pair['a'], pair['b'], prompts=prompts)
@@ -227,12 +228,12 @@ def main():
   asked = trained + [x for words in PARAPHRASES.values() for x in words]
   report = {'pairs': len(pairs), 'runs': {}, 'baselines': {}}
   first_masks = None
-  det = detector(args.run[0])
-  neighbours = nearest({p: det.embed(p)[0] for p in asked}, trained)
+  first = detector(args.run[0])   # its text encoder also places the paraphrases
+  neighbours = nearest({p: first.embed(p)[0] for p in asked}, trained)
   report['text_neighbours'] = {p: dict(nearest=n, cosine=c, cosine_own=o)
                                for p, (n, c, o) in neighbours.items()}
   for run in args.run:
-    masks = predict_all(run, pairs, asked)
+    masks = predict_all(first if run == args.run[0] else detector(run), pairs, asked)
     first_masks = first_masks or masks
     s = score(masks, pairs, kinds, union)
     report['runs'][run] = s
@@ -265,8 +266,9 @@ def main():
         print(f'  {x:<40}{s["f1"][x]:>6.3f}   ({q}: {s["f1"][q]:.3f})   {near} ({cos:.2f}; '
               f'{own:.2f})')
   for run in args.baseline:
-    prompt = detector(run).config.data.prompt
-    masks = predict_all(run, pairs, [prompt])
+    det = detector(run)
+    prompt = det.config.data.prompt
+    masks = predict_all(det, pairs, [prompt])
     tp = fp = fn = 0
     for pair, m in zip(pairs, masks):
       t = pair['targets'][union]
