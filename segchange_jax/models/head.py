@@ -262,6 +262,8 @@ class MaskHead(nn.Module):
     z = nn.relu(modulate(layers.group_norm(self.gn_groups, dt, 'out_gn1')(y), film[1]))
     y = layers.dense(self.num_classes, dt, 'out_conv2')(z).astype(jnp.float32)
     if readout:  # [B, H, W, K] + a per-prompt network on both maps -> [B, H, W, P, K]
+      # It also reads xd, the given map before the neck's pending 1x1 conv: that conv is a
+      # linear map of xd, so xd carries all it does without forming the full-resolution product.
       y = y[:, :, :, None] + prompt_readout.PromptReadout(
           num_classes=self.num_classes, groups=self.gn_groups, dtype=dt, name='prompt_readout')(
               jnp.concatenate([y0, z], -1), xd, text if multi else text[:, None], query_vec)
